@@ -1,0 +1,52 @@
+"""Shared fixtures: a CLIP tokenizer folder, a tiny trained kit, a tiny demo dataset."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A CLIP BPE tokenizer learned from the demo captions (no model)."""
+    from sd.demo_data import all_prompts
+    from sd.kit_tokenizer import learn_bpe, save_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(str(folder), learn_bpe(p[3] for p in all_prompts()), model_max_length=16)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from paddlenlp.transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_kit(tmp_path_factory):
+    """A kit built with the test preset (seconds): real layout, barely trained."""
+    from sd.kit import KitConfig, build_kit
+
+    folder = tmp_path_factory.mktemp("kit") / "tiny-sd"
+    build_kit(str(folder), KitConfig.test_preset(), seed=0, log=lambda *a: None)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def demo_file_list(tmp_path_factory):
+    """A 72-image demo dataset at 32 px, packed by create_pretraining_data.py into 3 part files."""
+    from sd.demo_data import write_demo_jsonl
+
+    folder = tmp_path_factory.mktemp("demo")
+    write_demo_jsonl(str(folder / "raw"), num_images=72, size=32, seed=1)
+    subprocess.run([sys.executable, os.path.join(ROOT, "create_pretraining_data.py"), "--input_path", "raw/demo.jsonl",
+                    "--output_path", "data", "--per_part_file_num", "24", "--num_workers", "1"],
+                   cwd=folder, check=True, capture_output=True)
+    return str(folder / "data" / "filelist" / "custom_dataset.filelist.list")

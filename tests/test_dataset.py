@@ -1,0 +1,238 @@
+"""The streaming dataset: sharding, determinism, fast-forward, bad data, formats, weights."""
+
+import base64
+import collections
+import gzip
+import io
+import itertools
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+import sd.text_image_pair_dataset as tipd
+from sd.data_format import encode_part_line, write_filelists
+from sd.text_image_pair_dataset import TextImagePairDataset, collate_fn
+
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                       "shared", "fixtures", "paddlemix")
+
+
+def png(i, size=40, mode="RGB"):
+    buf = io.BytesIO()
+    Image.new(mode, (size, size), (i % 256, (7 * i) % 256, 100) if mode == "RGB" else None).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_dataset(root, n_records, n_parts, name="train", gz=True, prefix="img"):
+    """n_records images captioned 'img <i>' spread over n_parts part files; returns the .filelist.list."""
+    parts = []
+    per = -(-n_records // n_parts)
+    for p in range(n_parts):
+        path = os.path.join(root, name, f"part-{p:05d}" + (".gz" if gz else ""))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with (gzip.open if gz else open)(path, "wb") as f:
+            for i in range(p * per, min(n_records, (p + 1) * per)):
+                f.write(encode_part_line(f"{prefix} {i}", png(i)).encode())
+        parts.append(path)
+    return write_filelists(os.path.join(root, name), name, parts)[1]
+
+
+def ds(file_list, tokenizer, **kw):
+    kw.setdefault("resolution", 32)
+    kw.setdefault("drop_caption_prob", 0.0)
+    kw.setdefault("rank", 0)
+    kw.setdefault("world_size", 1)
+    return TextImagePairDataset(file_list, tokenizer, **kw)
+
+
+def take(dataset, n, worker=None, monkeypatch=None):
+    if worker is not None:
+        monkeypatch.setattr(tipd, "get_worker_info", lambda: SimpleNamespace(id=worker[0], num_workers=worker[1]))
+    return list(itertools.islice(iter(dataset), n))
+
+
+@pytest.mark.parametrize("n_parts", [1, 5])
+@pytest.mark.parametrize("ranks,workers", [(1, 0), (1, 1), (1, 3), (2, 0), (2, 1), (2, 3)])
+def test_sharding_disjoint_and_complete_per_pass(tmp_path, tokenizer, monkeypatch, n_parts, ranks, workers):
+    fl = make_dataset(str(tmp_path), 30, n_parts)
+    seen = []
+    for rank in range(ranks):
+        for w in range(max(workers, 1)):
+            d = ds(fl, tokenizer, rank=rank, world_size=ranks, shuffle_buffer=1)
+            first_pass = [s for s in take(d, 90, (w, max(workers, 1)), monkeypatch) if s["epoch"] == 0]
+            got = {s["caption"] for s in first_pass}
+            assert len(got) == len(first_pass)  # no repeats within a pass
+            seen.append(got)
+    assert set().union(*seen) == {f"img {i}" for i in range(30)}
+    assert sum(len(s) for s in seen) == 30  # pairwise disjoint
+
+
+def test_real_dataloader_workers_cover_all_shards(tmp_path, tokenizer):
+    fl = make_dataset(str(tmp_path), 24, 2)
+    loader = paddle.io.DataLoader(ds(fl, tokenizer), batch_size=4, num_workers=3, collate_fn=collate_fn)
+    workers = [int(b["stream_state"][0]) for b in itertools.islice(loader, 9)]
+    assert workers == [0, 1, 2] * 3  # batches come round-robin from the workers (the resume mapping)
+
+
+def test_shuffle_buffer_mixes_within_a_part_file(tmp_path, tokenizer):
+    fl = make_dataset(str(tmp_path), 40, 1)
+    in_order = [s["caption"] for s in take(ds(fl, tokenizer, shuffle_buffer=1), 40)]
+    assert in_order == [f"img {i}" for i in range(40)]
+    mixed = [s["caption"] for s in take(ds(fl, tokenizer, shuffle_buffer=16), 40)]
+    assert mixed != in_order
+
+
+def test_deterministic_and_seed_dependent(tmp_path, tokenizer):
+    fl = make_dataset(str(tmp_path), 20, 2)
+    a = take(ds(fl, tokenizer, seed=1), 50)
+    b = take(ds(fl, tokenizer, seed=1), 50)
+    c = take(ds(fl, tokenizer, seed=2), 50)
+    assert [s["caption"] for s in a] == [s["caption"] for s in b]
+    assert all(np.array_equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(a, b))
+    assert [s["caption"] for s in a] != [s["caption"] for s in c]
+
+
+def test_fast_forward_equals_continuing(tmp_path, tokenizer, monkeypatch):
+    fl = make_dataset(str(tmp_path), 20, 5)
+    full = take(ds(fl, tokenizer), 60)
+    k = 27
+    resumed = ds(fl, tokenizer)
+    resumed.fast_forward({0: full[k - 1]["position"]})
+    decoded = []
+    real = resumed._make_sample
+    monkeypatch.setattr(resumed, "_make_sample", lambda *a: decoded.append(1) or real(*a))
+    after = take(resumed, 60 - k)
+    assert [s["caption"] for s in after] == [s["caption"] for s in full[k:]]
+    assert all(np.array_equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(after, full[k:]))
+    assert len(decoded) == 60 - k  # the k skipped samples were never decoded
+
+
+def test_fast_forward_through_dataloader_with_workers(tmp_path, tokenizer):
+    fl = make_dataset(str(tmp_path), 30, 3)
+    def loader(d):
+        return paddle.io.DataLoader(d, batch_size=3, num_workers=2, collate_fn=collate_fn)
+    batches = [b["input_ids"].numpy() for b in itertools.islice(loader(ds(fl, tokenizer, drop_caption_prob=0.5)), 10)]
+    positions = {}
+    for b in itertools.islice(loader(ds(fl, tokenizer, drop_caption_prob=0.5)), 5):
+        w, pos, _ = b["stream_state"].numpy().tolist()
+        positions[w] = pos
+    resumed = ds(fl, tokenizer, drop_caption_prob=0.5)
+    resumed.fast_forward(positions, batches_consumed=5)
+    rest = [b["input_ids"].numpy() for b in itertools.islice(loader(resumed), 5)]
+    assert all(np.array_equal(x, y) for x, y in zip(rest, batches[5:]))
+
+
+def test_bad_data_skipped_and_counted(tmp_path, tokenizer):
+    good = encode_part_line("good", png(1)).encode()
+    lines = [good,
+             b"only\ttwo\n",  # too few fields
+             b"bad base64\tNONE\t!!!!\n",  # base64 decodes to garbage → not an image
+             ("cap\tNONE\t" + base64.b64encode(b"not an image").decode() + "\n").encode(),
+             "\u4e2d\u6587\tNONE\tx\n".encode("gb18030"),  # gb18030 text, then a bad image
+             b"\xff\xfe\xfa\tNONE\tAAAA\n",
+             encode_part_line("small", png(2, size=10)).encode()]  # smaller than the resolution
+    part = tmp_path / "part-0"
+    part.write_bytes(b"".join(lines))
+    trunc = tmp_path / "part-1.gz"
+    trunc.write_bytes(gzip.compress(b"".join([good] * 50))[:-200])
+    fl = write_filelists(str(tmp_path), "x", [str(part), str(trunc), str(tmp_path / "gone")])[0]
+    (tmp_path / "gone").write_text("")
+    os.remove(tmp_path / "gone")  # listed, then removed mid-run
+    (tmp_path / "x.filelist.list").write_text(fl + "\n")
+    with pytest.raises(FileNotFoundError, match="gone"):
+        ds(str(tmp_path / "x.filelist.list"), tokenizer)  # missing at start: a clear error
+    (tmp_path / "gone").write_bytes(good)
+    d = ds(str(tmp_path / "x.filelist.list"), tokenizer)
+    os.remove(tmp_path / "gone")
+    samples = take(d, 30)
+    assert all(s["caption"] == "good" for s in samples)
+    skipped = samples[-1]["skipped"]
+    assert skipped["too_few_fields"] >= 1 and skipped["bad_image"] >= 3 and skipped["too_small"] >= 1
+    assert skipped["truncated_file"] >= 1 and skipped["missing_file"] >= 1
+
+
+def test_all_bad_data_raises(tmp_path, tokenizer):
+    part = tmp_path / "part-0"
+    part.write_text("no tabs here\n" * 5)
+    write_filelists(str(tmp_path), "x", [str(part)])
+    with pytest.raises(RuntimeError, match="no usable sample in a full pass"):
+        take(ds(str(tmp_path / "filelist" / "x.filelist.list"), tokenizer), 1)
+
+
+def test_max_bad_fraction(tmp_path, tokenizer):
+    good = encode_part_line("good", png(1)).encode()
+    (tmp_path / "part-0").write_bytes((good + b"x\ty\n" * 3) * 400)
+    write_filelists(str(tmp_path), "x", [str(tmp_path / "part-0")])
+    with pytest.raises(RuntimeError, match="max_bad_fraction"):
+        take(ds(str(tmp_path / "filelist" / "x.filelist.list"), tokenizer, max_bad_fraction=0.5), 500)
+
+
+def test_image_modes_to_rgb(tmp_path, tokenizer):
+    imgs = {"L": Image.new("L", (40, 40), 200), "P": Image.new("P", (40, 40), 3),
+            "RGBA": Image.new("RGBA", (40, 40), (255, 0, 0, 0)), "CMYK": Image.new("CMYK", (40, 40), (0, 255, 0, 0)),
+            "I;16": Image.fromarray(np.full((40, 40), 65535, np.uint16))}
+    lines = []
+    for mode, im in imgs.items():
+        buf = io.BytesIO()
+        im.save(buf, "JPEG" if mode == "CMYK" else "PNG")
+        lines.append(encode_part_line(mode, buf.getvalue()))
+    (tmp_path / "p").write_text("".join(lines))
+    write_filelists(str(tmp_path), "x", [str(tmp_path / "p")])
+    fl = str(tmp_path / "filelist" / "x.filelist.list")
+    got = {s["caption"]: s["pixel_values"] for s in take(ds(fl, tokenizer, shuffle_buffer=1), 5)}
+    assert set(got) == set(imgs)
+    assert all(v.shape == (3, 32, 32) and v.dtype == np.uint8 for v in got.values())
+    assert got["RGBA"].min() == 255  # transparent → composited on white
+    assert got["I;16"].min() == 255  # 16-bit full scale → 8-bit full scale
+
+
+def test_laion_aes_format_and_upscale(tmp_path, tokenizer):
+    meta = json.dumps({"caption_en": "aes caption"})
+    small = base64.b64encode(png(1, size=20)).decode()
+    (tmp_path / "p").write_text(f"a\tb\t{meta}\td\te\t{small}\n")
+    write_filelists(str(tmp_path), "x", [str(tmp_path / "p")])
+    fl = str(tmp_path / "filelist" / "x.filelist.list")
+    with pytest.raises(RuntimeError):  # 20 px < 32 px: skipped, so nothing usable
+        take(ds(fl, tokenizer, line_format="laion_aes"), 1)
+    (s,) = take(ds(fl, tokenizer, line_format="laion_aes", allow_upscale=True), 1)
+    assert s["caption"] == "aes caption" and s["pixel_values"].shape == (3, 32, 32)
+
+
+def test_weighted_file_lists(tmp_path, tokenizer):
+    a = open(make_dataset(str(tmp_path), 10, 1, name="a", prefix="a")).read().strip()
+    b = open(make_dataset(str(tmp_path), 10, 1, name="b", prefix="b")).read().strip()
+    (tmp_path / "w.filelist.list").write_text(f"{a} 3\n{b} 1\n")
+    samples = take(ds(str(tmp_path / "w.filelist.list"), tokenizer), 2000)
+    share_a = sum(s["caption"].startswith("a") for s in samples) / len(samples)
+    assert abs(share_a - 0.75) < 0.03
+    (tmp_path / "u.filelist.list").write_text(f"{a}\n{b}\n")
+    samples = take(ds(str(tmp_path / "u.filelist.list"), tokenizer), 2000)
+    assert abs(sum(s["caption"].startswith("a") for s in samples) / len(samples) - 0.5) < 0.04
+
+
+def test_drop_caption_probability(tmp_path, tokenizer):
+    fl = make_dataset(str(tmp_path), 20, 1)
+    samples = take(ds(fl, tokenizer, drop_caption_prob=0.3), 1000)
+    assert 0.25 < sum(s["caption"] == "" for s in samples) / 1000 < 0.35
+
+
+def test_collate_normalises_to_unit_range(demo_file_list, tokenizer):
+    batch = collate_fn(take(ds(demo_file_list, tokenizer), 4))
+    assert batch["pixel_values"].dtype == np.float32 and batch["pixel_values"].shape == (4, 3, 32, 32)
+    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+    assert batch["input_ids"].shape == (4, tokenizer.model_max_length)
+
+
+@pytest.mark.skipif(not os.path.isdir(FIXTURE), reason="PaddleMIX fixtures not beside the repository")
+def test_reads_paddlemix_files_from_another_folder(tmp_path, tokenizer, monkeypatch):
+    shutil.copytree(os.path.join(FIXTURE, "processed_data"), tmp_path / "processed_data")
+    monkeypatch.chdir(tmp_path.parent)  # not the folder the filelists are relative to
+    d = ds(str(tmp_path / "processed_data" / "filelist" / "custom_dataset.filelist.list"), tokenizer, resolution=64)
+    samples = take(d, 6)
+    assert all(s["caption"] == "A woman wearing a net on her head cutting a cake. " for s in samples)
