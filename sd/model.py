@@ -1,0 +1,200 @@
+"""Stable Diffusion for training: frozen VAE + text encoder, trainable UNet, forward → loss.
+
+``StableDiffusionModel.forward(input_ids, pixel_values, seed)`` returns the training loss of one
+batch. Every random draw of a step (VAE posterior sample, noise, offset noise, perturbation,
+timesteps) comes from ``numpy.random.default_rng(seed)``: the trainer passes a seed derived from
+(run seed, rank, batch index), so ranks draw different noise and a resumed run draws exactly what
+the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+import numpy as np
+import paddle
+from paddle import nn
+
+from sd import diffusion
+from sd.kit import check_local_or_explain, latent_factor
+from sd.sd_args import ModelArguments
+
+# SD v1's training noise schedule, used when no scheduler folder is given.
+SD_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def _require(path: Optional[str], what: str, flag: str) -> str:
+    if not path:
+        raise ValueError(f"no {what} given: pass --{flag} or --pretrained_model_name_or_path")
+    return check_local_or_explain(path, what)
+
+
+def init_unet_from_config(config_file: str):
+    """A randomly initialised UNet2DConditionModel with zero-initialised output layers.
+
+    Zeroing conv_out, every resnet's second conv and every transformer's proj_out makes each
+    residual branch start as the identity and the first prediction zero (as in LDM/SD).
+    """
+    from ppdiffusers import UNet2DConditionModel
+    from ppdiffusers.models.resnet import ResnetBlock2D
+    from ppdiffusers.models.transformer_2d import Transformer2DModel
+
+    with open(config_file) as f:
+        config = json.load(f)
+    unet = UNet2DConditionModel.from_config(config)
+    zero = nn.initializer.Constant(0.0)
+    targets = [unet.conv_out]
+    for layer in unet.sublayers():
+        if isinstance(layer, ResnetBlock2D):
+            targets.append(layer.conv2)
+        elif isinstance(layer, Transformer2DModel):
+            targets.append(layer.proj_out)
+    for t in targets:
+        for p in t.parameters():
+            zero(p)
+    return unet
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up: decay_t = min(decay, (1+t)/(10+t))."""
+
+    def __init__(self, layer: nn.Layer, decay: float):
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in layer.state_dict().items() if not v.stop_gradient or v.dtype.name in ("FP32", "FLOAT32")}
+
+    @paddle.no_grad()
+    def update(self, layer: nn.Layer) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for k, v in layer.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].scale_(d).add_(v.detach() * (1 - d))
+
+    def copy_to(self, layer: nn.Layer) -> Dict[str, paddle.Tensor]:
+        """Load the averaged weights into ``layer``; returns the weights it had (to restore)."""
+        backup = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+        layer.set_state_dict(self.shadow)
+        return backup
+
+
+class StableDiffusionModel(nn.Layer):
+    def __init__(self, args: ModelArguments, recompute: bool = False):
+        super().__init__()
+        from ppdiffusers.transformers import AutoTokenizer, CLIPTextModel
+        from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        self.args = args
+        paths = args.component_paths()
+        self.paths = paths
+        self.tokenizer = AutoTokenizer.from_pretrained(_require(paths["tokenizer"], "tokenizer", "tokenizer_name"))
+        self.vae = AutoencoderKL.from_pretrained(_require(paths["vae"], "VAE", "vae_name_or_path"))
+        self.text_encoder = CLIPTextModel.from_pretrained(
+            _require(paths["text_encoder"], "text encoder", "text_encoder_name_or_path"))
+        unet_path = _require(paths["unet"], "UNet", "unet_name_or_path")
+        if os.path.isfile(unet_path):  # a config file: random init (pretraining)
+            self.unet = init_unet_from_config(unet_path)
+        else:
+            self.unet = UNet2DConditionModel.from_pretrained(unet_path)
+        if self.unet.config.cross_attention_dim != self.text_encoder.config.hidden_size:
+            raise ValueError(f"UNet cross_attention_dim {self.unet.config.cross_attention_dim} ≠ text encoder width "
+                             f"{self.text_encoder.config.hidden_size}: use a UNet config that matches the text encoder")
+        if paths["scheduler"] and os.path.isdir(paths["scheduler"]):
+            self.noise_scheduler = DDPMScheduler.from_pretrained(paths["scheduler"], prediction_type=args.prediction_type)
+        else:
+            self.noise_scheduler = DDPMScheduler(**SD_NOISE_SCHEDULE, prediction_type=args.prediction_type)
+        self.register_buffer("alphas_cumprod", paddle.to_tensor(np.asarray(self.noise_scheduler.alphas_cumprod, np.float32)),
+                             persistable=False)
+        self.latent_factor = latent_factor(self.vae.config)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+
+        self.vae.eval()
+        for p in self.vae.parameters():
+            p.stop_gradient = True
+        self.text_encoder.train() if args.train_text_encoder else self.text_encoder.eval()
+        for p in self.text_encoder.parameters():
+            p.stop_gradient = not args.train_text_encoder
+        if recompute:
+            self.unet.enable_gradient_checkpointing()
+            if args.train_text_encoder and hasattr(self.text_encoder, "gradient_checkpointing_enable"):
+                self.text_encoder.gradient_checkpointing_enable()
+        if args.enable_xformers_memory_efficient_attention:
+            self.unet.enable_xformers_memory_efficient_attention()
+        self.ema = EMA(self.unet, args.ema_decay) if args.use_ema else None
+
+    # ---------------------------------------------------------------------------------------------
+    def train(self):  # the frozen parts stay in eval mode whatever the trainer asks
+        super().train()
+        self.vae.eval()
+        if not self.args.train_text_encoder:
+            self.text_encoder.eval()
+        return self
+
+    def encode_text(self, input_ids: paddle.Tensor) -> paddle.Tensor:
+        """(B, L) token ids → (B, L, D) hidden states the UNet cross-attends to."""
+        if self.args.train_text_encoder:
+            return self.text_encoder(input_ids)[0]
+        with paddle.no_grad():
+            return self.text_encoder(input_ids)[0]
+
+    @paddle.no_grad()
+    def encode_images(self, pixel_values: paddle.Tensor, rng: np.random.Generator) -> paddle.Tensor:
+        """(B, 3, H, W) in [-1, 1] → scaled latents (B, 4, H/f, W/f), sampled from the posterior with ``rng``."""
+        dist = self.vae.encode(pixel_values).latent_dist
+        eps = paddle.to_tensor(rng.standard_normal(dist.mean.shape, dtype=np.float32))
+        return (dist.mean + dist.std * eps) * self.scaling_factor
+
+    def forward(self, input_ids: paddle.Tensor, pixel_values: paddle.Tensor, seed: int, **unused) -> paddle.Tensor:
+        """One batch → scalar loss. ``seed`` fixes every random draw of the step."""
+        a = self.args
+        rng = np.random.default_rng(seed)
+        latents = self.encode_images(pixel_values, rng)
+        shape = latents.shape
+        noise = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
+        if a.noise_offset:  # per-(sample, channel) constant: lets the model shift overall brightness
+            noise = noise + a.noise_offset * paddle.to_tensor(rng.standard_normal(shape[:2] + [1, 1], dtype=np.float32))
+        t = paddle.to_tensor(rng.integers(0, len(self.alphas_cumprod), shape[0]), dtype="int64")
+        input_noise = noise
+        if a.input_perturbation:  # Ning et al. 2023: noise the input with a perturbed ε, keep ε as the target
+            input_noise = noise + a.input_perturbation * paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
+        noisy = diffusion.add_noise(latents, input_noise, t, self.alphas_cumprod)
+        pred = self.unet(noisy, t, encoder_hidden_states=self.encode_text(input_ids)).sample
+        target = noise if a.prediction_type == "epsilon" else diffusion.velocity(latents, noise, t, self.alphas_cumprod)
+        weights = None
+        if a.snr_gamma is not None:
+            weights = diffusion.min_snr_weights(diffusion.snr(t, self.alphas_cumprod), a.snr_gamma, a.prediction_type)
+        return diffusion.diffusion_loss(pred, target, weights)
+
+    # ---------------------------------------------------------------------------------------------
+    def trainable_groups(self):
+        """[(name, parameters)] of what the optimizer updates."""
+        groups = [("unet", [p for p in self.unet.parameters() if not p.stop_gradient])]
+        if self.args.train_text_encoder:
+            groups.append(("text_encoder", [p for p in self.text_encoder.parameters() if not p.stop_gradient]))
+        return groups
+
+    def save_trained(self, output_dir: str) -> None:
+        """Write the trained modules in ``from_pretrained`` layout: unet/ (+ EMA variant), text_encoder/."""
+        self.unet.save_pretrained(os.path.join(output_dir, "unet"))
+        if self.ema is not None:
+            backup = self.ema.copy_to(self.unet)
+            self.unet.save_pretrained(os.path.join(output_dir, "unet"), variant="ema")
+            self.unet.set_state_dict(backup)
+        if self.args.train_text_encoder:
+            self.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"))
+
+    def load_trained(self, checkpoint_dir: str) -> None:
+        """Inverse of ``save_trained`` (used on resume)."""
+        from ppdiffusers import UNet2DConditionModel
+        from ppdiffusers.transformers import CLIPTextModel
+
+        unet_dir = os.path.join(checkpoint_dir, "unet")
+        self.unet.set_state_dict(UNet2DConditionModel.from_pretrained(unet_dir).state_dict())
+        if self.ema is not None:
+            ema = UNet2DConditionModel.from_pretrained(unet_dir, variant="ema")
+            self.ema.shadow = {k: v.detach().clone() for k, v in ema.state_dict().items() if k in self.ema.shadow}
+        if self.args.train_text_encoder:
+            self.text_encoder.set_state_dict(
+                CLIPTextModel.from_pretrained(os.path.join(checkpoint_dir, "text_encoder")).state_dict())

@@ -1,0 +1,207 @@
+"""paddlenlp Trainer for Stable Diffusion: only what differs from the stock Trainer.
+
+* data: the streaming dataset through a plain ``paddle.io.DataLoader``; on resume the stream is
+  fast-forwarded (no image decoded) instead of the stock Trainer's skip-by-iterating;
+* loss: ``StableDiffusionModel.forward`` with a per-batch seed (run seed, rank, batch index);
+* optimizer: one parameter group per trained module, each with its own learning rate;
+* checkpoints: the trained modules in ``from_pretrained`` layout (``unet/``, EMA variant,
+  ``text_encoder/``) plus ``sd_state.json`` (data-stream positions, batch count, EMA count) beside
+  the Trainer's optimizer/scheduler/trainer state; resume loads exactly those;
+* after each optimizer step: the EMA update (training, so it runs whatever ``--report_to`` says);
+  on rank 0 every ``image_logging_steps``: reconstructions and DDIM samples to VisualDL and a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+import numpy as np
+import paddle
+from paddlenlp.trainer import Trainer, TrainerCallback
+from paddlenlp.trainer.trainer_utils import get_last_checkpoint
+from paddlenlp.utils.log import logger
+
+from sd import sampling
+from sd.text_image_pair_dataset import collate_fn
+
+STATE_FILE = "sd_state.json"
+
+
+def batch_seed(run_seed: int, rank: int, batch_index: int) -> int:
+    """Seed of all random draws of one batch on one rank (different on every rank and batch)."""
+    return int(np.random.SeedSequence([run_seed, rank, batch_index]).generate_state(1)[0])
+
+
+class _AfterStep(TrainerCallback):
+    """EMA update after every optimizer step; image logging on rank 0."""
+
+    def __init__(self, trainer: "StableDiffusionTrainer"):
+        self.trainer = trainer
+
+    def on_optimizer_end(self, args, state, control, **kwargs):
+        ema = self.trainer.sd_model.ema
+        if ema is not None:
+            ema.update(self.trainer.sd_model.unet)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = self.trainer.sd_model.args.image_logging_steps
+        if every > 0 and state.global_step % every == 0 and self.trainer.is_world_process_zero():
+            self.trainer.log_images(state.global_step)
+
+
+class StableDiffusionTrainer(Trainer):
+    def __init__(self, model, args, train_dataset, resolution: int, run_config: Optional[dict] = None, **kwargs):
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        self.run_config = run_config or {}
+        self.sd_model = model
+        self.resolution = resolution
+        self.stream_positions: Dict[int, int] = {}  # loader worker → draws consumed
+        self.skipped: Dict[int, int] = {}  # loader worker → records skipped so far
+        self.batches_seen = 0  # batches this rank has trained on
+        self._resume_state: Optional[dict] = None
+        self._last_batch = None
+        self.args.ignore_data_skip = True  # the dataset fast-forwards itself (see get_train_dataloader)
+        groups = [{"params": params, "learning_rate": lr / args.learning_rate}
+                  for (name, params), lr in zip(model.trainable_groups(), self._group_lrs())]
+        self.optimizer_grouped_parameters = groups  # lr in a group is a multiplier of the scheduler's lr
+        self.add_callback(_AfterStep(self))
+
+    def _group_lrs(self):
+        a, m = self.args, self.sd_model.args
+        lrs = [m.unet_learning_rate or a.learning_rate]
+        if m.train_text_encoder:
+            lrs.append(m.text_encoder_learning_rate or a.learning_rate)
+        return lrs
+
+    # -- data ------------------------------------------------------------------------------------
+    def get_train_dataloader(self):
+        dataset = self.train_dataset
+        if self._resume_state is not None:
+            positions = {int(k): v for k, v in self._resume_state["stream_positions"].items()}
+            dataset.fast_forward(positions, self._resume_state["batches_seen"])
+            self.stream_positions = positions
+            self.batches_seen = self._resume_state["batches_seen"]
+            logger.info(f"data stream fast-forwarded to {positions} after {self.batches_seen} batches")
+        return paddle.io.DataLoader(dataset, batch_size=self.args.per_device_train_batch_size,
+                                    num_workers=self.args.dataloader_num_workers, collate_fn=collate_fn)
+
+    # -- loss ------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False):
+        worker, position, skipped = inputs.pop("stream_state").numpy().tolist()
+        self.stream_positions[worker], self.skipped[worker] = position, skipped
+        seed = batch_seed(self.args.seed, self.args.process_index, self.batches_seen)
+        self.batches_seen += 1
+        self._last_batch = inputs
+        loss = model(inputs["input_ids"], inputs["pixel_values"], seed=seed)
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs, **kwargs):
+        if self.skipped:
+            logs["data_skipped"] = sum(self.skipped.values())  # this rank's skipped records, all workers
+        super().log(logs, **kwargs)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None, merge_tensor_parallel=False):
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        m = self.sd_model
+        m.save_trained(output_dir)
+        if not m.args.only_save_updated_model:  # a whole pipeline folder, loadable on its own
+            m.vae.save_pretrained(os.path.join(output_dir, "vae"))
+            m.tokenizer.save_pretrained(os.path.join(output_dir, "tokenizer"))
+            m.noise_scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+            if not m.args.train_text_encoder:
+                m.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"))
+        state = {"stream_positions": self.stream_positions, "batches_seen": self.batches_seen,
+                 "ema_updates": m.ema.num_updates if m.ema is not None else 0,
+                 "resolution": self.resolution, "model_paths": m.paths, "prediction_type": m.args.prediction_type}
+        with open(os.path.join(output_dir, STATE_FILE), "w") as f:
+            json.dump(state, f, indent=2)
+        with open(os.path.join(output_dir, "training_args.json"), "w") as f:
+            f.write(self.args.to_json_string())
+        with open(os.path.join(output_dir, "run_config.json"), "w") as f:  # model and data arguments, as resolved
+            json.dump(self.run_config, f, indent=2)
+
+    def _save_checkpoint(self, model, metrics=None):
+        super()._save_checkpoint(model, metrics=metrics)
+        # paddlenlp 2.8 rotates only where local_rank == 0, i.e. never in a single process (-1).
+        if self.is_world_process_zero():
+            self._rotate_checkpoints()
+
+    def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
+        # Order by step number, not modification time: the newest checkpoint is never the one deleted.
+        super()._rotate_checkpoints(use_mtime=False, output_dir=output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint=None):
+        if not resume_from_checkpoint:
+            return
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint to resume from in {self.args.output_dir}")
+        state_file = os.path.join(resume_from_checkpoint, STATE_FILE)
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"{resume_from_checkpoint} is not a checkpoint of this trainer (no {STATE_FILE})")
+        logger.info(f"resuming from {resume_from_checkpoint}")
+        self.sd_model.load_trained(resume_from_checkpoint)
+        with open(state_file) as f:
+            self._resume_state = json.load(f)
+        if self.sd_model.ema is not None:
+            self.sd_model.ema.num_updates = self._resume_state["ema_updates"]
+
+    # -- images ----------------------------------------------------------------------------------
+    @paddle.no_grad()
+    def log_images(self, step: int, max_images: int = 8) -> str:
+        """Originals, VAE reconstructions and DDIM samples (guidance 1 and 7.5) of the last batch's captions."""
+        from PIL import Image
+
+        m = self.sd_model
+        batch = self._last_batch
+        if batch is None:
+            return ""
+        was_training = m.unet.training
+        m.unet.eval()
+        n = min(max_images, batch["pixel_values"].shape[0])
+        pixels = batch["pixel_values"][:n]
+        prompts = m.tokenizer.batch_decode(batch["input_ids"][:n].numpy().tolist(), skip_special_tokens=True)
+        originals = sampling.decode_latents_to_images(m.vae, m.vae.encode(pixels).latent_dist.mean * m.scaling_factor)
+        arr = ((pixels.clip(-1, 1) + 1) * 127.5).round().astype("uint8").transpose([0, 2, 3, 1]).numpy()
+        rows = {"original": [Image.fromarray(a) for a in arr], "reconstruction": originals}
+        pipe = sampling.build_pipeline(m.vae, m.text_encoder, m.tokenizer, m.unet, "ddim",
+                                       dict(m.noise_scheduler.config))
+        for g in (1.0, 7.5):
+            rows[f"guidance_{g}"] = sampling.generate(pipe, prompts, guidance_scale=g, num_inference_steps=m.args.num_inference_steps,
+                                                      height=self.resolution, width=self.resolution, seeds=list(range(n)))
+        if was_training:
+            m.unet.train()
+        grid = sampling.make_grid([im for r in rows.values() for im in r], rows=len(rows), cols=n)
+        folder = os.path.join(self.args.output_dir, "images")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step-{step:07d}.png")
+        grid.save(path)
+        with open(os.path.join(folder, f"step-{step:07d}.txt"), "w") as f:
+            f.write("\n".join(prompts) + "\n")
+        if "visualdl" in (self.args.report_to or []):
+            from visualdl import LogWriter
+
+            with LogWriter(logdir=self.args.logging_dir) as writer:
+                for name, images in rows.items():
+                    strip = sampling.make_grid(images, rows=1, cols=len(images))
+                    writer.add_image(tag=f"images/{name}", img=np.asarray(strip), step=step)
+        logger.info(f"step {step}: images written to {path}")
+        return path
+
+
+def find_resume_checkpoint(training_args) -> Optional[str]:
+    """``--resume_from_checkpoint`` if given, else the newest checkpoint in output_dir (unless
+    ``--overwrite_output_dir``)."""
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    if os.path.isdir(training_args.output_dir) and not training_args.overwrite_output_dir:
+        last = get_last_checkpoint(training_args.output_dir)
+        if last is not None:
+            logger.info(f"found {last}: resuming automatically (pass --overwrite_output_dir to start afresh)")
+        return last
+    return None
