@@ -116,7 +116,7 @@ class StableDiffusionTrainer(Trainer):
                 m.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"))
         state = {"stream_positions": self.stream_positions, "batches_seen": self.batches_seen,
                  "ema_updates": m.ema.num_updates if m.ema is not None else 0,
-                 "resolution": self.resolution, "model_paths": m.paths, "prediction_type": m.args.prediction_type}
+                 "resolution": self.resolution, "model_paths": {k: os.path.abspath(v) if v and os.path.exists(v) else v for k, v in m.paths.items()}, "prediction_type": m.args.prediction_type}
         with open(os.path.join(output_dir, STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
         with open(os.path.join(output_dir, "training_args.json"), "w") as f:

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Pretrain the Stable Diffusion UNet.
+#
+#   sh train.sh                      # GPU + real weights: the seed's recipe; otherwise the CPU default
+#   MAX_STEPS=200 sh train.sh        # any setting below can be overridden from the environment
+#   sh train.sh --use_ema True       # extra arguments go to train_txt2img_laion400m_trainer.py
+#   GPUS=0,1,2,3,4,5,6,7 sh train.sh # 8 GPUs;  add IPS=10.0.0.1,10.0.0.2 for several machines
+#   NPROC=2 sh train.sh              # 2 data-parallel CPU processes (gloo), for testing
+#
+# The CPU default needs no download: it builds the offline kit (./tiny-sd) and the demo shapes data
+# (./data, the seed's demo layout) once, then trains the kit's tiny UNet on the CPU.
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi  # `sh train.sh` (dash) → bash
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# --- model --------------------------------------------------------------------------------------
+SD_WEIGHTS=${SD_WEIGHTS:-CompVis/stable-diffusion-v1-4}  # real SD v1 folder (GPU recipe); a local folder or, online, a hub name
+KIT_DIR=${KIT_DIR:-./tiny-sd}                            # the offline kit (CPU default); built if missing
+MODE=${MODE:-auto}                                       # auto | gpu | cpu: which recipe; auto = gpu when a GPU and SD_WEIGHTS exist
+# --- data and output ----------------------------------------------------------------------------
+FILE_LIST=${FILE_LIST:-./data/filelist/train.filelist.list}  # *.filelist.list to train on
+DEMO_IMAGES=${DEMO_IMAGES:-4000}                         # demo images made when FILE_LIST is the missing default
+OUTPUT_DIR=${OUTPUT_DIR:-./laion400m_pretrain_output_trainer}  # checkpoints, VisualDL logs, sample grids
+# --- distribution -------------------------------------------------------------------------------
+GPUS=${GPUS:-}                                           # e.g. 0,1,2,3,4,5,6,7: run under paddle.distributed.launch
+IPS=${IPS:-}                                             # e.g. 10.0.0.1,10.0.0.2: several machines (with GPUS)
+NPROC=${NPROC:-1}                                        # CPU data-parallel processes (gloo) when no GPUS
+
+has_gpu=$(python -c "import paddle; print(int(paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0))" 2>/dev/null || echo 0)
+if [ "$MODE" = auto ]; then
+  if [ "$has_gpu" = 1 ] && [ -e "$SD_WEIGHTS/model_index.json" ]; then MODE=gpu; else MODE=cpu; fi
+fi
+
+if [ "$MODE" = gpu ]; then
+  # The seed's single-GPU recipe (section 4.2), 256 px, batch 32 per GPU.
+  PRETRAINED=${PRETRAINED:-$SD_WEIGHTS}                  # vae/, text_encoder/, tokenizer/ come from here
+  UNET_CONFIG=${UNET_CONFIG:-./unet_config.json}         # the SD v1 UNet, randomly initialised
+  RESOLUTION=${RESOLUTION:-256}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-200000}
+  LR=${LR:-1e-4}; SAVE_STEPS=${SAVE_STEPS:-10000}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-1000}
+  LOGGING_STEPS=${LOGGING_STEPS:-10}; NUM_WORKERS=${NUM_WORKERS:-4}; MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-77}
+  EXTRA_DEFAULTS="--bf16 ${BF16:-False} --recompute ${RECOMPUTE:-True} --enable_xformers_memory_efficient_attention ${XFORMERS:-True}"
+  export FLAGS_conv_workspace_size_limit=${FLAGS_conv_workspace_size_limit:-4096}
+else
+  # The embedded CPU default: the offline kit and the demo shapes, ~10 minutes on 2 cores.
+  PRETRAINED=${PRETRAINED:-$KIT_DIR}
+  UNET_CONFIG=${UNET_CONFIG:-$PRETRAINED/unet/config.json}
+  RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-1500}
+  LR=${LR:-1e-3}; SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-500}
+  LOGGING_STEPS=${LOGGING_STEPS:-50}; NUM_WORKERS=${NUM_WORKERS:-1}; MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-77}
+  EXTRA_DEFAULTS="--snr_gamma ${SNR_GAMMA:-5.0} --noise_offset ${NOISE_OFFSET:-0.1} --num_inference_steps 25"
+  if [ ! -f "$KIT_DIR/model_index.json" ] && [ "$PRETRAINED" = "$KIT_DIR" ]; then
+    echo "== building the offline kit in $KIT_DIR (once)"
+    python -m sd.kit --output_dir "$KIT_DIR"
+  fi
+  if [ ! -f "$FILE_LIST" ] && [ "$FILE_LIST" = ./data/filelist/train.filelist.list ]; then
+    echo "== making the demo shapes dataset in ./data (once)"
+    python -m sd.demo_data --output_dir ./data/demo_raw --num_images "$DEMO_IMAGES" --size 64 --seed 0
+    python create_pretraining_data.py --input_path ./data/demo_raw/demo.jsonl --output_path ./data \
+      --output_name laion400m_en --per_part_file_num 1000 --save_gzip_file --overwrite
+    echo "data/filelist/laion400m_en.filelist" > ./data/filelist/train.filelist.list
+  fi
+fi
+
+if [ -n "$GPUS" ]; then
+  LAUNCH="python -u -m paddle.distributed.launch --gpus $GPUS ${IPS:+--ips $IPS} --log_dir $OUTPUT_DIR/launch_logs"
+elif [ "$NPROC" -gt 1 ]; then  # the CPU build takes --nproc_per_node, not --gpus/--devices
+  LAUNCH="python -u -m paddle.distributed.launch --nproc_per_node $NPROC --log_dir $OUTPUT_DIR/launch_logs"
+else
+  LAUNCH="python -u"
+fi
+
+# shellcheck disable=SC2086  # LAUNCH and EXTRA_DEFAULTS are word lists on purpose
+exec $LAUNCH train_txt2img_laion400m_trainer.py \
+  --do_train \
+  --output_dir "$OUTPUT_DIR" \
+  --pretrained_model_name_or_path "$PRETRAINED" \
+  --unet_name_or_path "$UNET_CONFIG" \
+  --file_list "$FILE_LIST" \
+  --resolution "$RESOLUTION" \
+  --per_device_train_batch_size "$BATCH_SIZE" \
+  --gradient_accumulation_steps "${GRAD_ACCUM:-1}" \
+  --learning_rate "$LR" \
+  --weight_decay "${WEIGHT_DECAY:-0.01}" \
+  --max_steps "$MAX_STEPS" \
+  --lr_scheduler_type "${LR_SCHEDULER:-constant}" \
+  --warmup_steps "${WARMUP_STEPS:-0}" \
+  --image_logging_steps "$IMAGE_LOGGING_STEPS" \
+  --logging_steps "$LOGGING_STEPS" \
+  --save_steps "$SAVE_STEPS" \
+  --save_total_limit "${SAVE_TOTAL_LIMIT:-20}" \
+  --seed "${SEED:-23}" \
+  --dataloader_num_workers "$NUM_WORKERS" \
+  --model_max_length "$MODEL_MAX_LENGTH" \
+  --max_grad_norm "${MAX_GRAD_NORM:--1}" \
+  --disable_tqdm "${DISABLE_TQDM:-False}" \
+  $EXTRA_DEFAULTS \
+  "$@"
