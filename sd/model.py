@@ -63,7 +63,7 @@ class EMA:
     def __init__(self, layer: nn.Layer, decay: float):
         self.decay = decay
         self.num_updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in layer.state_dict().items() if not v.stop_gradient or v.dtype.name in ("FP32", "FLOAT32")}
+        self.shadow = {k: v.detach().clone() for k, v in layer.state_dict().items()}
 
     @paddle.no_grad()
     def update(self, layer: nn.Layer) -> None:
@@ -147,15 +147,19 @@ class StableDiffusionModel(nn.Layer):
         return (dist.mean + dist.std * eps) * self.scaling_factor
 
     def forward(self, input_ids: paddle.Tensor, pixel_values: paddle.Tensor, seed: int, **unused) -> paddle.Tensor:
-        """One batch → scalar loss. ``seed`` fixes every random draw of the step."""
+        """One batch → scalar loss. ``seed`` fixes every random draw of the step.
+
+        Draw order (tests rely on it): posterior ε (B,4,h,w), noise (B,4,h,w), timesteps (B,),
+        then offset noise (B,4,1,1) and perturbation (B,4,h,w) when enabled.
+        """
         a = self.args
         rng = np.random.default_rng(seed)
         latents = self.encode_images(pixel_values, rng)
         shape = latents.shape
         noise = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
+        t = paddle.to_tensor(rng.integers(0, len(self.alphas_cumprod), shape[0]), dtype="int64")
         if a.noise_offset:  # per-(sample, channel) constant: lets the model shift overall brightness
             noise = noise + a.noise_offset * paddle.to_tensor(rng.standard_normal(shape[:2] + [1, 1], dtype=np.float32))
-        t = paddle.to_tensor(rng.integers(0, len(self.alphas_cumprod), shape[0]), dtype="int64")
         input_noise = noise
         if a.input_perturbation:  # Ning et al. 2023: noise the input with a perturbed ε, keep ε as the target
             input_noise = noise + a.input_perturbation * paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))

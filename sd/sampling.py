@@ -1,7 +1,8 @@
 """The one sampler: ppdiffusers' StableDiffusionPipeline, shared by image logging and eval.py.
 
 Seeding rule: the image for (prompt, seed) starts from latents drawn by
-``numpy.random.default_rng(seed)``, so it does not depend on which other prompts share its batch.
+``numpy.random.default_rng(seed)``, so it does not depend on which other prompts share its batch
+(beyond float rounding: another batch size can move a pixel by a level or two).
 """
 
 from __future__ import annotations

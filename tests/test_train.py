@@ -1,0 +1,95 @@
+"""The training entry point end to end (subprocess, test kit), resume, rotation, argument rules."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize, resolve_switches
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train(tiny_kit, file_list, output_dir, *extra, env=None):
+    cmd = [sys.executable, os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"), "--do_train",
+           "--output_dir", str(output_dir), "--pretrained_model_name_or_path", tiny_kit,
+           "--unet_name_or_path", os.path.join(tiny_kit, "unet", "config.json"), "--file_list", file_list,
+           "--resolution", "32", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+           "--model_max_length", "16", "--num_inference_steps", "2", "--logging_steps", "1", "--seed", "5", *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def losses(log):
+    return [l.split("loss: ")[1].split(",")[0] for l in log.splitlines() if " - loss: " in l]
+
+
+def test_end_to_end_checkpoints_images_logs(tiny_kit, demo_file_list, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_kit, demo_file_list, out, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "1",
+          "--image_logging_steps", "2")
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-4"]  # oldest deleted
+    ckpt = out / "checkpoint-4"
+    for f in ("unet/config.json", "unet/diffusion_paddle_model.safetensors", "optimizer.pdopt", "sd_state.json",
+              "run_config.json", "trainer_state.json"):
+        assert (ckpt / f).is_file(), f
+    assert not (ckpt / "vae").exists()  # only_save_updated_model (default)
+    assert json.load(open(ckpt / "sd_state.json"))["resolution"] == 32
+    assert sorted(os.listdir(out / "images")) == ["step-0000002.png", "step-0000002.txt", "step-0000004.png", "step-0000004.txt"]
+    runs = [os.path.join(d, f) for d, _, fs in os.walk(out / "runs") for f in fs if f.startswith("vdlrecords")]
+    assert runs and all(os.path.getsize(p) > 0 for p in runs)
+
+
+def test_resume_is_exact(tiny_kit, demo_file_list, tmp_path):
+    args = ["--max_steps", "6", "--save_steps", "3", "--dataloader_num_workers", "1", "--use_ema", "True",
+            "--report_to", "none", "--image_logging_steps", "0"]
+    full = train(tiny_kit, demo_file_list, tmp_path / "full", *args)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    resumed = train(tiny_kit, demo_file_list, tmp_path / "resumed", *args)  # finds checkpoint-3 by itself
+    assert "resuming from" in resumed
+    assert losses(resumed) == losses(full)[3:]
+    for name in ("diffusion_paddle_model.safetensors", "diffusion_paddle_model.ema.safetensors"):
+        a = load_file(tmp_path / "full" / "checkpoint-6" / "unet" / name)
+        b = load_file(tmp_path / "resumed" / "checkpoint-6" / "unet" / name)
+        assert all(np.array_equal(a[k], b[k]) for k in a), name
+
+
+def test_switch_precedence_cli_over_env_over_default():
+    m, t = ModelArguments(use_ema=False), SDTrainingArguments(output_dir="x")
+    env = {"FLAG_USE_EMA": "1", "FLAG_RECOMPUTE": "1"}
+    got = resolve_switches((m, t), ["--use_ema", "False"], env)
+    assert got["use_ema"] == (False, "cli") and m.use_ema is False
+    assert got["recompute"] == (True, "env FLAG_RECOMPUTE") and t.recompute is True
+    assert got["fused_linear"] == (False, "default")
+    with pytest.raises(ValueError, match="FLAG_USE_EMA"):
+        resolve_switches((ModelArguments(), SDTrainingArguments(output_dir="x")), [], {"FLAG_USE_EMA": "maybe"})
+
+
+def test_finalize_rounds_image_logging_and_refuses_cpu_half_precision(monkeypatch):
+    for k in ("FLAG_USE_EMA", "FLAG_RECOMPUTE", "FLAG_XFORMERS", "FLAG_FUSED_LINEAR"):
+        monkeypatch.delenv(k, raising=False)
+    m = ModelArguments(image_logging_steps=120, enable_xformers_memory_efficient_attention=True)
+    t = SDTrainingArguments(output_dir="x", logging_steps=50)
+    t.fp16, t.bf16 = True, True  # set after construction: paddlenlp validates them against the device
+    said = []
+    finalize(m, DataArguments(), t, lambda msg, changed=True: said.append(msg),
+             argv=["--enable_xformers_memory_efficient_attention", "True"])
+    assert m.image_logging_steps == 100
+    assert not t.fp16 and not t.bf16 and not m.enable_xformers_memory_efficient_attention
+    assert any("--fp16" in s for s in said) and any("--bf16" in s for s in said) and any("xformers" in s for s in said)
+
+
+def test_bad_arguments_raise_early():
+    with pytest.raises(ValueError, match="prediction_type"):
+        ModelArguments(prediction_type="sample")
+    with pytest.raises(ValueError, match="snr_gamma"):
+        ModelArguments(snr_gamma=0)
+    with pytest.raises(ValueError, match="line_format"):
+        DataArguments(line_format="csv")
