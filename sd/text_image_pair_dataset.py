@@ -1,22 +1,26 @@
 """Streaming text–image pairs from part files: sharded, infinite, deterministic, resumable.
 
-Stream rules (see docs/ARCHITECTURE.md for the contract with the trainer):
+Stream rules (the contract with the trainer is in docs/ARCHITECTURE.md):
 
-* **Shards.** With R ranks and W loader workers there are S = R·max(W, 1) shards, shard
-  ``rank·max(W,1) + worker``. A file list with at least S part-file entries is split by file (each
-  pass, all shards shuffle its entries the same way, then shard k reads entries k, k+S, ...); one with
-  fewer is split by record (every shard reads every file and keeps records k, k+S, ...), which is
-  said once in the log. Either way the shards are disjoint and together complete, and no worker ever
-  waits for data that is not there (PaddleMIX's loader hangs then).
-* **Draws.** A shard's stream is a sequence of draws: pick a file list (by weight, or uniformly),
-  take its next record (passes repeat forever, reshuffled). Draw ``i`` of a shard uses randomness
-  derived from ``(seed, rank, worker, i)`` only, so the stream is a function of those.
-* **Position.** Each sample carries its shard's position (draws made so far). Resuming with those
-  positions replays the draws by reading lines without decoding any image.
-* **Bad data** (undecodable text, base64 or image, too few fields, missing or truncated files) is
-  skipped and counted by reason; every ``report_every`` skips a summary is logged; a
-  ``max_bad_fraction`` can turn too much bad data into an error; a full pass over every file list
-  without one usable sample is an error, never an endless loop.
+* **Shards.** With R ranks and W loader workers there are S = R·max(W, 1) shards; shard
+  ``rank·max(W,1) + worker``. A ``.filelist`` with at least S part-file entries is split by file
+  (each pass, every shard shuffles its entries the same way and shard k reads entries k, k+S, ...);
+  one with fewer is split by record (every shard reads every file and keeps records k, k+S, ...),
+  which is logged once. Either way the shards are disjoint and together complete, and no worker
+  waits for data that is not there (PaddleMIX's loader hangs then). ``num_workers`` 0 and 1 give
+  the same stream.
+* **Draws.** A shard's stream is a sequence of draws: pick a ``.filelist`` (by weight, or
+  uniformly), put its next line into a shuffle buffer of undecoded lines, take a random line out.
+  Each list repeats forever, its file order reshuffled every pass. Draw ``i`` uses randomness from
+  ``(seed, rank, worker, i)`` and the pass order from ``(seed, list, pass)``, so the stream is a
+  function of (seed, rank, worker, pass) and nothing else.
+* **Resume.** ``fast_forward`` replays the draws of the samples already consumed, reading lines
+  but decoding no image (see its docstring for the DataLoader mapping).
+* **Bad data** (undecodable text, base64 or image, too few fields, missing or truncated files,
+  images smaller than the resolution) is skipped and counted by reason; a summary is logged every
+  ``report_every`` skips and when the stream ends; ``max_bad_fraction`` turns too much bad data
+  into an error; two full passes of every list without one usable sample is an error, never an
+  endless loop.
 """
 
 from __future__ import annotations
@@ -25,33 +29,33 @@ import argparse
 import collections
 import io
 import logging
-import os
 import time
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
+import paddle
+from paddle.io import IterableDataset, get_worker_info
 from PIL import Image, UnidentifiedImageError
 
-from sd.data_format import (LINE_FORMATS, BadRecord, decode_image_b64, decode_line_bytes, iter_part_file,
-                            parse_part_line, read_filelist, read_filelist_list)
-
-try:  # paddle is needed only for the IterableDataset base and collate; the stream itself is numpy.
-    import paddle
-    from paddle.io import IterableDataset, get_worker_info
-except ImportError:  # pragma: no cover - paddle is in requirements.txt
-    paddle, IterableDataset = None, object
+from sd.data_format import (LINE_FORMATS, BadRecord, decode_image_b64, iter_part_file, parse_part_line_bytes,
+                            read_filelist, read_filelist_list)
 
 logger = logging.getLogger("sd.dataset")
 
 INTERPOLATIONS = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR,
                   "box": Image.BOX, "nearest": Image.NEAREST}
+# Skip reasons, in the order of the counts in a batch's ``stream_state`` (see collate_fn).
+SKIP_REASONS = ("empty_line", "not_text", "too_few_fields", "bad_json", "no_caption", "empty_image", "bad_base64",
+                "bad_image", "too_small", "missing_file", "truncated_file")
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 # ---------------------------------------------------------------------------------------------
 # One file list as an endless, sharded record source
 # ---------------------------------------------------------------------------------------------
 class _ListStream:
-    """Records of one ``.filelist`` for one shard, pass after pass."""
+    """Raw lines of one ``.filelist`` for one shard, pass after pass."""
 
     def __init__(self, name: str, parts: List[str], shard: int, num_shards: int, seed: int, list_index: int,
                  counters: collections.Counter):
@@ -59,9 +63,9 @@ class _ListStream:
         self.by_file = len(parts) >= num_shards
         self.seed, self.list_index, self.counters = seed, list_index, counters
         self.pass_no = -1
-        self.pass_length: Optional[int] = None  # lines in one pass, known after the first
+        self.pass_length: Optional[int] = None  # this shard's lines in one pass, known after the first
         self._lines_this_pass = 0
-        self._lines = iter(())
+        self._lines: Iterator[bytes] = iter(())
 
     def _pass_lines(self, pass_no: int) -> Iterator[bytes]:
         order = np.random.default_rng([self.seed, self.list_index, pass_no]).permutation(len(self.parts))
@@ -83,7 +87,7 @@ class _ListStream:
                 logger.warning("part file %s is truncated or corrupt (%s); rest of the file skipped", path, err)
 
     def next_line(self) -> bytes:
-        for _ in range(2):
+        for _ in range(2):  # the current pass, else one fresh pass; two empty passes in a row is an error
             for raw in self._lines:
                 self._lines_this_pass += 1
                 return raw
@@ -98,39 +102,69 @@ class _ListStream:
             "add data or use fewer ranks/workers")
 
 
+@dataclass(frozen=True)
+class _FastForward:
+    samples_consumed: int  # samples this rank has consumed (whole batches)
+    batch_size: int
+    num_workers: int  # the DataLoader's num_workers (0 = in the main process)
+    positions: Optional[Dict[int, int]]  # stream (worker) → draws made, from the batches' stream_state
+
+    @property
+    def batches(self) -> int:
+        return self.samples_consumed // self.batch_size
+
+    def stream_of(self, loader_worker: int) -> int:
+        """The stream a fresh loader's worker continues (batch i came from worker i mod W)."""
+        return (loader_worker + self.batches) % max(self.num_workers, 1)
+
+    def samples_of(self, stream: int) -> int:
+        """Samples already consumed from ``stream``: B × the number of i < batches with i mod W == stream."""
+        w = max(self.num_workers, 1)
+        return self.batch_size * max(0, -(-(self.batches - stream) // w))
+
+
 # ---------------------------------------------------------------------------------------------
 # The dataset
 # ---------------------------------------------------------------------------------------------
 class TextImagePairDataset(IterableDataset):
-    """Infinite stream of ``{"pixel_values": uint8 (3,R,R), "input_ids": int64 (L,), ...}``.
+    """Infinite stream of ``{"pixel_values": uint8 (3, R, R), "input_ids": int64 (L,)}``.
 
     Args:
-        file_list: a ``*.filelist.list`` (lines ``path/to/x.filelist [weight]``).
+        file_list: a ``*.filelist.list`` (lines ``path/to/x.filelist [weight]``; relative paths by the
+            path rule of ``sd/data_format.py``).
         tokenizer: a CLIP tokenizer; captions are padded/truncated to ``model_max_length``.
         resolution: output side R; images are resized so their shorter side is ``R / 0.9``, then cropped.
-        line_format: ``laion400m`` or ``laion_aes`` (see ``sd/data_format.py``).
-        interpolation: resize filter, one of ``INTERPOLATIONS`` (lanczos as in the seed).
+        line_format: ``laion400m`` or ``laion_aes`` (see ``sd/data_format.py``); never guessed.
+        interpolation: resize filter, one of ``INTERPOLATIONS`` (lanczos as in the seed; bilinear is faster).
         center_crop: crop the centre instead of a random window.
         drop_caption_prob: probability of replacing the caption by "" (classifier-free guidance).
-        allow_upscale: keep images smaller than R (upscaled); by default they are skipped.
-        max_bad_fraction: raise once more than this fraction of draws (after 1000) were bad.
-        seed, rank, world_size: the stream is a function of (seed, rank, worker, draw).
+        allow_upscale: keep images smaller than R (upscaled); by default they are skipped, as in the seed.
+        max_bad_fraction: raise once more than this fraction of records (after 1000) were bad.
+        seed, rank, world_size: the stream is a function of (seed, rank, worker, pass); rank and
+            world_size default to ``paddle.distributed``'s.
+        model_max_length: token length L (default: the tokenizer's).
         report_every: log a skip summary every this many skipped records.
-        shuffle_buffer: undecoded lines held to shuffle the order within part files (1 = off).
+        shuffle_buffer: undecoded lines held to mix records within part files (1 = file order).
+        return_meta: also put ``caption``, ``stream``, ``position``, ``epoch`` and ``skipped`` into each
+            sample, and so a ``stream_state`` into each batch (see ``collate_fn``).
     """
 
     def __init__(self, file_list: str, tokenizer, resolution: int = 256, line_format: str = "laion400m",
                  interpolation: str = "lanczos", center_crop: bool = False, drop_caption_prob: float = 0.1,
                  allow_upscale: bool = False, max_bad_fraction: Optional[float] = None, seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
-                 model_max_length: Optional[int] = None, report_every: int = 1000, shuffle_buffer: int = 256):
+                 model_max_length: Optional[int] = None, report_every: int = 1000, shuffle_buffer: int = 256,
+                 return_meta: bool = False):
         if line_format not in LINE_FORMATS:
             raise ValueError(f"line_format must be one of {LINE_FORMATS}, got {line_format!r}")
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
         if not 0.0 <= drop_caption_prob <= 1.0:
             raise ValueError(f"drop_caption_prob must be in [0, 1], got {drop_caption_prob}")
-        self.lists = [(e.path, e.weight, [p.path for p in read_filelist(e.path)]) for e in read_filelist_list(file_list)]
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        entries = [e for e in read_filelist_list(file_list) if e.weight is None or e.weight > 0]  # weight 0: never drawn
+        self.lists = [(e.path, e.weight, [p.path for p in read_filelist(e.path)]) for e in entries]
         weights = [w for _, w, _ in self.lists]
         self.weights = None if weights[0] is None else np.array(weights, dtype=np.float64) / sum(weights)
         self.tokenizer = tokenizer
@@ -140,199 +174,297 @@ class TextImagePairDataset(IterableDataset):
         self.center_crop, self.drop_caption_prob, self.allow_upscale = center_crop, drop_caption_prob, allow_upscale
         self.max_bad_fraction, self.report_every, self.seed = max_bad_fraction, report_every, seed
         self.shuffle_buffer = max(1, shuffle_buffer)
+        self.return_meta = return_meta
         if rank is None or world_size is None:
-            rank, world_size = (paddle.distributed.get_rank(), paddle.distributed.get_world_size()) if paddle else (0, 1)
+            rank, world_size = paddle.distributed.get_rank(), paddle.distributed.get_world_size()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.rank, self.world_size = rank, world_size
-        self.start_positions: Dict[int, int] = {}  # worker → draws to replay without decoding
-        self.worker_offset = 0  # see fast_forward
+        self._fast_forward: Optional[_FastForward] = None
         self._token_cache: Dict[str, np.ndarray] = {}
+        self._counters: Dict[int, collections.Counter] = {}  # stream → skips, for streams iterated in this process
 
     # -- resume --------------------------------------------------------------------------------
-    def fast_forward(self, positions: Dict[int, int], batches_consumed: int = 0) -> None:
-        """Resume each worker's stream after ``positions[worker]`` draws (as reported in ``stream_state``).
+    def fast_forward(self, samples_consumed: int, batch_size: int, num_workers: int,
+                     positions: Optional[Dict[int, int]] = None) -> None:
+        """Make the next iteration continue where a run that consumed ``samples_consumed`` samples stopped.
 
-        The DataLoader takes batch i from worker ``i % W``; a fresh loader starts again at worker 0, so
-        after ``batches_consumed`` batches loader worker w continues the stream of worker
-        ``(w + batches_consumed) % W``.
+        Args:
+            samples_consumed: samples this rank has taken from its DataLoader (a multiple of batch_size).
+            batch_size, num_workers: those of the DataLoader, before and after the resume (must match).
+            positions: optional ``{stream: draws}`` from the last batch of each stream (``stream_state``
+                of ``collate_fn``, needs ``return_meta``). With it the replay is exact whatever the data;
+                without it, skipped records are classified usable or bad by their line, base64 and image
+                header, which differs from the run only for an image whose header is valid but whose
+                pixel data is corrupt.
+
+        The mapping: paddle's DataLoader (``_DataLoaderIterMultiProcess._try_put_indices``) hands
+        batch i of an IterableDataset to worker ``i mod W`` and returns batches in that order, each
+        made of B consecutive samples of that worker's stream. After ``n = samples_consumed / B``
+        batches, stream s has given ``B · #{i < n : i mod W = s}`` samples, and the next batch is
+        from stream ``n mod W``; a fresh loader starts at worker 0, so its worker w continues stream
+        ``(w + n) mod W``. No image of a skipped sample is decoded.
         """
-        self.start_positions = {int(k): int(v) for k, v in positions.items()}
-        self.worker_offset = int(batches_consumed)
+        if batch_size < 1 or samples_consumed < 0 or num_workers < 0:
+            raise ValueError(f"bad fast_forward arguments: samples_consumed={samples_consumed}, "
+                             f"batch_size={batch_size}, num_workers={num_workers}")
+        if samples_consumed % batch_size:
+            raise ValueError(f"samples_consumed={samples_consumed} is not a whole number of batches of {batch_size}")
+        self._fast_forward = _FastForward(samples_consumed, batch_size, num_workers,
+                                          None if positions is None else {int(k): int(v) for k, v in positions.items()})
+
+    def state_dict(self) -> dict:
+        """Fast-forward settings and skip counters of the streams iterated in this process.
+
+        With loader workers (W > 0) the streams live in the worker processes; their counters reach
+        the trainer through ``stream_state`` (``return_meta=True``) and the workers' own log lines.
+        """
+        ff = self._fast_forward
+        return {"fast_forward": None if ff is None else dict(samples_consumed=ff.samples_consumed,
+                                                             batch_size=ff.batch_size, num_workers=ff.num_workers,
+                                                             positions=ff.positions),
+                "skipped": {s: dict(c) for s, c in self._counters.items()}}
 
     # -- per-sample work -----------------------------------------------------------------------
     def tokenize(self, caption: str) -> np.ndarray:
+        """Caption → int64 (L,) ids, padded/truncated; cached, since captions repeat a lot."""
         ids = self._token_cache.get(caption)
         if ids is None:
             ids = np.asarray(self.tokenizer(caption, padding="max_length", truncation=True, max_length=self.max_length,
                                             return_attention_mask=False)["input_ids"], dtype=np.int64)
-            if len(self._token_cache) < 100_000:  # captions repeat; bound the memory anyway
+            if len(self._token_cache) < 100_000:  # bound the memory on caption-unique data
                 self._token_cache[caption] = ids
         return ids
 
-    def load_image(self, data: bytes, rng: np.random.Generator) -> Optional[np.ndarray]:
-        """Image bytes → uint8 (3, R, R); None when too small. Raises BadRecord when undecodable."""
+    def load_image(self, data: bytes, rng: Optional[np.random.Generator]) -> Optional[np.ndarray]:
+        """Image bytes → uint8 (3, R, R), or None when smaller than R (and not ``allow_upscale``).
+
+        With ``rng=None`` only the header is read, to classify the record without decoding it; a
+        usable image then gives an empty array. Raises BadRecord("bad_image") when undecodable.
+        """
         r = self.resolution
+        short = r / 0.9  # the seed resizes the shorter side to resolution / 0.9, then crops
         try:
             im = Image.open(io.BytesIO(data))
-            short = r / 0.9  # the seed resizes the shorter side to resolution / 0.9
-            if im.format == "JPEG":  # decode at a reduced size (1/2, 1/4, 1/8) when that is still ≥ short
-                scale = short / min(im.size)
-                im.draft("RGB", (max(1, int(im.width * scale + 1)), max(1, int(im.height * scale + 1))))
+            w, h = im.size
+            if min(w, h) < r and not self.allow_upscale:
+                return None
+            if rng is None:
+                return np.empty(0, np.uint8)
+            if im.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 size when that is still ≥ the resized size
+                scale = short / min(w, h)
+                im.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
+            im.load()  # decode here, so that corrupt data is caught here
             im = _to_rgb(im)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise BadRecord("bad_image", str(err)) from None
-        w, h = im.size
-        if min(w, h) < r and not self.allow_upscale:
-            return None
+        except _DECODE_ERRORS as err:
+            raise BadRecord("bad_image", f"{type(err).__name__}: {err}") from None
+        w, h = im.size  # after draft
         scale = short / min(w, h)
         nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
         if self.center_crop:
             x0, y0 = (nw - r) // 2, (nh - r) // 2
         else:
             x0, y0 = int(rng.integers(0, nw - r + 1)), int(rng.integers(0, nh - r + 1))
-        # Resample only the crop window: the same pixels as resize-then-crop, a fraction of the work.
-        sx, sy = w / nw, h / nh  # exact per-axis ratios keep the box inside the image
-        box = (x0 * sx, y0 * sy, (x0 + r) * sx, (y0 + r) * sy)
-        try:
-            out = im.resize((r, r), self.resample, box=box)
-        except OSError as err:  # truncated image data surfaces at load time
-            raise BadRecord("bad_image", str(err)) from None
-        return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy()
+        # Resample only the crop window: the pixels of resize-then-crop, for a fraction of the work.
+        sx, sy = w / nw, h / nh
+        out = im.resize((r, r), self.resample, box=(x0 * sx, y0 * sy, (x0 + r) * sx, (y0 + r) * sy))
+        return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, R, R)
 
-    # -- the stream ----------------------------------------------------------------------------
-    def __iter__(self):
-        info = get_worker_info() if paddle else None
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        worker = (worker + self.worker_offset) % num_workers
-        num_shards = self.world_size * num_workers
-        shard = self.rank * num_workers + worker
-        counters: collections.Counter = collections.Counter()
-        streams = [_ListStream(path, parts, shard, num_shards, self.seed, i, counters)
-                   for i, (path, _, parts) in enumerate(self.lists)]
-        for s in streams:
-            if not s.by_file and shard == 0:
-                logger.info("%s has %d part-file entries for %d shards (ranks × workers): sharding it by record",
-                            s.name, len(s.parts), num_shards)
-        choice_rng = np.random.default_rng([self.seed, self.rank, worker, 0])
-        skip = self.start_positions.get(worker, 0)
-        buffer: List[tuple] = []  # (pass, raw line): a shuffle buffer of undecoded lines
-        position, bad, reported, bad_run = 0, 0, 0, 0
-        while True:
-            # One draw: a line from a list (chosen by weight) enters the buffer, a random one leaves.
-            k = 0 if len(streams) == 1 else int(choice_rng.choice(len(streams), p=self.weights))
-            raw = streams[k].next_line()
-            buffer.append((streams[k].pass_no, raw))
-            position += 1
-            rng = np.random.default_rng([self.seed, self.rank, worker, position])
-            if len(buffer) < self.shuffle_buffer:
-                continue  # filling up
-            j = int(rng.integers(len(buffer)))
-            buffer[j], buffer[-1] = buffer[-1], buffer[j]
-            epoch, raw = buffer.pop()
-            if position <= skip:  # resuming: replay the draw without decoding
-                continue
-            try:
-                sample = self._make_sample(raw, rng)
-            except BadRecord as err:
-                counters[err.reason] += 1
-                sample = None
-            if sample is not None:
-                bad_run = 0
-                sample.update(worker=worker, position=position, epoch=epoch, skipped=dict(counters))
-                yield sample
-                continue
-            bad, bad_run = bad + 1, bad_run + 1
-            seen = position - skip
-            if sum(counters.values()) - reported >= self.report_every:
-                reported = sum(counters.values())
-                logger.warning("rank %d worker %d skipped %d of %d records so far: %s",
-                               self.rank, worker, bad, seen, dict(counters))
-            if self.max_bad_fraction is not None and seen >= 1000 and bad / seen > self.max_bad_fraction:
-                raise RuntimeError(f"{bad} of {seen} records were bad (> max_bad_fraction "
-                                   f"{self.max_bad_fraction}): {dict(counters)}")
-            # Nothing usable in two full passes of every list (plus the buffer): fail, never loop forever.
-            if all(s.pass_length is not None for s in streams) and \
-                    bad_run > self.shuffle_buffer + 2 * sum(s.pass_length for s in streams):
-                raise RuntimeError(
-                    f"no usable sample in a full pass over {', '.join(s.name for s in streams)} for rank {self.rank} "
-                    f"worker {worker} (skipped: {dict(counters)}); check the data, --line_format and --resolution")
-
-    def _make_sample(self, raw: bytes, rng: np.random.Generator) -> Optional[dict]:
+    def _make_sample(self, raw: bytes, rng: Optional[np.random.Generator]) -> dict:
+        """One raw line → sample; ``rng=None``: classify only (no image decode). Raises BadRecord."""
         if not raw.strip():
             raise BadRecord("empty_line")
-        caption, b64 = parse_part_line(decode_line_bytes(raw), self.line_format)
+        caption, b64 = parse_part_line_bytes(raw, self.line_format)
         pixels = self.load_image(decode_image_b64(b64), rng)
         if pixels is None:
             raise BadRecord("too_small")
+        if rng is None:
+            return {}
         if rng.random() < self.drop_caption_prob:
             caption = ""
-        return {"pixel_values": pixels, "input_ids": self.tokenize(caption), "caption": caption}
+        sample = {"pixel_values": pixels, "input_ids": self.tokenize(caption)}
+        if self.return_meta:
+            sample["caption"] = caption
+        return sample
+
+    # -- the stream ----------------------------------------------------------------------------
+    def __iter__(self):
+        info = get_worker_info()
+        loader_worker, loader_workers = (info.id, info.num_workers) if info is not None else (0, 0)
+        num_workers = max(loader_workers, 1)
+        ff = self._fast_forward
+        if ff is not None and max(ff.num_workers, 1) != num_workers:
+            raise ValueError(f"fast_forward was told num_workers={ff.num_workers} but the DataLoader has "
+                             f"{loader_workers}; resume with the loader settings of the interrupted run")
+        stream = ff.stream_of(loader_worker) if ff is not None else loader_worker
+        skip_draws = ff.positions.get(stream, 0) if ff is not None and ff.positions is not None else None
+        skip_samples = ff.samples_of(stream) if ff is not None and ff.positions is None else 0
+        num_shards = self.world_size * num_workers
+        shard = self.rank * num_workers + stream
+        counters = self._counters[stream] = collections.Counter()
+        streams = [_ListStream(path, parts, shard, num_shards, self.seed, i, counters)
+                   for i, (path, _, parts) in enumerate(self.lists)]
+        if shard == 0:
+            for s in streams:
+                if not s.by_file:
+                    logger.info("%s has %d part-file entries for %d shards (ranks × loader workers): "
+                                "sharding it by record instead of by file", s.name, len(s.parts), num_shards)
+        choice_rng = np.random.default_rng([self.seed, self.rank, stream, 0])
+        buffer: List[tuple] = []  # (list index, pass, raw line): undecoded lines waiting to be drawn
+        position = produced = bad = examined = reported = 0
+        bad_since_good = [0] * len(streams)  # per list: bad records since the last usable one
+        where = f"rank {self.rank} stream {stream}"
+        try:
+            while True:
+                # One draw: a line of a list (chosen by weight) enters the buffer, a random one leaves.
+                k = 0 if len(streams) == 1 else int(choice_rng.choice(len(streams), p=self.weights))
+                line = streams[k].next_line()  # may start a new pass
+                buffer.append((k, streams[k].pass_no, line))
+                position += 1
+                if len(buffer) < self.shuffle_buffer:
+                    continue  # filling up
+                rng = np.random.default_rng([self.seed, self.rank, stream, position])
+                j = int(rng.integers(len(buffer)))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                k, epoch, raw = buffer.pop()
+                if skip_draws is not None and position <= skip_draws:
+                    continue  # exact resume: replay the draw, look at nothing
+                replay = produced < skip_samples  # resume by sample count: classify without decoding
+                examined += 1
+                try:
+                    sample = self._make_sample(raw, None if replay else rng)
+                except BadRecord as err:
+                    counters[err.reason] += 1
+                    sample = None
+                if sample is not None:
+                    produced += 1
+                    bad_since_good = [0] * len(streams)
+                    if replay:
+                        continue
+                    if self.return_meta:
+                        sample.update(stream=stream, position=position, epoch=epoch, skipped=dict(counters))
+                    yield sample
+                    continue
+                bad += 1
+                bad_since_good[k] += 1
+                if sum(counters.values()) - reported >= self.report_every:
+                    reported = sum(counters.values())
+                    logger.warning("%s: skipped %d of %d records so far: %s", where, bad, examined, dict(counters))
+                if self.max_bad_fraction is not None and examined >= 1000 and bad / examined > self.max_bad_fraction:
+                    raise RuntimeError(f"{where}: {bad} of {examined} records were bad, more than max_bad_fraction="
+                                       f"{self.max_bad_fraction}: {dict(counters)}")
+                # Two full passes of every list (plus the buffer) without a usable sample: fail, never loop.
+                if all(s.pass_length is not None and n >= 2 * s.pass_length + self.shuffle_buffer
+                       for s, n in zip(streams, bad_since_good)):
+                    raise RuntimeError(
+                        f"no usable sample in a full pass over {', '.join(s.name for s in streams)} ({where}; "
+                        f"skipped: {dict(counters)}); check the data, line_format={self.line_format!r} and "
+                        f"resolution={self.resolution} (smaller images are skipped unless allow_upscale)")
+        finally:
+            if counters:
+                logger.info("%s: stream ended after %d records, %d skipped: %s", where, examined, bad, dict(counters))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode → RGB: 16-bit and float scaled to 8 bits, alpha composited on white."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    """Any PIL mode → RGB: 16-bit and float scaled to 8 bits, transparency composited on white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray((arr / peak * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
-    if im.mode == "P":
+        return Image.fromarray((arr / peak * 255 + 0.5).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode in ("P", "PA") or (im.mode in ("L", "RGB") and "transparency" in im.info):
         im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA"):
+    if im.mode in ("RGBA", "LA", "RGBa", "La"):
+        im = im.convert("RGBA")
         bg = Image.new("RGB", im.size, (255, 255, 255))
-        bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").split()[-1])
+        bg.paste(im, mask=im.getchannel("A"))
         return bg
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
 def collate_fn(samples: List[dict]) -> dict:
-    """Stack a batch; pixels become float32 in [-1, 1] here, once per batch.
+    """Stack a batch; pixels become float32 in [-1, 1] here, once per batch (not per sample).
 
-    Returns ``{"pixel_values": (B,3,R,R) float32, "input_ids": (B,L) int64, "stream_state": (3+,) int64}``
-    where ``stream_state`` = [worker, position after the batch's last sample, total skipped].
+    Returns ``{"pixel_values": float32 (B, 3, R, R), "input_ids": int64 (B, L)}``, and with
+    ``return_meta`` samples also ``"stream_state"``: int64 ``[stream, position, *skips]`` of the
+    batch's last sample, skips counted per ``SKIP_REASONS`` (for ``fast_forward(positions=...)``).
+    Called in the main process it returns paddle tensors; in a loader worker numpy arrays, which the
+    DataLoader turns into paddle tensors (paddle tensors made in a worker process crash it).
     """
-    pixels = np.stack([s["pixel_values"] for s in samples]).astype(np.float32)
-    pixels = pixels * (2.0 / 255.0) - 1.0
+    pixels = np.stack([s["pixel_values"] for s in samples]).astype(np.float32)  # (B, 3, R, R)
+    pixels *= 2.0 / 255.0
+    pixels -= 1.0
+    batch = {"pixel_values": pixels, "input_ids": np.stack([s["input_ids"] for s in samples])}  # ids (B, L)
     last = samples[-1]
-    state = np.array([last["worker"], last["position"], sum(last["skipped"].values())], dtype=np.int64)
-    # numpy, not paddle tensors: this runs inside loader workers, and the DataLoader converts.
-    return {"pixel_values": pixels, "input_ids": np.stack([s["input_ids"] for s in samples]), "stream_state": state}
+    if "position" in last:
+        state = [last["stream"], last["position"]] + [last["skipped"].get(r, 0) for r in SKIP_REASONS]
+        batch["stream_state"] = np.array(state, dtype=np.int64)
+    if get_worker_info() is None:
+        batch = {k: paddle.to_tensor(v) for k, v in batch.items()}
+    return batch
+
+
+def shard_layout(dataset: TextImagePairDataset, num_workers: int) -> List[str]:
+    """Human-readable description of how each list is split over ranks × loader workers."""
+    shards = dataset.world_size * max(num_workers, 1)
+    return [f"{path}: {len(parts)} part-file entries, weight {weight}, split by "
+            f"{'file' if len(parts) >= shards else 'record'} over {shards} shard(s) "
+            f"({dataset.world_size} rank(s) × {max(num_workers, 1)} worker stream(s))"
+            for path, weight, parts in dataset.lists]
 
 
 # ---------------------------------------------------------------------------------------------
 # Benchmark / inspection CLI
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Stream K samples and print samples/s, skips and the shard layout.")
-    p.add_argument("--file_list", required=True)
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder, e.g. ./tiny-sd/tokenizer")
+    p = argparse.ArgumentParser(description="Stream K samples through a DataLoader; print samples/s, skips "
+                                            "by reason and the shard layout.")
+    p.add_argument("--file_list", required=True, help="a *.filelist.list")
+    p.add_argument("--tokenizer", default=None,
+                   help="CLIP tokenizer folder (e.g. ./tiny-sd/tokenizer); default: a byte-level one built on the fly")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--line_format", choices=LINE_FORMATS, default="laion400m")
     p.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default="lanczos")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--num_samples", type=int, default=512)
+    p.add_argument("--num_samples", type=int, default=512, help="samples to time (after one warm-up batch)")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world_size", type=int, default=1)
     a = p.parse_args(argv)
-    from paddlenlp.transformers import CLIPTokenizer
-
-    logging.basicConfig(level=logging.INFO)
-    ds = TextImagePairDataset(a.file_list, CLIPTokenizer.from_pretrained(a.tokenizer), a.resolution, a.line_format,
-                              a.interpolation, rank=0, world_size=1)
-    for path, weight, parts in ds.lists:
-        print(f"{path}: {len(parts)} part-file entries, weight {weight}, "
-              f"{'by file' if len(parts) >= max(a.num_workers, 1) else 'by record'} over {max(a.num_workers, 1)} worker shard(s)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ds = TextImagePairDataset(a.file_list, load_tokenizer(a.tokenizer), a.resolution, a.line_format,
+                              a.interpolation, rank=a.rank, world_size=a.world_size, return_meta=True)
+    for line in shard_layout(ds, a.num_workers):
+        print(line)
     loader = paddle.io.DataLoader(ds, batch_size=a.batch_size, num_workers=a.num_workers, collate_fn=collate_fn)
-    n, start, skipped = 0, None, {}
+    n, start, skips = 0, None, {}
     for batch in loader:
+        state = batch["stream_state"].numpy().tolist()
+        skips[state[0]] = state[2:]
         if start is None:
-            start = time.time()  # exclude worker start-up from the rate
-        else:
-            n += batch["pixel_values"].shape[0]
-        w, _, s = batch["stream_state"].numpy().tolist()
-        skipped[w] = s
+            start = time.perf_counter()  # exclude start-up (worker launch, first batch) from the rate
+            continue
+        n += batch["pixel_values"].shape[0]
         if n >= a.num_samples:
             break
-    elapsed = time.time() - start
-    print(f"{n / elapsed:.1f} samples/s ({n} samples, {a.num_workers} workers, resolution {a.resolution}); "
-          f"records skipped: {sum(skipped.values())}")
+    elapsed = time.perf_counter() - start
+    total = np.sum(list(skips.values()), axis=0)
+    by_reason = {r: int(c) for r, c in zip(SKIP_REASONS, total) if c}
+    print(f"{n / elapsed:.1f} samples/s ({n} samples in {elapsed:.1f} s, {a.num_workers} workers, "
+          f"resolution {a.resolution}, {a.interpolation}); records skipped: {by_reason or 'none'}")
+
+
+def load_tokenizer(folder: Optional[str]):
+    """A paddlenlp CLIPTokenizer from ``folder``, or a byte-level one (no merges) in a temp folder."""
+    from paddlenlp.transformers import CLIPTokenizer
+
+    if folder is None:
+        import tempfile
+
+        from sd.kit_tokenizer import save_tokenizer
+
+        folder = tempfile.mkdtemp(prefix="sd-tokenizer-")
+        save_tokenizer(folder, [], model_max_length=77)
+    return CLIPTokenizer.from_pretrained(folder)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def ds(file_list, tokenizer, **kw):
     kw.setdefault("drop_caption_prob", 0.0)
     kw.setdefault("rank", 0)
     kw.setdefault("world_size", 1)
+    kw.setdefault("return_meta", True)
     return TextImagePairDataset(file_list, tokenizer, **kw)
 
 
@@ -73,11 +74,26 @@ def test_sharding_disjoint_and_complete_per_pass(tmp_path, tokenizer, monkeypatc
     assert sum(len(s) for s in seen) == 30  # pairwise disjoint
 
 
-def test_real_dataloader_workers_cover_all_shards(tmp_path, tokenizer):
-    fl = make_dataset(str(tmp_path), 24, 2)
-    loader = paddle.io.DataLoader(ds(fl, tokenizer), batch_size=4, num_workers=3, collate_fn=collate_fn)
-    workers = [int(b["stream_state"][0]) for b in itertools.islice(loader, 9)]
-    assert workers == [0, 1, 2] * 3  # batches come round-robin from the workers (the resume mapping)
+def _index_collate(samples):
+    """Test collate: which records (``img <i>``) of which pass each batch holds, as arrays."""
+    return {"idx": np.array([int(s["caption"].split()[1]) for s in samples]),
+            "epoch": np.array([s["epoch"] for s in samples]), "stream": np.array([s["stream"] for s in samples])}
+
+
+@pytest.mark.parametrize("n_parts", [1, 5])
+def test_real_dataloader_workers_round_robin_disjoint_complete(tmp_path, tokenizer, n_parts):
+    fl = make_dataset(str(tmp_path), 24, n_parts)
+    loader = paddle.io.DataLoader(ds(fl, tokenizer, shuffle_buffer=4), batch_size=4, num_workers=3,
+                                  collate_fn=_index_collate)
+    batches = [{k: v.numpy() for k, v in b.items()} for b in itertools.islice(loader, 18)]
+    # Batch i comes from worker i mod W: the mapping fast_forward relies on.
+    assert [int(b["stream"][0]) for b in batches] == [0, 1, 2] * 6
+    first_pass = collections.defaultdict(list)
+    for b in batches:
+        for i, e, w in zip(b["idx"], b["epoch"], b["stream"]):
+            if e == 0:
+                first_pass[int(w)].append(int(i))
+    assert sorted(sum(first_pass.values(), [])) == list(range(24))  # disjoint and complete
 
 
 def test_shuffle_buffer_mixes_within_a_part_file(tmp_path, tokenizer):
@@ -98,34 +114,102 @@ def test_deterministic_and_seed_dependent(tmp_path, tokenizer):
     assert [s["caption"] for s in a] != [s["caption"] for s in c]
 
 
-def test_fast_forward_equals_continuing(tmp_path, tokenizer, monkeypatch):
-    fl = make_dataset(str(tmp_path), 20, 5)
-    full = take(ds(fl, tokenizer), 60)
-    k = 27
-    resumed = ds(fl, tokenizer)
-    resumed.fast_forward({0: full[k - 1]["position"]})
+def mixed_dataset(root, n_parts=3, corrupt_body=False):
+    """30 good records 'img <i>' with header-detectable bad ones between them (and a corrupt JPEG body)."""
+    good = [encode_part_line(f"img {i}", png(i)).encode() for i in range(30)]
+    bad = [b"x\ty\n", encode_part_line("small", png(0, size=8)).encode(),
+           ("img 99\tNONE\t" + base64.b64encode(b"not an image").decode() + "\n").encode()]
+    if corrupt_body:  # a JPEG whose header reads but whose data is cut: bad only once decoded
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        bad.append(encode_part_line("img 98", buf.getvalue()[: len(buf.getvalue()) // 3]).encode())
+    lines = []
+    for i, g in enumerate(good):
+        lines.append(g)
+        if i % 4 == 1:
+            lines.append(bad[(i // 4) % len(bad)])
+    parts = []
+    for p in range(n_parts):
+        path = os.path.join(root, f"part-{p}")
+        with open(path, "wb") as f:
+            f.writelines(lines[p::n_parts])
+        parts.append(path)
+    return write_filelists(root, "mixed", parts)[1]
+
+
+def _count_decodes(dataset, monkeypatch):
     decoded = []
-    real = resumed._make_sample
-    monkeypatch.setattr(resumed, "_make_sample", lambda *a: decoded.append(1) or real(*a))
-    after = take(resumed, 60 - k)
+    real = dataset.load_image
+    monkeypatch.setattr(dataset, "load_image", lambda data, rng: (rng is not None and decoded.append(1)) or real(data, rng))
+    return decoded
+
+
+@pytest.mark.parametrize("use_positions", [False, True])
+def test_fast_forward_equals_continuing(tmp_path, tokenizer, monkeypatch, use_positions):
+    fl = mixed_dataset(str(tmp_path))
+    k = 27
+    first = ds(fl, tokenizer, drop_caption_prob=0.3)
+    decoded_first = _count_decodes(first, monkeypatch)
+    stream = iter(first)
+    full = list(itertools.islice(stream, k))
+    decoded_for_first_k = len(decoded_first)
+    full += list(itertools.islice(stream, 70 - k))
+    resumed = ds(fl, tokenizer, drop_caption_prob=0.3)
+    resumed.fast_forward(k, batch_size=1, num_workers=0,
+                         positions={0: full[k - 1]["position"]} if use_positions else None)
+    decoded = _count_decodes(resumed, monkeypatch)
+    after = take(resumed, 70 - k)
     assert [s["caption"] for s in after] == [s["caption"] for s in full[k:]]
     assert all(np.array_equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(after, full[k:]))
-    assert len(decoded) == 60 - k  # the k skipped samples were never decoded
+    assert all(np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(after, full[k:]))
+    assert len(decoded) == len(decoded_first) - decoded_for_first_k  # none of the k skipped samples was decoded
+    if not use_positions:  # skipped records were classified, so the counters match the run's
+        assert after[-1]["skipped"] == full[-1]["skipped"]
 
 
-def test_fast_forward_through_dataloader_with_workers(tmp_path, tokenizer):
-    fl = make_dataset(str(tmp_path), 30, 3)
-    def loader(d):
-        return paddle.io.DataLoader(d, batch_size=3, num_workers=2, collate_fn=collate_fn)
-    batches = [b["input_ids"].numpy() for b in itertools.islice(loader(ds(fl, tokenizer, drop_caption_prob=0.5)), 10)]
-    positions = {}
-    for b in itertools.islice(loader(ds(fl, tokenizer, drop_caption_prob=0.5)), 5):
-        w, pos, _ = b["stream_state"].numpy().tolist()
-        positions[w] = pos
+def _loader(dataset, batch_size, workers, collate=collate_fn):
+    return paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+
+
+@pytest.mark.parametrize("workers,consumed_batches", [(3, 7), (2, 4), (0, 5)])
+def test_fast_forward_by_sample_count_through_dataloader(tmp_path, tokenizer, workers, consumed_batches):
+    """The trainer's resume: it knows only how many samples it consumed."""
+    fl = mixed_dataset(str(tmp_path))
+    b = 3
+    def run(d, n):
+        return [{k: v.numpy() for k, v in x.items()} for x in itertools.islice(_loader(d, b, workers), n)]
+    full = run(ds(fl, tokenizer, drop_caption_prob=0.5), consumed_batches + 6)
     resumed = ds(fl, tokenizer, drop_caption_prob=0.5)
-    resumed.fast_forward(positions, batches_consumed=5)
-    rest = [b["input_ids"].numpy() for b in itertools.islice(loader(resumed), 5)]
-    assert all(np.array_equal(x, y) for x, y in zip(rest, batches[5:]))
+    resumed.fast_forward(consumed_batches * b, batch_size=b, num_workers=workers)
+    rest = run(resumed, 6)
+    for x, y in zip(rest, full[consumed_batches:]):
+        assert np.array_equal(x["input_ids"], y["input_ids"]) and np.array_equal(x["pixel_values"], y["pixel_values"])
+        assert np.array_equal(x["stream_state"], y["stream_state"])  # same stream, position and skip counts
+
+
+def test_fast_forward_by_positions_is_exact_across_corrupt_image_data(tmp_path, tokenizer):
+    """A cut JPEG passes the header check; only recorded positions resume exactly across it."""
+    fl = mixed_dataset(str(tmp_path), corrupt_body=True)
+    b, workers, consumed = 2, 2, 9
+    full = [{k: v.numpy() for k, v in x.items()}
+            for x in itertools.islice(_loader(ds(fl, tokenizer), b, workers), consumed + 6)]
+    assert sum(int(x["stream_state"][2 + tipd.SKIP_REASONS.index("bad_image")]) for x in full[:consumed]) > 0
+    positions = {int(x["stream_state"][0]): int(x["stream_state"][1]) for x in full[:consumed]}
+    resumed = ds(fl, tokenizer)
+    resumed.fast_forward(consumed * b, batch_size=b, num_workers=workers, positions=positions)
+    rest = [x["input_ids"].numpy() for x in itertools.islice(_loader(resumed, b, workers), 6)]
+    assert all(np.array_equal(x, y["input_ids"]) for x, y in zip(rest, full[consumed:]))
+
+
+def test_fast_forward_rejects_other_loader_settings(tmp_path, tokenizer):
+    fl = make_dataset(str(tmp_path), 10, 1)
+    d = ds(fl, tokenizer)
+    with pytest.raises(ValueError, match="whole number of batches"):
+        d.fast_forward(7, batch_size=2, num_workers=0)
+    d.fast_forward(8, batch_size=2, num_workers=2)
+    with pytest.raises(ValueError, match="num_workers=2"):
+        take(d, 1)  # iterated in-process, not by 2 workers
+    assert d.state_dict()["fast_forward"]["samples_consumed"] == 8
 
 
 def test_bad_data_skipped_and_counted(tmp_path, tokenizer):
@@ -223,10 +307,21 @@ def test_drop_caption_probability(tmp_path, tokenizer):
 
 
 def test_collate_normalises_to_unit_range(demo_file_list, tokenizer):
-    batch = collate_fn(take(ds(demo_file_list, tokenizer), 4))
-    assert batch["pixel_values"].dtype == np.float32 and batch["pixel_values"].shape == (4, 3, 32, 32)
-    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
-    assert batch["input_ids"].shape == (4, tokenizer.model_max_length)
+    """Part files written by create_pretraining_data.py; the contract's sample and batch types."""
+    samples = take(ds(demo_file_list, tokenizer, return_meta=False), 4)
+    assert set(samples[0]) == {"pixel_values", "input_ids"}
+    assert samples[0]["pixel_values"].dtype == np.uint8 and samples[0]["input_ids"].dtype == np.int64
+    batch = collate_fn(samples)
+    assert set(batch) == {"pixel_values", "input_ids"}
+    px, ids = batch["pixel_values"], batch["input_ids"]
+    assert isinstance(px, paddle.Tensor) and px.dtype == paddle.float32 and px.shape == [4, 3, 32, 32]
+    assert isinstance(ids, paddle.Tensor) and ids.dtype == paddle.int64 and ids.shape == [4, tokenizer.model_max_length]
+    expected = np.stack([s["pixel_values"] for s in samples]) / 127.5 - 1
+    np.testing.assert_allclose(px.numpy(), expected, atol=1e-6)  # 0 → -1, 255 → 1
+    loader = paddle.io.DataLoader(ds(demo_file_list, tokenizer, return_meta=False), batch_size=2, num_workers=1,
+                                  collate_fn=collate_fn)
+    b = next(iter(loader))
+    assert b["pixel_values"].dtype == paddle.float32 and b["input_ids"].dtype == paddle.int64
 
 
 @pytest.mark.skipif(not os.path.isdir(FIXTURE), reason="PaddleMIX fixtures not beside the repository")

@@ -1,0 +1,144 @@
+"""Side-by-side speed of the streaming dataset, in one process (the work of one loader worker).
+
+Three pipelines over the same ~1024×768 JPEGs, timed in interleaved rounds (medians reported), so
+that load from other processes affects all three alike:
+
+* ``straightforward``: read line → base64 → full decode → Lanczos resize of the whole image (shorter
+  side R/0.9) → random crop → ToTensor → Normalize, with ``paddle.vision.transforms`` (the seed's way);
+* ``ours``: ``TextImagePairDataset`` (reduced-size JPEG decode, resample of the crop window only,
+  uint8 per sample, cached tokenization) + ``collate_fn`` per batch (float [-1, 1], batched);
+* ``decode_only``: the same JPEG bytes, already in memory, merely decoded at the reduced size
+  ``ours`` asks for (``Image.draft``) — the ceiling for any pipeline that decodes.
+
+    python benchmarks/bench_dataset.py --resolution 256 --num_images 48 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sd.data_format import (decode_image_b64, decode_line_bytes, encode_part_line, iter_part_file,  # noqa: E402
+                            parse_part_line, write_filelists)
+from sd.text_image_pair_dataset import INTERPOLATIONS, TextImagePairDataset, collate_fn, load_tokenizer  # noqa: E402
+
+COCO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
+                    "fixtures", "paddlemix", "coco_data", "val2014", "COCO_val2014_000000522418.jpg")
+
+
+def photo_like_jpegs(n: int, size=(1024, 768), seed: int = 0) -> list:
+    """n JPEGs (quality 90) of photo-like content: jittered crops of a COCO photo when available."""
+    rng = np.random.default_rng(seed)
+    if os.path.exists(COCO):
+        src = Image.open(COCO).convert("RGB")
+    else:  # smooth gradients and blobs
+        yy, xx = np.mgrid[0:480, 0:640] / 640.0
+        src = Image.fromarray((np.stack([np.sin(7 * xx + 3 * yy), np.cos(5 * yy), np.sin(9 * xx * yy)], -1) * 120
+                               + 128).astype(np.uint8))
+    out = []
+    for _ in range(n):
+        w, h = src.size
+        f = rng.uniform(0.6, 1.0)
+        x0, y0 = rng.uniform(0, w * (1 - f)), rng.uniform(0, h * (1 - f))
+        im = src.resize(size, Image.BICUBIC, box=(x0, y0, x0 + w * f, y0 + h * f))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        arr = np.asarray(im, np.float32) * rng.uniform(0.8, 1.2, 3) + rng.normal(0, 3, (size[1], size[0], 3))
+        buf = io.BytesIO()
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--num_images", type=int, default=48, help="distinct JPEGs; each round processes each once")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), nargs="+", default=["lanczos", "bilinear"],
+                   help="filters to time for 'ours' (each is one more pipeline)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--data_dir", default=None, help="where to write the part file (default: a temp folder)")
+    a = p.parse_args(argv)
+    import paddle
+    from paddle.vision import transforms
+
+    paddle.set_device("cpu")
+    r = a.resolution
+    data_dir = a.data_dir or tempfile.mkdtemp(prefix="bench-dataset-")
+    jpegs = photo_like_jpegs(a.num_images)
+    part = os.path.join(data_dir, "part-000000")
+    with open(part, "w", encoding="utf-8") as f:
+        for i, data in enumerate(jpegs):
+            f.write(encode_part_line(f"a photo number {i % 7}", data))
+    file_list = write_filelists(data_dir, "bench", [part])[1]
+    sizes = [Image.open(io.BytesIO(j)).size for j in jpegs]
+    print(f"{len(jpegs)} JPEGs {sizes[0][0]}×{sizes[0][1]}, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB, "
+          f"resolution {r}, batch {a.batch_size}, {a.rounds} rounds; data in {data_dir}")
+
+    baseline_tf = transforms.Compose([transforms.Resize(int(r / 0.9), interpolation="lanczos"),
+                                      transforms.RandomCrop(r), transforms.ToTensor(),
+                                      transforms.Normalize([0.5] * 3, [0.5] * 3)])
+
+    def straightforward():
+        for raw in iter_part_file(part):
+            _, b64 = parse_part_line(decode_line_bytes(raw))
+            baseline_tf(Image.open(io.BytesIO(decode_image_b64(b64))).convert("RGB"))
+        return len(jpegs)
+
+    tokenizer = load_tokenizer(None)
+    streams = {}
+    for interp in a.interpolation:
+        ds = TextImagePairDataset(file_list, tokenizer, r, interpolation=interp, rank=0, world_size=1,
+                                  shuffle_buffer=16)
+        streams[interp] = iter(ds)
+
+    def ours(interp):
+        def run():
+            it, n = streams[interp], 0
+            while n < len(jpegs):
+                collate_fn([next(it) for _ in range(min(a.batch_size, len(jpegs) - n))])
+                n += a.batch_size
+            return len(jpegs)
+        return run
+
+    short = r / 0.9
+
+    def decode_only():
+        for data in jpegs:
+            im = Image.open(io.BytesIO(data))
+            scale = short / min(im.size)
+            im.draft("RGB", (int(im.width * scale) + 1, int(im.height * scale) + 1))  # the request ours makes
+            im.load()
+        return len(jpegs)
+
+    pipelines = {"straightforward": straightforward, **{f"ours ({i})": ours(i) for i in a.interpolation},
+                 "decode_only": decode_only}
+    for run in pipelines.values():  # warm-up: caches, lazy imports, the shuffle buffer
+        run()
+    rates = {name: [] for name in pipelines}
+    for _ in range(a.rounds):
+        for name, run in pipelines.items():
+            t = time.perf_counter()
+            n = run()
+            rates[name].append(n / (time.perf_counter() - t))
+    base, ceiling = statistics.median(rates["straightforward"]), statistics.median(rates["decode_only"])
+    print(f"{'pipeline':<22}{'samples/s':>10}{'× straightforward':>20}{'% of decode_only':>18}")
+    for name, rs in rates.items():
+        m = statistics.median(rs)
+        print(f"{name:<22}{m:>10.1f}{m / base:>20.2f}{100 * m / ceiling:>17.0f}%")
+
+
+if __name__ == "__main__":
+    main()
