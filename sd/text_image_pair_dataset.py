@@ -106,21 +106,20 @@ class _ListStream:
 class _FastForward:
     samples_consumed: int  # samples this rank has consumed (whole batches)
     batch_size: int
-    num_workers: int  # the DataLoader's num_workers (0 = in the main process)
-    positions: Optional[Dict[int, int]]  # stream (worker) → draws made, from the batches' stream_state
+    num_workers: Optional[int]  # the DataLoader's num_workers (0 = main process; None = not checked)
+    positions: Optional[Dict[int, int]]  # stream → draws made, from the batches' stream_state
 
     @property
     def batches(self) -> int:
         return self.samples_consumed // self.batch_size
 
-    def stream_of(self, loader_worker: int) -> int:
+    def stream_of(self, loader_worker: int, num_workers: int) -> int:
         """The stream a fresh loader's worker continues (batch i came from worker i mod W)."""
-        return (loader_worker + self.batches) % max(self.num_workers, 1)
+        return (loader_worker + self.batches) % num_workers
 
-    def samples_of(self, stream: int) -> int:
+    def samples_of(self, stream: int, num_workers: int) -> int:
         """Samples already consumed from ``stream``: B × the number of i < batches with i mod W == stream."""
-        w = max(self.num_workers, 1)
-        return self.batch_size * max(0, -(-(self.batches - stream) // w))
+        return self.batch_size * max(0, -(-(self.batches - stream) // num_workers))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,8 +144,11 @@ class TextImagePairDataset(IterableDataset):
         model_max_length: token length L (default: the tokenizer's).
         report_every: log a skip summary every this many skipped records.
         shuffle_buffer: undecoded lines held to mix records within part files (1 = file order).
-        return_meta: also put ``caption``, ``stream``, ``position``, ``epoch`` and ``skipped`` into each
-            sample, and so a ``stream_state`` into each batch (see ``collate_fn``).
+        with_stream_state: put ``stream_state`` (int64 ``[stream, draws made, records skipped]``) into each
+            sample, so that ``collate_fn`` passes the last one of each batch on: what the trainer saves
+            for an exact ``fast_forward(positions=...)``. False gives exactly the two contract keys.
+        return_meta: also put ``caption``, ``epoch`` (the pass) and ``skipped`` (counts by reason) into
+            each sample (tests and the CLI; ``collate_fn`` turns ``skipped`` into ``skip_counts``).
     """
 
     def __init__(self, file_list: str, tokenizer, resolution: int = 256, line_format: str = "laion400m",
@@ -154,7 +156,7 @@ class TextImagePairDataset(IterableDataset):
                  allow_upscale: bool = False, max_bad_fraction: Optional[float] = None, seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
                  model_max_length: Optional[int] = None, report_every: int = 1000, shuffle_buffer: int = 256,
-                 return_meta: bool = False):
+                 with_stream_state: bool = True, return_meta: bool = False):
         if line_format not in LINE_FORMATS:
             raise ValueError(f"line_format must be one of {LINE_FORMATS}, got {line_format!r}")
         if interpolation not in INTERPOLATIONS:
@@ -174,7 +176,7 @@ class TextImagePairDataset(IterableDataset):
         self.center_crop, self.drop_caption_prob, self.allow_upscale = center_crop, drop_caption_prob, allow_upscale
         self.max_bad_fraction, self.report_every, self.seed = max_bad_fraction, report_every, seed
         self.shuffle_buffer = max(1, shuffle_buffer)
-        self.return_meta = return_meta
+        self.with_stream_state, self.return_meta = with_stream_state, return_meta
         if rank is None or world_size is None:
             rank, world_size = paddle.distributed.get_rank(), paddle.distributed.get_world_size()
         if not 0 <= rank < world_size:
@@ -185,18 +187,18 @@ class TextImagePairDataset(IterableDataset):
         self._counters: Dict[int, collections.Counter] = {}  # stream → skips, for streams iterated in this process
 
     # -- resume --------------------------------------------------------------------------------
-    def fast_forward(self, samples_consumed: int, batch_size: int, num_workers: int,
+    def fast_forward(self, samples_consumed, batch_size: Optional[int] = None, num_workers: Optional[int] = None,
                      positions: Optional[Dict[int, int]] = None) -> None:
         """Make the next iteration continue where a run that consumed ``samples_consumed`` samples stopped.
 
         Args:
             samples_consumed: samples this rank has taken from its DataLoader (a multiple of batch_size).
             batch_size, num_workers: those of the DataLoader, before and after the resume (must match).
-            positions: optional ``{stream: draws}`` from the last batch of each stream (``stream_state``
-                of ``collate_fn``, needs ``return_meta``). With it the replay is exact whatever the data;
-                without it, skipped records are classified usable or bad by their line, base64 and image
-                header, which differs from the run only for an image whose header is valid but whose
-                pixel data is corrupt.
+            positions: optional ``{stream: draws}`` from the last batch of each stream (``stream_state[:2]``
+                of ``collate_fn``). With it the replay is exact whatever the data; without it, skipped
+                records are classified usable or bad by their line, base64 and image header, which
+                differs from the run only for an image whose header is valid but whose pixel data is
+                corrupt. (The older call ``fast_forward(positions, batches_consumed)`` still works.)
 
         The mapping: paddle's DataLoader (``_DataLoaderIterMultiProcess._try_put_indices``) hands
         batch i of an IterableDataset to worker ``i mod W`` and returns batches in that order, each
@@ -205,7 +207,9 @@ class TextImagePairDataset(IterableDataset):
         from stream ``n mod W``; a fresh loader starts at worker 0, so its worker w continues stream
         ``(w + n) mod W``. No image of a skipped sample is decoded.
         """
-        if batch_size < 1 or samples_consumed < 0 or num_workers < 0:
+        if isinstance(samples_consumed, dict):  # older form: (positions, batches_consumed)
+            positions, samples_consumed, batch_size, num_workers = samples_consumed, batch_size or 0, 1, None
+        if batch_size is None or batch_size < 1 or samples_consumed < 0 or (num_workers or 0) < 0:
             raise ValueError(f"bad fast_forward arguments: samples_consumed={samples_consumed}, "
                              f"batch_size={batch_size}, num_workers={num_workers}")
         if samples_consumed % batch_size:
@@ -217,7 +221,7 @@ class TextImagePairDataset(IterableDataset):
         """Fast-forward settings and skip counters of the streams iterated in this process.
 
         With loader workers (W > 0) the streams live in the worker processes; their counters reach
-        the trainer through ``stream_state`` (``return_meta=True``) and the workers' own log lines.
+        the trainer through ``stream_state``/``skip_counts`` and the workers' own log lines.
         """
         ff = self._fast_forward
         return {"fast_forward": None if ff is None else dict(samples_consumed=ff.samples_consumed,
@@ -293,12 +297,12 @@ class TextImagePairDataset(IterableDataset):
         loader_worker, loader_workers = (info.id, info.num_workers) if info is not None else (0, 0)
         num_workers = max(loader_workers, 1)
         ff = self._fast_forward
-        if ff is not None and max(ff.num_workers, 1) != num_workers:
+        if ff is not None and ff.num_workers is not None and max(ff.num_workers, 1) != num_workers:
             raise ValueError(f"fast_forward was told num_workers={ff.num_workers} but the DataLoader has "
                              f"{loader_workers}; resume with the loader settings of the interrupted run")
-        stream = ff.stream_of(loader_worker) if ff is not None else loader_worker
+        stream = ff.stream_of(loader_worker, num_workers) if ff is not None else loader_worker
         skip_draws = ff.positions.get(stream, 0) if ff is not None and ff.positions is not None else None
-        skip_samples = ff.samples_of(stream) if ff is not None and ff.positions is None else 0
+        skip_samples = ff.samples_of(stream, num_workers) if ff is not None and ff.positions is None else 0
         num_shards = self.world_size * num_workers
         shard = self.rank * num_workers + stream
         counters = self._counters[stream] = collections.Counter()
@@ -341,8 +345,10 @@ class TextImagePairDataset(IterableDataset):
                     bad_since_good = [0] * len(streams)
                     if replay:
                         continue
+                    if self.with_stream_state:
+                        sample["stream_state"] = np.array([stream, position, bad], dtype=np.int64)
                     if self.return_meta:
-                        sample.update(stream=stream, position=position, epoch=epoch, skipped=dict(counters))
+                        sample.update(epoch=epoch, skipped=dict(counters))
                     yield sample
                     continue
                 bad += 1
@@ -384,9 +390,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def collate_fn(samples: List[dict]) -> dict:
     """Stack a batch; pixels become float32 in [-1, 1] here, once per batch (not per sample).
 
-    Returns ``{"pixel_values": float32 (B, 3, R, R), "input_ids": int64 (B, L)}``, and with
-    ``return_meta`` samples also ``"stream_state"``: int64 ``[stream, position, *skips]`` of the
-    batch's last sample, skips counted per ``SKIP_REASONS`` (for ``fast_forward(positions=...)``).
+    Returns ``{"pixel_values": float32 (B, 3, R, R), "input_ids": int64 (B, L)}``, plus
+    ``"stream_state"`` (int64 ``[stream, draws made, records skipped]`` after the batch's last sample)
+    when the samples carry it, and ``"skip_counts"`` (int64, per ``SKIP_REASONS``) with ``return_meta``.
     Called in the main process it returns paddle tensors; in a loader worker numpy arrays, which the
     DataLoader turns into paddle tensors (paddle tensors made in a worker process crash it).
     """
@@ -395,9 +401,10 @@ def collate_fn(samples: List[dict]) -> dict:
     pixels -= 1.0
     batch = {"pixel_values": pixels, "input_ids": np.stack([s["input_ids"] for s in samples])}  # ids (B, L)
     last = samples[-1]
-    if "position" in last:
-        state = [last["stream"], last["position"]] + [last["skipped"].get(r, 0) for r in SKIP_REASONS]
-        batch["stream_state"] = np.array(state, dtype=np.int64)
+    if "stream_state" in last:
+        batch["stream_state"] = last["stream_state"]
+    if "skipped" in last:
+        batch["skip_counts"] = np.array([last["skipped"].get(r, 0) for r in SKIP_REASONS], dtype=np.int64)
     if get_worker_info() is None:
         batch = {k: paddle.to_tensor(v) for k, v in batch.items()}
     return batch
@@ -438,8 +445,7 @@ def main(argv=None) -> None:
     loader = paddle.io.DataLoader(ds, batch_size=a.batch_size, num_workers=a.num_workers, collate_fn=collate_fn)
     n, start, skips = 0, None, {}
     for batch in loader:
-        state = batch["stream_state"].numpy().tolist()
-        skips[state[0]] = state[2:]
+        skips[int(batch["stream_state"][0])] = batch["skip_counts"].numpy()
         if start is None:
             start = time.perf_counter()  # exclude start-up (worker launch, first batch) from the rate
             continue

@@ -77,7 +77,7 @@ def test_sharding_disjoint_and_complete_per_pass(tmp_path, tokenizer, monkeypatc
 def _index_collate(samples):
     """Test collate: which records (``img <i>``) of which pass each batch holds, as arrays."""
     return {"idx": np.array([int(s["caption"].split()[1]) for s in samples]),
-            "epoch": np.array([s["epoch"] for s in samples]), "stream": np.array([s["stream"] for s in samples])}
+            "epoch": np.array([s["epoch"] for s in samples]), "stream": np.array([s["stream_state"][0] for s in samples])}
 
 
 @pytest.mark.parametrize("n_parts", [1, 5])
@@ -156,7 +156,7 @@ def test_fast_forward_equals_continuing(tmp_path, tokenizer, monkeypatch, use_po
     full += list(itertools.islice(stream, 70 - k))
     resumed = ds(fl, tokenizer, drop_caption_prob=0.3)
     resumed.fast_forward(k, batch_size=1, num_workers=0,
-                         positions={0: full[k - 1]["position"]} if use_positions else None)
+                         positions={0: full[k - 1]["stream_state"][1]} if use_positions else None)
     decoded = _count_decodes(resumed, monkeypatch)
     after = take(resumed, 70 - k)
     assert [s["caption"] for s in after] == [s["caption"] for s in full[k:]]
@@ -193,7 +193,7 @@ def test_fast_forward_by_positions_is_exact_across_corrupt_image_data(tmp_path, 
     b, workers, consumed = 2, 2, 9
     full = [{k: v.numpy() for k, v in x.items()}
             for x in itertools.islice(_loader(ds(fl, tokenizer), b, workers), consumed + 6)]
-    assert sum(int(x["stream_state"][2 + tipd.SKIP_REASONS.index("bad_image")]) for x in full[:consumed]) > 0
+    assert sum(int(x["skip_counts"][tipd.SKIP_REASONS.index("bad_image")]) for x in full[:consumed]) > 0
     positions = {int(x["stream_state"][0]): int(x["stream_state"][1]) for x in full[:consumed]}
     resumed = ds(fl, tokenizer)
     resumed.fast_forward(consumed * b, batch_size=b, num_workers=workers, positions=positions)
@@ -210,6 +210,19 @@ def test_fast_forward_rejects_other_loader_settings(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="num_workers=2"):
         take(d, 1)  # iterated in-process, not by 2 workers
     assert d.state_dict()["fast_forward"]["samples_consumed"] == 8
+
+
+def test_fast_forward_older_call_form(tmp_path, tokenizer):
+    """fast_forward(positions, batches_consumed), as sd_trainer.py calls it, resumes exactly."""
+    fl = mixed_dataset(str(tmp_path))
+    b, workers, consumed = 2, 2, 5
+    full = [{k: v.numpy() for k, v in x.items()}
+            for x in itertools.islice(_loader(ds(fl, tokenizer), b, workers), consumed + 4)]
+    positions = {int(x["stream_state"][0]): int(x["stream_state"][1]) for x in full[:consumed]}
+    resumed = ds(fl, tokenizer)
+    resumed.fast_forward(positions, consumed)
+    rest = [x["input_ids"].numpy() for x in itertools.islice(_loader(resumed, b, workers), 4)]
+    assert all(np.array_equal(x, y["input_ids"]) for x, y in zip(rest, full[consumed:]))
 
 
 def test_bad_data_skipped_and_counted(tmp_path, tokenizer):
@@ -308,7 +321,7 @@ def test_drop_caption_probability(tmp_path, tokenizer):
 
 def test_collate_normalises_to_unit_range(demo_file_list, tokenizer):
     """Part files written by create_pretraining_data.py; the contract's sample and batch types."""
-    samples = take(ds(demo_file_list, tokenizer, return_meta=False), 4)
+    samples = take(ds(demo_file_list, tokenizer, return_meta=False, with_stream_state=False), 4)
     assert set(samples[0]) == {"pixel_values", "input_ids"}
     assert samples[0]["pixel_values"].dtype == np.uint8 and samples[0]["input_ids"].dtype == np.int64
     batch = collate_fn(samples)
@@ -322,6 +335,7 @@ def test_collate_normalises_to_unit_range(demo_file_list, tokenizer):
                                   collate_fn=collate_fn)
     b = next(iter(loader))
     assert b["pixel_values"].dtype == paddle.float32 and b["input_ids"].dtype == paddle.int64
+    assert b["stream_state"].numpy().tolist()[0] == 0  # by default: [stream, draws made, records skipped]
 
 
 @pytest.mark.skipif(not os.path.isdir(FIXTURE), reason="PaddleMIX fixtures not beside the repository")
