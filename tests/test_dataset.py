@@ -6,6 +6,7 @@ import gzip
 import io
 import itertools
 import json
+import logging
 import os
 import shutil
 from types import SimpleNamespace
@@ -232,7 +233,10 @@ def test_bad_data_skipped_and_counted(tmp_path, tokenizer):
              b"bad base64\tNONE\t!!!!\n",  # base64 decodes to garbage → not an image
              ("cap\tNONE\t" + base64.b64encode(b"not an image").decode() + "\n").encode(),
              "\u4e2d\u6587\tNONE\tx\n".encode("gb18030"),  # gb18030 text, then a bad image
-             b"\xff\xfe\xfa\tNONE\tAAAA\n",
+             b"\xff\xfe\xfa\tNONE\tAAAA\n",  # neither UTF-8 nor GB18030
+             b"cap\tNONE\tAAAAA\n",  # base64 with a wrong length
+             b"cap\tNONE\t \n",  # no image
+             b"\n",
              encode_part_line("small", png(2, size=10)).encode()]  # smaller than the resolution
     part = tmp_path / "part-0"
     part.write_bytes(b"".join(lines))
@@ -250,8 +254,63 @@ def test_bad_data_skipped_and_counted(tmp_path, tokenizer):
     samples = take(d, 30)
     assert all(s["caption"] == "good" for s in samples)
     skipped = samples[-1]["skipped"]
-    assert skipped["too_few_fields"] >= 1 and skipped["bad_image"] >= 3 and skipped["too_small"] >= 1
-    assert skipped["truncated_file"] >= 1 and skipped["missing_file"] >= 1
+    for reason in ("too_few_fields", "not_text", "bad_base64", "empty_image", "empty_line", "too_small",
+                   "truncated_file", "missing_file"):
+        assert skipped[reason] >= 1, reason
+    assert skipped["bad_image"] >= 3
+    assert set(skipped) <= set(tipd.SKIP_REASONS)
+
+
+def test_gb18030_caption_is_decoded(tmp_path, tokenizer):
+    (tmp_path / "p").write_bytes("\u4e2d\u6587 caption\tNONE\t".encode("gb18030") + base64.b64encode(png(1)) + b"\n")
+    write_filelists(str(tmp_path), "x", [str(tmp_path / "p")])
+    (s,) = take(ds(str(tmp_path / "filelist" / "x.filelist.list"), tokenizer), 1)
+    assert s["caption"] == "\u4e2d\u6587 caption"
+
+
+def test_laion_aes_bad_records(tmp_path, tokenizer):
+    img = base64.b64encode(png(1)).decode()
+    (tmp_path / "p").write_text(f"a\tb\t{{not json\td\te\t{img}\n"
+                                f"a\tb\t{json.dumps({'other': 1})}\td\te\t{img}\n"
+                                f"a\tb\t{json.dumps({'blip_caption_en': 'blip'})}\td\te\t{img}\n"
+                                f"a\tb\tc\n")
+    write_filelists(str(tmp_path), "x", [str(tmp_path / "p")])
+    samples = take(ds(str(tmp_path / "filelist" / "x.filelist.list"), tokenizer, line_format="laion_aes",
+                      shuffle_buffer=1), 5)
+    assert {s["caption"] for s in samples} == {"blip"}
+    assert samples[-1]["skipped"] == {"bad_json": 5, "no_caption": 5, "too_few_fields": 4}  # 5 passes, in order
+
+
+def test_skip_summary_logged_every_n_and_at_the_end(tmp_path, tokenizer, caplog):
+    good = encode_part_line("good", png(1)).encode()
+    (tmp_path / "p").write_bytes((good + b"x\ty\n" * 2) * 10)
+    write_filelists(str(tmp_path), "x", [str(tmp_path / "p")])
+    d = ds(str(tmp_path / "filelist" / "x.filelist.list"), tokenizer, report_every=5, shuffle_buffer=1)
+    stream = iter(d)
+    with caplog.at_level(logging.INFO, logger="sd.dataset"):
+        for _ in range(10):
+            next(stream)
+        stream.close()
+    periodic = [r for r in caplog.records if "so far" in r.getMessage()]
+    final = [r for r in caplog.records if "stream ended" in r.getMessage()]
+    assert len(periodic) == 3 and "too_few_fields" in periodic[0].getMessage()  # 18 skips, every 5
+    assert len(final) == 1 and "18 skipped" in final[0].getMessage()
+    assert d.state_dict()["skipped"] == {0: {"too_few_fields": 18}}
+
+
+def test_tokenization_is_cached_and_padded(tmp_path, tokenizer):
+    calls = []
+
+    def counting(text, **kw):
+        calls.append(text)
+        return tokenizer(text, **kw)
+    counting.model_max_length = tokenizer.model_max_length
+    fl = make_dataset(str(tmp_path), 10, 1)
+    samples = take(ds(fl, counting), 40)
+    assert len(calls) == 10  # one call per distinct caption over 4 passes
+    assert all(s["input_ids"].shape == (tokenizer.model_max_length,) for s in samples)
+    long = ds(fl, counting, model_max_length=5).tokenize("a b c d e f g h")
+    assert long.shape == (5,) and long.dtype == np.int64
 
 
 def test_all_bad_data_raises(tmp_path, tokenizer):
