@@ -332,7 +332,8 @@ def test_max_bad_fraction(tmp_path, tokenizer):
 def test_image_modes_to_rgb(tmp_path, tokenizer):
     imgs = {"L": Image.new("L", (40, 40), 200), "P": Image.new("P", (40, 40), 3),
             "RGBA": Image.new("RGBA", (40, 40), (255, 0, 0, 0)), "CMYK": Image.new("CMYK", (40, 40), (0, 255, 0, 0)),
-            "I;16": Image.fromarray(np.full((40, 40), 65535, np.uint16))}
+            "I;16": Image.fromarray(np.full((40, 40), 65535, np.uint16)),
+            "LA": Image.new("LA", (40, 40), (0, 0)), "1": Image.new("1", (40, 40), 1)}
     lines = []
     for mode, im in imgs.items():
         buf = io.BytesIO()
@@ -341,11 +342,13 @@ def test_image_modes_to_rgb(tmp_path, tokenizer):
     (tmp_path / "p").write_text("".join(lines))
     write_filelists(str(tmp_path), "x", [str(tmp_path / "p")])
     fl = str(tmp_path / "filelist" / "x.filelist.list")
-    got = {s["caption"]: s["pixel_values"] for s in take(ds(fl, tokenizer, shuffle_buffer=1), 5)}
+    got = {s["caption"]: s["pixel_values"] for s in take(ds(fl, tokenizer, shuffle_buffer=1), len(imgs))}
     assert set(got) == set(imgs)
     assert all(v.shape == (3, 32, 32) and v.dtype == np.uint8 for v in got.values())
     assert got["RGBA"].min() == 255  # transparent → composited on white
     assert got["I;16"].min() == 255  # 16-bit full scale → 8-bit full scale
+    assert got["LA"].min() == 255 and got["1"].min() == 255 and got["L"].min() == 200
+    assert got["CMYK"][1].max() < 40 and got["CMYK"][0].min() > 200  # magenta ink → red, blue, not green
 
 
 def test_laion_aes_format_and_upscale(tmp_path, tokenizer):
