@@ -77,6 +77,7 @@ def main(argv=None) -> None:
     paddle.set_device("cpu")
     r = a.resolution
     data_dir = a.data_dir or tempfile.mkdtemp(prefix="bench-dataset-")
+    os.makedirs(data_dir, exist_ok=True)
     jpegs = photo_like_jpegs(a.num_images)
     part = os.path.join(data_dir, "part-000000")
     with open(part, "w", encoding="utf-8") as f:
