@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Dict, Optional
 
 import numpy as np
@@ -34,8 +35,28 @@ def batch_seed(run_seed: int, rank: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([run_seed, rank, batch_index]).generate_state(1)[0])
 
 
+class _TimedLoader:
+    """Iterate a DataLoader and add the time spent waiting for each batch to ``seconds`` (reader time)."""
+
+    def __init__(self, loader):
+        self.loader, self.seconds, self.batches = loader, 0.0, 0
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - start
+            self.batches += 1
+            yield batch
+
+
 class _AfterStep(TrainerCallback):
-    """EMA update after every optimizer step; image logging on rank 0."""
+    """Part of training, registered whatever ``--report_to`` says: the EMA update after every
+    optimizer step, and (rank 0) image logging every ``image_logging_steps``."""
 
     def __init__(self, trainer: "StableDiffusionTrainer"):
         self.trainer = trainer
@@ -62,6 +83,8 @@ class StableDiffusionTrainer(Trainer):
         self.batches_seen = 0  # batches this rank has trained on
         self._resume_state: Optional[dict] = None
         self._last_batch = None
+        self._reader: Optional[_TimedLoader] = None
+        self._reader_logged = (0.0, 0)  # reader seconds and batches at the previous log
         self.args.ignore_data_skip = True  # the dataset fast-forwards itself (see get_train_dataloader)
         groups = [{"params": params, "learning_rate": lr / args.learning_rate}
                   for (name, params), lr in zip(model.trainable_groups(), self._group_lrs())]
@@ -78,14 +101,20 @@ class StableDiffusionTrainer(Trainer):
     # -- data ------------------------------------------------------------------------------------
     def get_train_dataloader(self):
         dataset = self.train_dataset
+        batch_size, workers = self.args.per_device_train_batch_size, self.args.dataloader_num_workers
         if self._resume_state is not None:
-            positions = {int(k): v for k, v in self._resume_state["stream_positions"].items()}
-            dataset.fast_forward(positions, self._resume_state["batches_seen"])
+            state = self._resume_state
+            if (state.get("batch_size", batch_size), state.get("num_workers", workers)) != (batch_size, workers):
+                raise ValueError(f"resuming needs the checkpoint's per-device batch size and loader workers "
+                                 f"({state['batch_size']}, {state['num_workers']}), got ({batch_size}, {workers})")
+            positions = {int(k): v for k, v in state["stream_positions"].items()}
+            self.batches_seen = state["batches_seen"]
+            dataset.fast_forward(self.batches_seen * batch_size, batch_size, workers, positions=positions)
             self.stream_positions = positions
-            self.batches_seen = self._resume_state["batches_seen"]
-            logger.info(f"data stream fast-forwarded to {positions} after {self.batches_seen} batches")
-        return paddle.io.DataLoader(dataset, batch_size=self.args.per_device_train_batch_size,
-                                    num_workers=self.args.dataloader_num_workers, collate_fn=collate_fn)
+            logger.info(f"data stream fast-forwarded past {self.batches_seen} batches (stream positions {positions})")
+        self._reader = _TimedLoader(paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                                         collate_fn=collate_fn))
+        return self._reader
 
     # -- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False):
@@ -98,8 +127,17 @@ class StableDiffusionTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def log(self, logs, **kwargs):
-        if self.skipped:
-            logs["data_skipped"] = sum(self.skipped.values())  # this rank's skipped records, all workers
+        if "loss" in logs:  # a training log (not the final summary): add what the stock Trainer does not
+            if self.skipped:
+                logs["data_skipped"] = sum(self.skipped.values())  # this rank's skipped records, all workers
+            if self._reader is not None:  # mean seconds per batch spent waiting for the loader since the last log
+                seconds, batches = self._reader.seconds - self._reader_logged[0], self._reader.batches - self._reader_logged[1]
+                logs["reader_seconds_per_step"] = round(seconds / max(batches, 1), 5)
+                self._reader_logged = (self._reader.seconds, self._reader.batches)
+            if self.optimizer is not None and len(self.optimizer._param_groups) > 1:  # one LR per trained module
+                lr = self._get_learning_rate()
+                for (name, _), group in zip(self.sd_model.trainable_groups(), self.optimizer._param_groups):
+                    logs[f"learning_rate_{name}"] = float(f"{lr * group.get('learning_rate', 1.0):.3e}")
         super().log(logs, **kwargs)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -115,6 +153,7 @@ class StableDiffusionTrainer(Trainer):
             if not m.args.train_text_encoder:
                 m.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"))
         state = {"stream_positions": self.stream_positions, "batches_seen": self.batches_seen,
+                 "batch_size": self.args.per_device_train_batch_size, "num_workers": self.args.dataloader_num_workers,
                  "ema_updates": m.ema.num_updates if m.ema is not None else 0,
                  "resolution": self.resolution, "model_paths": {k: os.path.abspath(v) if v and os.path.exists(v) else v for k, v in m.paths.items()}, "prediction_type": m.args.prediction_type}
         with open(os.path.join(output_dir, STATE_FILE), "w") as f:
@@ -183,15 +222,22 @@ class StableDiffusionTrainer(Trainer):
         grid.save(path)
         with open(os.path.join(folder, f"step-{step:07d}.txt"), "w") as f:
             f.write("\n".join(prompts) + "\n")
-        if "visualdl" in (self.args.report_to or []):
-            from visualdl import LogWriter
-
-            with LogWriter(logdir=self.args.logging_dir) as writer:
-                for name, images in rows.items():
-                    strip = sampling.make_grid(images, rows=1, cols=len(images))
-                    writer.add_image(tag=f"images/{name}", img=np.asarray(strip), step=step)
+        writer = self._visualdl_writer()
+        if writer is not None:
+            for name, images in rows.items():
+                strip = sampling.make_grid(images, rows=1, cols=len(images))
+                writer.add_image(tag=f"images/{name}", img=np.asarray(strip), step=step)
+            writer.flush()
         logger.info(f"step {step}: images written to {path}")
         return path
+
+
+    def _visualdl_writer(self):
+        """The LogWriter of paddlenlp's VisualDL callback (one event file per run), if VisualDL is on."""
+        for cb in self.callback_handler.callbacks:
+            if getattr(cb, "vdl_writer", None) is not None:
+                return cb.vdl_writer
+        return None
 
 
 def find_resume_checkpoint(training_args) -> Optional[str]:

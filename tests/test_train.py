@@ -30,10 +30,20 @@ def losses(log):
     return [l.split("loss: ")[1].split(",")[0] for l in log.splitlines() if " - loss: " in l]
 
 
+def vdl_tags(folder):
+    from visualdl import LogReader
+
+    files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.startswith("vdlrecords")]
+    assert len(files) == 1, files  # scalars and images share the run's one event file
+    reader = LogReader(file_path=files[0])
+    return {kind: set(tags) for kind, tags in reader.get_tags().items()}
+
+
 def test_end_to_end_checkpoints_images_logs(tiny_kit, demo_file_list, tmp_path):
     out = tmp_path / "run"
-    train(tiny_kit, demo_file_list, out, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "1",
-          "--image_logging_steps", "2")
+    log = train(tiny_kit, demo_file_list, out, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "1",
+                "--image_logging_steps", "2", "--report_to", "visualdl", env={"FLAG_USE_EMA": "1"})
+    assert "switch use_ema = True (env FLAG_USE_EMA)" in log
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-4"]  # oldest deleted
     ckpt = out / "checkpoint-4"
     for f in ("unet/config.json", "unet/diffusion_paddle_model.safetensors", "optimizer.pdopt", "sd_state.json",
@@ -42,14 +52,18 @@ def test_end_to_end_checkpoints_images_logs(tiny_kit, demo_file_list, tmp_path):
     assert not (ckpt / "vae").exists()  # only_save_updated_model (default)
     assert json.load(open(ckpt / "sd_state.json"))["resolution"] == 32
     assert sorted(os.listdir(out / "images")) == ["step-0000002.png", "step-0000002.txt", "step-0000004.png", "step-0000004.txt"]
-    runs = [os.path.join(d, f) for d, _, fs in os.walk(out / "runs") for f in fs if f.startswith("vdlrecords")]
-    assert runs and all(os.path.getsize(p) > 0 for p in runs)
+    assert (ckpt / "unet" / "diffusion_paddle_model.ema.safetensors").is_file()  # FLAG_USE_EMA=1 took effect
+    tags = vdl_tags(out / "runs")
+    assert {"train/loss", "train/learning_rate", "train/interval_samples_per_second",
+            "train/reader_seconds_per_step"} <= tags["scalar"], tags
+    assert {"images/original", "images/reconstruction", "images/guidance_1.0", "images/guidance_7.5"} <= tags["image"]
 
 
 def test_resume_is_exact(tiny_kit, demo_file_list, tmp_path):
     args = ["--max_steps", "6", "--save_steps", "3", "--dataloader_num_workers", "1", "--use_ema", "True",
             "--report_to", "none", "--image_logging_steps", "0"]
-    full = train(tiny_kit, demo_file_list, tmp_path / "full", *args)
+    full = train(tiny_kit, demo_file_list, tmp_path / "full", *args, env={"FLAG_USE_EMA": "0"})  # the CLI wins
+    assert "switch use_ema = True (cli)" in full
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
     resumed = train(tiny_kit, demo_file_list, tmp_path / "resumed", *args)  # finds checkpoint-3 by itself
@@ -59,6 +73,13 @@ def test_resume_is_exact(tiny_kit, demo_file_list, tmp_path):
         a = load_file(tmp_path / "full" / "checkpoint-6" / "unet" / name)
         b = load_file(tmp_path / "resumed" / "checkpoint-6" / "unet" / name)
         assert all(np.array_equal(a[k], b[k]) for k in a), name
+    # The EMA is updated by training itself (here with --report_to none): it moved between the
+    # checkpoints and differs from the raw weights.
+    ema3 = load_file(tmp_path / "full" / "checkpoint-3" / "unet" / "diffusion_paddle_model.ema.safetensors")
+    ema6 = load_file(tmp_path / "full" / "checkpoint-6" / "unet" / "diffusion_paddle_model.ema.safetensors")
+    raw6 = load_file(tmp_path / "full" / "checkpoint-6" / "unet" / "diffusion_paddle_model.safetensors")
+    assert any(not np.array_equal(ema3[k], ema6[k]) for k in ema6)
+    assert any(not np.array_equal(raw6[k], ema6[k]) for k in ema6)
 
 
 def test_switch_precedence_cli_over_env_over_default():
