@@ -144,3 +144,30 @@ def test_mismatched_cross_attention_is_a_clear_error(tiny_kit, tmp_path):
     (tmp_path / "unet.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="cross_attention_dim 48"):
         StableDiffusionModel(ModelArguments(pretrained_model_name_or_path=tiny_kit, unet_name_or_path=str(tmp_path / "unet.json")))
+
+
+def test_recompute_gives_the_same_loss_and_gradients(tiny_kit):
+    grads = []
+    for recompute in (False, True):
+        args = ModelArguments(pretrained_model_name_or_path=tiny_kit, model_max_length=16,
+                              unet_name_or_path=os.path.join(tiny_kit, "unet", "config.json"))
+        paddle.seed(0)
+        m = StableDiffusionModel(args, recompute=recompute)
+        m.train()
+        ids, px = batch(m)
+        loss = m(ids, px, seed=2)
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.numpy().copy() for n, p in m.unet.named_parameters() if p.grad is not None}))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert grads[0][1].keys() == grads[1][1].keys() and grads[0][1]
+    for n in grads[0][1]:
+        np.testing.assert_allclose(grads[0][1][n], grads[1][1][n], rtol=1e-4, atol=1e-6, err_msg=n)
+
+
+def test_unet_from_a_weights_folder_is_loaded_not_reinitialised(tiny_kit):
+    from safetensors.numpy import load_file
+
+    m = StableDiffusionModel(ModelArguments(pretrained_model_name_or_path=tiny_kit, model_max_length=16))
+    saved = load_file(os.path.join(tiny_kit, "unet", "diffusion_paddle_model.safetensors"))
+    state = m.unet.state_dict()
+    assert saved and all(np.array_equal(saved[k], state[k].numpy()) for k in saved)
