@@ -189,6 +189,17 @@ class StableDiffusionModel(nn.Layer):
         if self.args.train_text_encoder:
             self.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"))
 
+    def save_pipeline(self, output_dir: str) -> None:
+        """Write a whole ``StableDiffusionPipeline`` folder (model_index.json, every component, the
+        training noise schedule), loadable on its own; the EMA variant of the UNet beside it."""
+        from ppdiffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                                       scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.save_pretrained(output_dir)
+        self.save_trained(output_dir)  # the EMA variant (and the same unet/, text_encoder/ again)
+
     def load_trained(self, checkpoint_dir: str) -> None:
         """Inverse of ``save_trained`` (used on resume)."""
         from ppdiffusers import UNet2DConditionModel

@@ -82,7 +82,7 @@ class StableDiffusionTrainer(Trainer):
         self.skipped: Dict[int, int] = {}  # loader worker → records skipped so far
         self.batches_seen = 0  # batches this rank has trained on
         self._resume_state: Optional[dict] = None
-        self._last_batch = None
+        self._image_batch = None
         self._reader: Optional[_TimedLoader] = None
         self._reader_logged = (0.0, 0)  # reader seconds and batches at the previous log
         self.args.ignore_data_skip = True  # the dataset fast-forwards itself (see get_train_dataloader)
@@ -122,7 +122,8 @@ class StableDiffusionTrainer(Trainer):
         self.stream_positions[worker], self.skipped[worker] = position, skipped
         seed = batch_seed(self.args.seed, self.args.process_index, self.batches_seen)
         self.batches_seen += 1
-        self._last_batch = inputs
+        if self._image_batch is None:  # the images and captions every image log shows (the same each time)
+            self._image_batch = {k: inputs[k] for k in ("pixel_values", "input_ids")}
         loss = model(inputs["input_ids"], inputs["pixel_values"], seed=seed)
         return (loss, None) if return_outputs else loss
 
@@ -145,13 +146,10 @@ class StableDiffusionTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         m = self.sd_model
-        m.save_trained(output_dir)
-        if not m.args.only_save_updated_model:  # a whole pipeline folder, loadable on its own
-            m.vae.save_pretrained(os.path.join(output_dir, "vae"))
-            m.tokenizer.save_pretrained(os.path.join(output_dir, "tokenizer"))
-            m.noise_scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
-            if not m.args.train_text_encoder:
-                m.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"))
+        if m.args.only_save_updated_model:
+            m.save_trained(output_dir)
+        else:  # a whole pipeline folder, loadable on its own
+            m.save_pipeline(output_dir)
         state = {"stream_positions": self.stream_positions, "batches_seen": self.batches_seen,
                  "batch_size": self.args.per_device_train_batch_size, "num_workers": self.args.dataloader_num_workers,
                  "ema_updates": m.ema.num_updates if m.ema is not None else 0,
@@ -193,11 +191,11 @@ class StableDiffusionTrainer(Trainer):
     # -- images ----------------------------------------------------------------------------------
     @paddle.no_grad()
     def log_images(self, step: int, max_images: int = 8) -> str:
-        """Originals, VAE reconstructions and DDIM samples (guidance 1 and 7.5) of the last batch's captions."""
+        """Originals, VAE reconstructions and DDIM samples (guidance 1 and 7.5) of the first batch's captions."""
         from PIL import Image
 
         m = self.sd_model
-        batch = self._last_batch
+        batch = self._image_batch
         if batch is None:
             return ""
         was_training = m.unet.training

@@ -171,3 +171,20 @@ def test_unet_from_a_weights_folder_is_loaded_not_reinitialised(tiny_kit):
     saved = load_file(os.path.join(tiny_kit, "unet", "diffusion_paddle_model.safetensors"))
     state = m.unet.state_dict()
     assert saved and all(np.array_equal(saved[k], state[k].numpy()) for k in saved)
+
+
+def test_save_pipeline_is_loadable_on_its_own(tiny_kit, tmp_path):
+    from ppdiffusers import StableDiffusionPipeline
+
+    m = make(tiny_kit, use_ema=True)
+    for p in m.unet.parameters():
+        p.set_value(p + 0.01 * paddle.randn(p.shape))
+    m.save_pipeline(str(tmp_path))
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path), safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    assert os.path.isfile(tmp_path / "unet" / "diffusion_paddle_model.ema.safetensors")
+    x, t = paddle.randn([1, 4, 16, 16]), paddle.to_tensor([5])
+    h = m.encode_text(batch(m, 1)[0])
+    np.testing.assert_array_equal(m.unet(x, t, encoder_hidden_states=h).sample.numpy(),
+                                  pipe.unet(x, t, encoder_hidden_states=h).sample.numpy())
+    assert pipe.scheduler.config.num_train_timesteps == 1000
