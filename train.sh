@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Pretrain the Stable Diffusion UNet.
+# Pretrain the Stable Diffusion UNet (frozen VAE and text encoder, randomly initialised UNet).
 #
 #   sh train.sh                      # GPU + real weights: the seed's recipe; otherwise the CPU default
 #   MAX_STEPS=200 sh train.sh        # any setting below can be overridden from the environment
-#   sh train.sh --use_ema True       # extra arguments go to train_txt2img_laion400m_trainer.py
+#   sh train.sh --use_ema True       # extra arguments go to train_txt2img_laion400m_trainer.py (they win)
 #   GPUS=0,1,2,3,4,5,6,7 sh train.sh # 8 GPUs;  add IPS=10.0.0.1,10.0.0.2 for several machines
 #   NPROC=2 sh train.sh              # 2 data-parallel CPU processes (gloo), for testing
 #
@@ -13,18 +13,39 @@ if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi  # `sh train.sh` (da
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# --- model --------------------------------------------------------------------------------------
-SD_WEIGHTS=${SD_WEIGHTS:-CompVis/stable-diffusion-v1-4}  # real SD v1 folder (GPU recipe); a local folder or, online, a hub name
+# --- which recipe -------------------------------------------------------------------------------
+MODE=${MODE:-auto}                                       # auto | gpu | cpu; auto = gpu when a GPU and SD_WEIGHTS exist
+SD_WEIGHTS=${SD_WEIGHTS:-CompVis/stable-diffusion-v1-4}  # local folder of the real SD v1 weights (GPU recipe)
 KIT_DIR=${KIT_DIR:-./tiny-sd}                            # the offline kit (CPU default); built if missing
-MODE=${MODE:-auto}                                       # auto | gpu | cpu: which recipe; auto = gpu when a GPU and SD_WEIGHTS exist
 # --- data and output ----------------------------------------------------------------------------
 FILE_LIST=${FILE_LIST:-./data/filelist/train.filelist.list}  # *.filelist.list to train on
 DEMO_IMAGES=${DEMO_IMAGES:-4000}                         # demo images made when FILE_LIST is the missing default
-OUTPUT_DIR=${OUTPUT_DIR:-./laion400m_pretrain_output_trainer}  # checkpoints, VisualDL logs, sample grids
+OUTPUT_DIR=${OUTPUT_DIR:-./laion400m_pretrain_output_trainer}  # checkpoints, VisualDL logs (runs/), sample grids (images/)
 # --- distribution -------------------------------------------------------------------------------
 GPUS=${GPUS:-}                                           # e.g. 0,1,2,3,4,5,6,7: run under paddle.distributed.launch
 IPS=${IPS:-}                                             # e.g. 10.0.0.1,10.0.0.2: several machines (with GPUS)
 NPROC=${NPROC:-1}                                        # CPU data-parallel processes (gloo) when no GPUS
+# --- training: default for the GPU recipe | the CPU default ----------------------------------------
+# PRETRAINED         folder with vae/ text_encoder/ tokenizer/ scheduler/     SD_WEIGHTS | KIT_DIR
+# UNET_CONFIG        UNet config .json (random init) or a UNet folder         ./unet_config.json | KIT_DIR/unet/config.json
+# RESOLUTION         training image side, pixels                              256 | 32
+# BATCH_SIZE         images per device per step                               32 | 32
+# MAX_STEPS          optimizer steps                                          200000 | 1000
+# LR                 peak learning rate (AdamW)                               1e-4 | 1e-3
+# LR_SCHEDULER       constant | linear | cosine | ...                         constant | constant
+# WARMUP_STEPS       linear warm-up steps                                     0 | 0
+# SAVE_STEPS         checkpoint every N steps                                 10000 | 500
+# IMAGE_LOGGING_STEPS  sample grid every N steps (multiple of LOGGING_STEPS)  1000 | 500
+# LOGGING_STEPS      log loss, LR, speed every N steps                        10 | 50
+# NUM_WORKERS        data loader worker processes                             4 | 1
+# SNR_GAMMA          Min-SNR-γ loss weighting ("" = off)                      off | 5.0
+# NOISE_OFFSET       offset-noise scale (0 = off)                             0 | 0.1
+# NUM_INFERENCE_STEPS  DDIM steps of the logged samples                       50 | 25
+# BF16               bf16 mixed precision (A100/3090-class GPUs)              False | (CPU: no effect)
+# FLAG_USE_EMA, FLAG_RECOMPUTE, FLAG_XFORMERS, FLAG_FUSED_LINEAR: the seed's switches (0/1). The GPU
+#   recipe exports the seed's values (0, 1, 1, 0) unless set; a --flag on the command line beats them.
+# Also: GRAD_ACCUM (1), WEIGHT_DECAY (0.01), SAVE_TOTAL_LIMIT (20), SEED (23), MODEL_MAX_LENGTH (77),
+#   MAX_GRAD_NORM (-1 = no clipping), DISABLE_TQDM (True | False).
 
 has_gpu=$(python -c "import paddle; print(int(paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0))" 2>/dev/null || echo 0)
 if [ "$MODE" = auto ]; then
@@ -32,22 +53,25 @@ if [ "$MODE" = auto ]; then
 fi
 
 if [ "$MODE" = gpu ]; then
-  # The seed's single-GPU recipe (section 4.2), 256 px, batch 32 per GPU.
-  PRETRAINED=${PRETRAINED:-$SD_WEIGHTS}                  # vae/, text_encoder/, tokenizer/ come from here
-  UNET_CONFIG=${UNET_CONFIG:-./unet_config.json}         # the SD v1 UNet, randomly initialised
+  # The seed's single-GPU recipe (section 4.2): 256 px, batch 32 per GPU, 200 000 steps.
+  PRETRAINED=${PRETRAINED:-$SD_WEIGHTS}
+  UNET_CONFIG=${UNET_CONFIG:-./unet_config.json}
   RESOLUTION=${RESOLUTION:-256}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-200000}
   LR=${LR:-1e-4}; SAVE_STEPS=${SAVE_STEPS:-10000}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-1000}
-  LOGGING_STEPS=${LOGGING_STEPS:-10}; NUM_WORKERS=${NUM_WORKERS:-4}; MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-77}
-  EXTRA_DEFAULTS="--bf16 ${BF16:-False} --recompute ${RECOMPUTE:-True} --enable_xformers_memory_efficient_attention ${XFORMERS:-True}"
-  export FLAGS_conv_workspace_size_limit=${FLAGS_conv_workspace_size_limit:-4096}
+  LOGGING_STEPS=${LOGGING_STEPS:-10}; NUM_WORKERS=${NUM_WORKERS:-4}
+  SNR_GAMMA=${SNR_GAMMA:-}; NOISE_OFFSET=${NOISE_OFFSET:-0}; NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-50}
+  DISABLE_TQDM=${DISABLE_TQDM:-True}
+  export FLAG_USE_EMA=${FLAG_USE_EMA:-0} FLAG_RECOMPUTE=${FLAG_RECOMPUTE:-1} FLAG_XFORMERS=${FLAG_XFORMERS:-1}
+  export FLAG_FUSED_LINEAR=${FLAG_FUSED_LINEAR:-0}
+  export FLAGS_conv_workspace_size_limit=${FLAGS_conv_workspace_size_limit:-4096}  # cuDNN workspace, MB
 else
-  # The embedded CPU default: the offline kit and the demo shapes, ~10 minutes on 2 cores.
+  # The embedded CPU default: the offline kit and the demo shapes, ≤ 10 minutes of training on 2 cores.
   PRETRAINED=${PRETRAINED:-$KIT_DIR}
   UNET_CONFIG=${UNET_CONFIG:-$PRETRAINED/unet/config.json}
-  RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-1500}
+  RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-1000}
   LR=${LR:-1e-3}; SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-500}
-  LOGGING_STEPS=${LOGGING_STEPS:-50}; NUM_WORKERS=${NUM_WORKERS:-1}; MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-77}
-  EXTRA_DEFAULTS="--snr_gamma ${SNR_GAMMA:-5.0} --noise_offset ${NOISE_OFFSET:-0.1} --num_inference_steps 25"
+  LOGGING_STEPS=${LOGGING_STEPS:-50}; NUM_WORKERS=${NUM_WORKERS:-1}
+  SNR_GAMMA=${SNR_GAMMA-5.0}; NOISE_OFFSET=${NOISE_OFFSET:-0.1}; NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-25}
   if [ ! -f "$KIT_DIR/model_index.json" ] && [ "$PRETRAINED" = "$KIT_DIR" ]; then
     echo "== building the offline kit in $KIT_DIR (once)"
     python -m sd.kit --output_dir "$KIT_DIR"
@@ -69,7 +93,7 @@ else
   LAUNCH="python -u"
 fi
 
-# shellcheck disable=SC2086  # LAUNCH and EXTRA_DEFAULTS are word lists on purpose
+# shellcheck disable=SC2086  # LAUNCH is a word list on purpose
 exec $LAUNCH train_txt2img_laion400m_trainer.py \
   --do_train \
   --output_dir "$OUTPUT_DIR" \
@@ -90,8 +114,11 @@ exec $LAUNCH train_txt2img_laion400m_trainer.py \
   --save_total_limit "${SAVE_TOTAL_LIMIT:-20}" \
   --seed "${SEED:-23}" \
   --dataloader_num_workers "$NUM_WORKERS" \
-  --model_max_length "$MODEL_MAX_LENGTH" \
+  --model_max_length "${MODEL_MAX_LENGTH:-77}" \
   --max_grad_norm "${MAX_GRAD_NORM:--1}" \
   --disable_tqdm "${DISABLE_TQDM:-False}" \
-  $EXTRA_DEFAULTS \
+  --bf16 "${BF16:-False}" \
+  --noise_offset "$NOISE_OFFSET" \
+  ${SNR_GAMMA:+--snr_gamma "$SNR_GAMMA"} \
+  --num_inference_steps "$NUM_INFERENCE_STEPS" \
   "$@"
