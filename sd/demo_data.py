@@ -80,40 +80,133 @@ class Reading:
 
 _PALETTE_NAMES = list(PALETTE)
 _PALETTE_RGB = np.array([PALETTE[c] for c in _PALETTE_NAMES], dtype=np.float32)
+_SHAPE_MIN_FRACTION = 0.02  # a foreground smaller than this share of the image reads as "none"
+
+
+def _box_mean(x: np.ndarray, r: int) -> np.ndarray:
+    """Mean over the (2r+1)² window around each pixel (edges replicated)."""
+    k = 2 * r + 1
+    c = np.pad(x, r, mode="edge").cumsum(0).cumsum(1)
+    c = np.pad(c, ((1, 0), (1, 0)))
+    return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) / (k * k)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask."""
+    h, w = mask.shape
+    label = np.zeros(mask.shape, np.int32)
+    best, best_size, n = 0, 0, 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if label[y0, x0]:
+            continue
+        n += 1
+        label[y0, x0] = n
+        stack, size = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for yy in (y - 1, y, y + 1):
+                for xx in (x - 1, x, x + 1):
+                    if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not label[yy, xx]:
+                        label[yy, xx] = n
+                        stack.append((yy, xx))
+        if size > best_size:
+            best, best_size = n, size
+    return label == best
+
+
+def _templates(area: float, cx: float, cy: float, xs: np.ndarray, ys: np.ndarray) -> dict:
+    """Pixel coverage (4×4 supersampled) of each shape with the given area and centroid.
+
+    Coordinates are pixel centres (``xs``, ``ys``: 1-D, the window's columns and rows + 0.5).
+    The triangle is upright with base = height = s, so its centroid sits 2/3 of the way down.
+    """
+    off = (np.arange(4) + 0.5) / 4 - 0.5
+    x = (xs[:, None] + off[None, :]).reshape(-1)[None, :]  # (1, 4W)
+    y = (ys[:, None] + off[None, :]).reshape(-1)[:, None]  # (4H, 1)
+    r = np.sqrt(area / np.pi)
+    half = np.sqrt(area) / 2
+    s = np.sqrt(2 * area)
+    top = cy - 2 * s / 3
+    inside = {
+        "circle": (x - cx) ** 2 + (y - cy) ** 2 <= r * r,
+        "square": (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half),
+        "triangle": (y >= top) & (y <= top + s) & (np.abs(x - cx) <= (y - top) / 2),
+    }
+    out = {}
+    for name, m in inside.items():
+        m = np.broadcast_to(m, (len(ys) * 4, len(xs) * 4)).astype(np.float32)
+        out[name] = m.reshape(len(ys), 4, len(xs), 4).mean(axis=(1, 3))
+    return out
+
+
+_BLURS = (0.0, 0.5, 1.0, 1.5, 2.0)  # Gaussian σ (pixels) tried on each template: blur is a nuisance
+
+
+def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur with zeros outside (the window already has a margin)."""
+    if sigma <= 0:
+        return x
+
+    def matrix(n: int) -> np.ndarray:
+        i = np.arange(n)
+        k = np.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma) ** 2)
+        return k / np.exp(-0.5 * (np.arange(-n, n + 1) / sigma) ** 2).sum()
+
+    return matrix(x.shape[0]) @ x @ matrix(x.shape[1])
 
 
 def check(image: Image.Image) -> Reading:
     """Read colour, shape and background from an image (deterministic, no learned model).
 
-    * background: median brightness of the one-pixel border (white if above mid-grey);
-    * foreground: pixels farther than 100 (RGB Euclidean) from the background colour;
-    * colour: palette entry nearest to the foreground's median RGB;
-    * shape: an upright triangle tapers (its top third is ~5× narrower than its bottom third);
-      otherwise the fill ratio inside the (1st–99th percentile) bounding box tells a square (~1)
-      from a circle (~π/4).
-    Fields are ``"none"`` when there is no clear foreground (under 2 % of the image).
+    Built to score generated images (blurred, noisy, slightly off-colour), at any size:
+
+    * background: the median colour of the one-pixel border; white if its brightness is above
+      mid-grey, else black;
+    * foreground: the largest connected region whose (3×3-smoothed) RGB distance from that
+      background colour exceeds 100; ``"none"`` for colour and shape if it covers < 2 % of the image;
+    * colour: the median of the region's core (its most distinct half), assigned to the palette
+      colour whose segment *background → colour* passes nearest (so blends with the background,
+      as at blurred edges, still read as their colour);
+    * shape: each pixel's coverage ``α`` = how far it lies from the background towards that colour;
+      the area ``Σα`` and the centroid give, for each candidate shape, the one template (circle,
+      square, upright triangle) with that area and centroid; the template closest to ``α`` (L1)
+      wins. Area and centroid survive blur, JPEG and noise, so the templates sit where the shape is.
     """
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    h, w, _ = arr.shape
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-    background = "white" if np.median(border.mean(axis=1)) > 127.5 else "black"
-    dist = np.linalg.norm(arr - np.array(BACKGROUND_RGB[background], np.float32), axis=2)
-    mask = dist > 100.0
-    if mask.mean() < 0.02:
+    bg = np.median(border, axis=0)
+    background = "white" if bg.mean() > 127.5 else "black"
+    dist = np.linalg.norm(arr - bg, axis=2)
+    mask = _box_mean(dist, 1) > 100.0
+    if mask.mean() < _SHAPE_MIN_FRACTION:
         return Reading("none", "none", background)
-    fg = np.median(arr[mask], axis=0)
-    colour = _PALETTE_NAMES[int(np.argmin(np.linalg.norm(_PALETTE_RGB - fg, axis=1)))]
-    # Re-threshold halfway between background and shape colour: the 50 % blend is the true edge,
-    # which keeps blurred or reconstructed images close to their real extent.
-    mask = dist > 0.5 * float(np.linalg.norm(fg - np.array(BACKGROUND_RGB[background], np.float32)))
-    ys, xs = np.nonzero(mask)
-    y_lo, y_hi = (int(v) for v in np.percentile(ys, [1, 99]))
-    x_lo, x_hi = (int(v) for v in np.percentile(xs, [1, 99]))
-    box = mask[y_lo : y_hi + 1, x_lo : x_hi + 1]
-    fill = box.mean()
-    widths = box.sum(axis=1)  # foreground pixels per row, top to bottom
-    third = max(1, len(widths) // 3)
-    taper = widths[:third].mean() / max(widths[-third:].mean(), 1e-6)  # upright triangle ~0.2, others ~1
-    shape = "triangle" if taper < 0.6 else "square" if fill > 0.89 else "circle"
+    region = _largest_component(mask)
+    if region.mean() < _SHAPE_MIN_FRACTION:
+        return Reading("none", "none", background)
+    d = dist[region]
+    fg = np.median(arr[region][d >= np.median(d)], axis=0)
+    seg = _PALETTE_RGB - bg  # (6, 3): background → palette colour
+    t = np.clip(seg @ (fg - bg) / (seg * seg).sum(1), 0.0, 1.0)
+    colour = _PALETTE_NAMES[int(np.argmin(np.linalg.norm(bg + t[:, None] * seg - fg, axis=1)))]
+
+    # Coverage α in a window around the region (margin for blur), zero-mean noise left unclipped.
+    ys, xs = np.nonzero(region)
+    m = max(4, int(round(0.08 * max(h, w))))
+    y0, y1, x0, x1 = max(0, ys.min() - m), min(h, ys.max() + m + 1), max(0, xs.min() - m), min(w, xs.max() + m + 1)
+    near = _box_mean(region.astype(np.float32), m)[y0:y1, x0:x1] > 0  # the region grown by m pixels
+    v = fg - bg
+    alpha = np.clip((arr[y0:y1, x0:x1] - bg) @ v / float(v @ v), -1.0, 2.0) * near
+    area = float(alpha.sum())
+    if area <= 1.0:
+        return Reading(colour, "none", background)
+    gy, gx = np.arange(y0, y1) + 0.5, np.arange(x0, x1) + 0.5
+    cy = float((alpha.sum(1) * gy).sum() / area)
+    cx = float((alpha.sum(0) * gx).sum() / area)
+    errors = {name: min(float(np.abs(alpha - _blur(tpl, s)).sum()) for s in _BLURS)
+              for name, tpl in _templates(area, cx, cy, gx, gy).items()}
+    shape = min(SHAPES, key=lambda name: errors[name])
     return Reading(colour, shape, background)
 
 
