@@ -1,4 +1,4 @@
-"""Shared fixtures: a CLIP tokenizer folder, a tiny trained kit, a tiny demo dataset."""
+"""Shared fixtures: a CLIP tokenizer folder, a test-preset kit, a tiny demo dataset (jsonl and packed)."""
 
 import os
 import subprocess
@@ -31,12 +31,21 @@ def tokenizer(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def tiny_kit(tmp_path_factory):
-    """A kit built with the test preset (seconds): real layout, barely trained."""
+    """Path of a kit built once per session with the test preset (seconds): real layout and loaders,
+    barely trained (its figures do not meet the default kit's targets); model_max_length 16."""
     from sd.kit import KitConfig, build_kit
 
     folder = tmp_path_factory.mktemp("kit") / "tiny-sd"
     build_kit(str(folder), KitConfig.test_preset(), seed=0, log=lambda *a: None)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def demo_jsonl(tmp_path_factory):
+    """A 72-image demo dataset at 32 px (each of the 36 prompts twice): path of its demo.jsonl."""
+    from sd.demo_data import write_demo_jsonl
+
+    return write_demo_jsonl(str(tmp_path_factory.mktemp("demo_jsonl")), num_images=72, size=32, seed=1)
 
 
 @pytest.fixture(scope="session")
