@@ -1,14 +1,23 @@
 """The one sampler: ppdiffusers' StableDiffusionPipeline, shared by image logging and eval.py.
 
-Seeding rule: the image for (prompt, seed) starts from latents drawn by
-``numpy.random.default_rng(seed)``, so it does not depend on which other prompts share its batch
-(beyond float rounding: another batch size can move a pixel by a level or two).
+Seeding rule (what makes an image reproducible and independent of its batch):
+
+* The image for (prompt, seed ``s``) starts from latents drawn by ``numpy.random.default_rng(s)``
+  with shape (1, C, H / f, W / f), ``f`` the VAE's downsampling factor; the pipeline receives them
+  through ``latents=``, so they do not depend on the other images of the batch.
+* Deterministic samplers (ddim with eta 0, pndm, lms, dpm-solver++) draw nothing else. Prompts are
+  batched; the only effect of the batch is float rounding in batched matrix products (measured: at
+  most one intensity level out of 255 between batch sizes 1 and 8; the same call twice is identical).
+* Samplers that draw fresh noise at every step (euler-ancestral) run one image at a time after
+  ``paddle.seed(s)``, so their step noise also depends on the seed alone (exactly). The global RNG
+  state is saved and restored around the call. ``paddle.Generator`` is not used: ppdiffusers 0.29
+  replaces it with a tracker of CUDA RNG states, which does nothing on a CPU.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Optional, Sequence
+import inspect
+from typing import List, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -16,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from sd.kit import latent_factor
 
-# name → ppdiffusers scheduler class name (all exist in ppdiffusers 0.29)
+# name → ppdiffusers scheduler class (all exist in ppdiffusers 0.29)
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",
@@ -24,27 +33,47 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
     "dpm-solver++": "DPMSolverMultistepScheduler",
 }
-# SD v1's schedule; clip_sample off (latents are not in [-1, 1]) and the leading timestep offset.
+STOCHASTIC = {"euler-ancestral"}  # draw noise inside scheduler.step
+# SD v1's noise schedule and sampler settings: latents are not in [-1, 1] (no clipping), the final
+# step uses alpha_0 rather than 1, timesteps are offset by one ("leading"), PNDM runs as PLMS.
 SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                           steps_offset=1)
+                           set_alpha_to_one=False, steps_offset=1, clip_sample=False, skip_prk_steps=True,
+                           timestep_spacing="leading", prediction_type="epsilon")
+FORCED = {"dpm-solver++": {"algorithm_type": "dpmsolver++"}}  # what the name promises
 
 
 def make_scheduler(name: str, config: Optional[dict] = None):
-    """A scheduler of kind ``name`` with the given (training) config, or SD v1's."""
+    """A scheduler of kind ``name``: SD v1's settings, overridden by ``config`` (e.g. the training
+    schedule with its ``prediction_type``). Keys the class does not take are dropped quietly."""
     import ppdiffusers
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls = getattr(ppdiffusers, SCHEDULERS[name])
-    cfg = dict(config or SD_SCHEDULER_CONFIG)
-    extra = {"clip_sample": False, "set_alpha_to_one": False} if name == "ddim" else {}
-    if name == "dpm-solver++":
-        extra = {"algorithm_type": "dpmsolver++"}
-    return cls.from_config({**cfg, **extra})
+    given = {k: v for k, v in (config or {}).items() if not k.startswith("_")}
+    cfg = {**SD_SCHEDULER_CONFIG, **given, **FORCED.get(name, {})}
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    return cls.from_config({k: v for k, v in cfg.items() if k in accepted})
+
+
+def scheduler_name(pipe) -> str:
+    """The SCHEDULERS name of ``pipe.scheduler``."""
+    cls = type(pipe.scheduler).__name__
+    for name, class_name in SCHEDULERS.items():
+        if class_name == cls:
+            return name
+    raise ValueError(f"{cls} is not one of the supported schedulers ({', '.join(SCHEDULERS.values())})")
 
 
 def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler: str = "ddim", scheduler_config: Optional[dict] = None):
-    """A StableDiffusionPipeline around in-memory modules (no safety checker)."""
+    """A StableDiffusionPipeline around in-memory modules (no safety checker).
+
+    Args:
+        vae, text_encoder, tokenizer, unet: loaded modules (shared, not copied).
+        scheduler: a key of ``SCHEDULERS``.
+        scheduler_config: the noise schedule (e.g. ``dict(noise_scheduler.config)`` of training);
+            default SD v1's (1000 steps, scaled_linear 0.00085 → 0.012).
+    """
     from ppdiffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -52,25 +81,30 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler: str = "ddim", 
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def load_pipeline(pretrained: str, unet: Optional[str] = None, text_encoder: Optional[str] = None,
-                  variant: Optional[str] = None, scheduler: str = "ddim"):
-    """Load a pipeline from folders; ``unet``/``text_encoder`` replace the pretrained ones."""
-    from ppdiffusers.transformers import CLIPTextModel
+def load_pipeline(pretrained_model_name_or_path: str, unet=None, text_encoder=None, variant: Optional[str] = None,
+                  scheduler: str = "ddim", scheduler_config: Optional[dict] = None):
+    """Load a pipeline folder (``model_index.json`` layout); ``unet``/``text_encoder`` (a folder or a
+    loaded module) replace its own. ``variant`` (e.g. ``"ema"``) selects the UNet weights file.
+    ``scheduler_config`` overrides the folder's scheduler settings (e.g. ``prediction_type``)."""
     from ppdiffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from ppdiffusers.transformers import CLIPTextModel
 
     kwargs = {}
-    if unet:
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, variant=variant)
-    if text_encoder:
-        kwargs["text_encoder"] = CLIPTextModel.from_pretrained(text_encoder)
-    pipe = StableDiffusionPipeline.from_pretrained(pretrained, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, **kwargs)
-    pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
+    if unet is not None:
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, variant=variant) if isinstance(unet, str) else unet
+    elif variant:
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(pretrained_model_name_or_path, subfolder="unet",
+                                                              variant=variant)
+    if text_encoder is not None:
+        kwargs["text_encoder"] = CLIPTextModel.from_pretrained(text_encoder) if isinstance(text_encoder, str) else text_encoder
+    pipe = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False, **kwargs)
+    pipe.scheduler = make_scheduler(scheduler, {**dict(pipe.scheduler.config), **(scheduler_config or {})})
     return pipe
 
 
 def initial_latents(pipe, seed: int, height: int, width: int) -> paddle.Tensor:
-    """(1, C, h, w) standard-normal latents drawn from ``default_rng(seed)``."""
+    """(1, C, height / f, width / f) standard-normal latents drawn from ``numpy.random.default_rng(seed)``."""
     f = latent_factor(pipe.vae.config)
     shape = (1, pipe.unet.config.in_channels, height // f, width // f)
     return paddle.to_tensor(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
@@ -78,39 +112,69 @@ def initial_latents(pipe, seed: int, height: int, width: int) -> paddle.Tensor:
 
 @paddle.no_grad()
 def generate(pipe, prompts: Sequence[str], *, guidance_scale: float, num_inference_steps: int, height: int, width: int,
-             seeds: Sequence[int], negative_prompt: Optional[str] = None) -> List[Image.Image]:
-    """One image per (prompt, seed) pair, in order; ``prompts`` and ``seeds`` have equal length."""
-    if len(prompts) != len(seeds):
-        raise ValueError("generate needs one seed per prompt")
+             seed: int = 0, negative_prompt: Optional[str] = None, num_images_per_prompt: int = 1,
+             seeds: Optional[Sequence[int]] = None) -> List[Image.Image]:
+    """Images for ``prompts``, prompt-major: prompt 0's images, then prompt 1's, ...
+
+    Image ``j`` of every prompt uses seed ``seed + j`` (the same starting noise for every prompt, so
+    a row of prompts compares like with like). ``seeds`` instead gives one seed per output image
+    (length ``len(prompts) * num_images_per_prompt``, same order). See the module docstring for why
+    an image does not depend on its batch. ``height`` and ``width`` must be multiples of the VAE's
+    downsampling factor.
+    """
+    n = num_images_per_prompt
+    if seeds is None:
+        seeds = [seed + j for _ in prompts for j in range(n)]
+    if len(seeds) != len(prompts) * n:
+        raise ValueError(f"generate needs {len(prompts) * n} seeds (one per image), got {len(seeds)}")
     f = latent_factor(pipe.vae.config)
     if height % f or width % f:
-        raise ValueError(f"height and width must be multiples of {f} (the VAE's downsampling factor)")
-    latents = paddle.concat([initial_latents(pipe, s, height, width) for s in seeds])
+        raise ValueError(f"height {height} and width {width} must be multiples of {f} (the VAE's downsampling factor)")
+    flat = [p for p in prompts for _ in range(n)]
+    if not flat:
+        return []
     pipe.set_progress_bar_config(disable=True)  # callers show progress across prompts instead
-    out = pipe(list(prompts), guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, height=height,
-               width=width, latents=latents, output_type="pil",
-               generator=[paddle.Generator().manual_seed(int(s)) for s in seeds],  # per-image noise of ancestral samplers
-               negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None)
-    return out.images
+
+    def run(batch_prompts, batch_seeds):
+        latents = paddle.concat([initial_latents(pipe, int(s), height, width) for s in batch_seeds])
+        out = pipe(list(batch_prompts), guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                   height=height, width=width, latents=latents, output_type="pil",
+                   negative_prompt=[negative_prompt] * len(batch_prompts) if negative_prompt else None)
+        return out.images
+
+    if scheduler_name(pipe) not in STOCHASTIC:
+        return run(flat, seeds)
+    state = paddle.get_rng_state()
+    try:
+        images = []
+        for p, s in zip(flat, seeds):
+            paddle.seed(int(s))  # the step noise of this image
+            images += run([p], [s])
+        return images
+    finally:
+        paddle.set_rng_state(state)
 
 
 def make_grid(images: Sequence[Image.Image], rows: int, cols: int, labels: Optional[Sequence[str]] = None) -> Image.Image:
-    """Tile images row-major into a rows × cols grid; optional small text label per row."""
+    """Tile images row-major into a rows × cols grid (grey where images run out); with ``labels``,
+    a 12-pixel strip above each row carries that row's label."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
     w, h = images[0].size
-    pad = 0 if not labels else 12
+    pad = 12 if labels else 0
     grid = Image.new("RGB", (cols * w, rows * (h + pad)), (128, 128, 128))
     draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images[: rows * cols]):
         r, c = divmod(i, cols)
-        grid.paste(im.convert("RGB"), (c * w, r * (h + pad) + pad))
-    if labels:
-        for r, text in enumerate(labels[:rows]):
-            draw.text((2, r * (h + pad)), text, fill=(255, 255, 255))
+        grid.paste(im.convert("RGB").resize((w, h)), (c * w, r * (h + pad) + pad))
+    for r, text in enumerate((labels or [])[:rows]):
+        draw.rectangle((0, r * (h + pad), cols * w, r * (h + pad) + pad - 1), fill=(0, 0, 0))
+        draw.text((2, r * (h + pad)), text, fill=(255, 255, 255))
     return grid
 
 
 def decode_latents_to_images(vae, latents: paddle.Tensor) -> List[Image.Image]:
-    """Scaled latents (B, 4, h, w) → PIL images, through the VAE decoder."""
+    """Scaled latents (B, C, h, w) → PIL images, through the VAE decoder."""
     x = vae.decode(latents / vae.config.scaling_factor).sample
     arr = ((x.clip(-1, 1) + 1) * 127.5).round().astype("uint8").transpose([0, 2, 3, 1]).numpy()
     return [Image.fromarray(a) for a in arr]
