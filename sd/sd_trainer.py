@@ -213,7 +213,7 @@ class StableDiffusionTrainer(Trainer):
                                                       height=self.resolution, width=self.resolution, seeds=list(range(n)))
         if was_training:
             m.unet.train()
-        grid = sampling.make_grid([im for r in rows.values() for im in r], rows=len(rows), cols=n)
+        grid = sampling.make_grid([im for r in rows.values() for im in r], rows=len(rows), cols=n, labels=list(rows))
         folder = os.path.join(self.args.output_dir, "images")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step-{step:07d}.png")
