@@ -14,7 +14,13 @@ writes the ``from_pretrained`` layout of ``CompVis/stable-diffusion-v1-4`` (``mo
   fresh initial weights: the part that training learns;
 * scheduler: SD v1's noise schedule.
 
-``kit_report.json`` records the measured figures (PSNR, checker agreement, retrieval accuracy, time).
+``kit_report.json`` records the measured figures (retrieval accuracy, token separation, PSNR, checker
+agreement, sizes, build time). Options: ``--seed``, ``--resolution`` (default 32), ``--max_length``
+(default 77), ``--captions FILE`` (extra tokenizer captions), ``--preset test`` (seconds, for tests).
+
+Loading: ``check_local_or_explain(name_or_path, what)`` turns a folder (or a hub name already in the
+ppdiffusers cache) into a local path and fails fast, with how to get weights, for anything else; the
+trainer and eval call it before any ``from_pretrained``, so nothing reaches for a hub.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -40,12 +46,15 @@ SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
 
 @dataclass
 class KitConfig:
+    """Sizes and training lengths of the kit; the defaults build the default kit (~7 min on 2 cores)."""
+
     resolution: int = 32  # image side the kit is built for (the CPU default trains at this size)
     text_hidden: int = 32  # CLIP text width = UNet cross-attention width
     text_layers: int = 2
     text_heads: int = 4
     text_intermediate: int = 37
     max_length: int = 77  # tokenizer model_max_length and text positions (SD's 77)
+    max_merges: int = 2000  # BPE merges at most (the demo captions alone need ~50)
     clip_steps: int = 600  # contrastive steps, batch = the 36 demo prompts × clip_repeat
     clip_repeat: int = 2
     clip_lr: float = 2e-3
@@ -68,18 +77,32 @@ class KitConfig:
 # ---------------------------------------------------------------------------------------------
 # Local loading (no hub)
 # ---------------------------------------------------------------------------------------------
-def check_local_or_explain(name_or_path: str, what: str = "model") -> str:
-    """Return ``name_or_path`` if it is a local file or folder; otherwise raise a helpful error.
+def load_error_hint(name: str, what: str = "model") -> str:
+    """The message for a model ``name`` that is neither a local folder nor in the local cache."""
+    return (f"{what} '{name}' is not a local file or folder (nor in the ppdiffusers cache), and no model hub is "
+            f"reachable from here. Either download it on a connected machine (e.g. `huggingface-cli download "
+            f"CompVis/stable-diffusion-v1-4 --local-dir DIR`, or run its from_pretrained there once and copy "
+            f"~/.cache/paddlenlp/ppdiffusers/) and pass the folder, or build the offline kit with "
+            f"`python -m sd.kit --output_dir ./tiny-sd` and pass ./tiny-sd (its parts: ./tiny-sd/vae, "
+            f"./tiny-sd/text_encoder, ./tiny-sd/tokenizer, ./tiny-sd/unet)")
 
-    No model hub is reachable from this project's machines, so a hub name must already be a folder.
+
+def check_local_or_explain(name_or_path: str, what: str = "model") -> str:
+    """Return a local path for ``name_or_path``, or raise ``FileNotFoundError`` with what to do.
+
+    Accepted: an existing file or folder, or a hub name (e.g. ``CompVis/stable-diffusion-v1-4/vae``)
+    whose folder is already in the ppdiffusers cache (``$PPNLP_HOME/ppdiffusers/<name>``, filled by a
+    ``from_pretrained`` on a connected machine); the cache folder is returned. Nothing here touches the
+    network, and the caller then loads from a local folder, so ``from_pretrained`` does not either.
     """
     if os.path.exists(name_or_path):
         return name_or_path
-    raise FileNotFoundError(
-        f"{what} '{name_or_path}' is not a local file or folder and no model hub is reachable. Either download it "
-        f"on a connected machine (e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR`) and "
-        f"pass the folder, or build the offline kit with `python -m sd.kit --output_dir ./tiny-sd` and pass ./tiny-sd"
-    )
+    from ppdiffusers.utils import PPDIFFUSERS_CACHE
+
+    cached = os.path.join(PPDIFFUSERS_CACHE, name_or_path)
+    if not os.path.isabs(name_or_path) and os.path.isdir(cached) and os.listdir(cached):
+        return cached
+    raise FileNotFoundError(load_error_hint(name_or_path, what))
 
 
 def latent_factor(vae_config) -> int:
@@ -118,13 +141,45 @@ def _image_tower(width: int):
     )
 
 
+def token_separation(text_encoder, tokenizer, max_length: int) -> float:
+    """How far the UNet's conditioning moves when one word of a demo caption changes.
+
+    Over every pair of demo captions that differ in one word (colour, shape or background), the
+    distance between the two final hidden states (``last_hidden_state``, after the final layer
+    norm: what SD cross-attends to) at that word's position, divided by the RMS norm of the hidden
+    states, i.e. on the scale where a feature vector has length 1. A randomly initialised encoder
+    gives ~0.1–0.3; the UNet needs clearly separated words.
+    """
+    import paddle
+
+    prompts = demo_data.all_prompts()
+    ids = tokenizer([p[3] for p in prompts], padding="max_length", max_length=max_length, truncation=True,
+                    return_attention_mask=False)["input_ids"]
+    was_training = text_encoder.training
+    text_encoder.eval()
+    with paddle.no_grad():
+        hidden = text_encoder(paddle.to_tensor(ids, dtype="int64"), return_dict=False)[0].numpy()  # (36, L, D)
+    text_encoder.train(was_training)
+    scale = float(np.sqrt((hidden ** 2).sum(-1).mean()))
+    shifts = []
+    for i, a in enumerate(prompts):
+        for j in range(i + 1, len(prompts)):
+            diff = [k for k in range(3) if a[k] != prompts[j][k]]
+            if len(diff) == 1:
+                word = prompts[j][3].split()[(1, 2, 5)[diff[0]]]  # "a {colour} {shape} on a {background} ..."
+                pos = 1 + sum(len(tokenizer.tokenize(w)) for w in a[3].split()[: (1, 2, 5)[diff[0]]])
+                assert tokenizer.tokenize(word) == [word + "</w>"]
+                shifts.append(float(np.linalg.norm(hidden[i, pos] - hidden[j, pos])) / scale)
+    return float(np.mean(shifts))
+
+
 def build_text_encoder(cfg: KitConfig, tokenizer, seed: int, log=print):
     """Train a CLIPTextModel contrastively against a small image tower on demo pairs.
 
     Each step's batch holds every demo prompt ``clip_repeat`` times with freshly rendered images;
     the loss is CLIP's symmetric InfoNCE over distinct captions, applied both to the pooled (EOT)
     feature and to the mean of the token features, so that the per-token states the UNet
-    cross-attends to carry the words too. Returns (model, retrieval accuracy on held-out images).
+    cross-attends to carry the words too. Returns (model, figures: retrieval accuracies and token separation).
     """
     import paddle
     import paddle.nn.functional as F
@@ -156,6 +211,7 @@ def build_text_encoder(cfg: KitConfig, tokenizer, seed: int, log=print):
         mean = (hidden * token_mask[:, :, None]).sum(1) / token_mask.sum(1, keepdim=True)
         return F.normalize(pooled, axis=-1), F.normalize(proj(mean), axis=-1)
 
+    separation_random = token_separation(text, tokenizer, cfg.max_length)
     labels = paddle.arange(len(prompts) * cfg.clip_repeat) % len(prompts)
     for step in tqdm(range(cfg.clip_steps), desc="kit: text encoder (contrastive)", unit="step"):
         x, _ = _demo_batch(rng, cfg.resolution, prompts * cfg.clip_repeat)
@@ -173,20 +229,30 @@ def build_text_encoder(cfg: KitConfig, tokenizer, seed: int, log=print):
         opt.step()
         opt.clear_grad()
 
-    # Held-out retrieval: for fresh images, is the nearest of the 36 captions the right one?
+    # Held-out retrieval (images never seen in training, one per prompt per round):
+    #   image → caption: is the nearest of the 36 captions the image's own caption?
+    #   caption → image: among the round's 36 images (one per prompt), is the nearest its image?
     text.eval()
     image.eval()
-    correct, eval_rng = 0, np.random.default_rng(seed + 1)
+    hits_i2t = hits_t2i = 0
+    eval_rng = np.random.default_rng(seed + 1)
     with paddle.no_grad():
         t_pool, _ = text_features(ids, mask)
         reps = max(1, cfg.eval_images // len(prompts))
         for _ in range(reps):
             x, _ = _demo_batch(eval_rng, cfg.resolution, prompts)
             img_a = F.normalize(image(paddle.to_tensor(x))[:, : cfg.text_hidden], axis=-1)
-            correct += int((paddle.argmax(img_a @ t_pool.T, -1) == paddle.arange(len(prompts))).sum())
-    accuracy = correct / (reps * len(prompts))
-    log(f"kit: caption→image retrieval on {reps * len(prompts)} held-out images: {accuracy:.1%}")
-    return text, accuracy
+            sim = (img_a @ t_pool.T).numpy()  # (36 images, 36 captions)
+            hits_i2t += int((sim.argmax(1) == np.arange(len(prompts))).sum())
+            hits_t2i += int((sim.argmax(0) == np.arange(len(prompts))).sum())
+    n = reps * len(prompts)
+    figures = {"retrieval_accuracy": hits_i2t / n, "retrieval_caption_to_image": hits_t2i / n, "retrieval_eval_images": n,
+               "token_separation_random": separation_random,
+               "token_separation": token_separation(text, tokenizer, cfg.max_length)}
+    log(f"kit: retrieval on {n} held-out images: image→caption {figures['retrieval_accuracy']:.1%} (top-1 of 36 "
+        f"captions), caption→image {figures['retrieval_caption_to_image']:.1%} (top-1 of 36 images); one-word change "
+        f"moves the word's final hidden state by {figures['token_separation']:.2f} (random init: {separation_random:.2f})")
+    return text, figures
 
 
 def build_vae(cfg: KitConfig, seed: int, log=print):
@@ -261,43 +327,122 @@ def unet_config(cfg: KitConfig, factor: int) -> Dict:
                 attention_head_dim=cfg.unet_attention_head_dim, norm_num_groups=min(32, min(cfg.unet_channels)))
 
 
-def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0, log=print) -> Dict:
-    """Build the whole kit into ``output_dir``; returns the report (also saved as kit_report.json)."""
+def read_captions(path: str) -> List[str]:
+    """Captions for the tokenizer: a ``.jsonl`` (its ``caption`` values, lists too) or one caption per line."""
+    captions = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    value = json.loads(line).get("caption")
+                except (json.JSONDecodeError, AttributeError) as e:
+                    raise ValueError(f"{path}:{n}: not a JSON object with a 'caption' ({e})") from None
+                captions += value if isinstance(value, list) else [value] if isinstance(value, str) else []
+            else:
+                captions.append(line.strip())
+    if not captions:
+        raise ValueError(f"{path}: no captions found")
+    return captions
+
+
+def _disk_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0, log=print,
+              captions_file: Optional[str] = None) -> Dict:
+    """Build the whole kit into ``output_dir``; returns the report (also saved as ``kit_report.json``).
+
+    Args:
+        output_dir: the kit folder. It is built beside it (``<output_dir>.partial``) and moved into
+            place when complete, so an interrupted build never leaves a half kit; an existing kit
+            there is replaced, any other non-empty folder is refused.
+        config: sizes and training lengths (``KitConfig()``: the default kit; ``KitConfig.test_preset()``).
+        seed: fixes everything (python, numpy, paddle); the same seed gives identical weights.
+        captions_file: extra captions (``.jsonl`` or one per line) for the tokenizer's merges,
+            learned together with the demo captions.
+    """
+    import shutil
+
     import paddle
     from paddlenlp.transformers import CLIPTokenizer
     from ppdiffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     cfg = config or KitConfig()
+    output_dir = os.path.normpath(output_dir)
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(os.path.join(output_dir, "kit_report.json")):
+        raise ValueError(f"{output_dir} is not empty and holds no kit (no kit_report.json); choose another --output_dir")
+    if cfg.resolution % 2 ** (len(cfg.vae_channels) - 1):
+        raise ValueError(f"resolution {cfg.resolution} is not a multiple of the VAE's factor {2 ** (len(cfg.vae_channels) - 1)}")
     start = time.time()
-    merges = learn_bpe(p[3] for p in demo_data.all_prompts())
-    tok_dir = os.path.join(output_dir, "tokenizer")
+    work = output_dir + ".partial"
+    shutil.rmtree(work, ignore_errors=True)
+
+    captions = [p[3] for p in demo_data.all_prompts()]
+    if captions_file:
+        captions += read_captions(captions_file)
+    merges = learn_bpe(captions, max_merges=cfg.max_merges)
+    tok_dir = os.path.join(work, "tokenizer")
     vocab_size = save_tokenizer(tok_dir, merges, cfg.max_length)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    text_encoder, retrieval = build_text_encoder(cfg, tokenizer, seed, log)
+    words = sorted({w for c in demo_data.all_prompts() for w in c[3].split()})
+    split = [w for w in words if tokenizer.tokenize(w) != [w + "</w>"]]
+    if split:
+        raise ValueError(f"demo words {split} are not single tokens after {len(merges)} merges; raise max_merges")
+    text_encoder, text_figures = build_text_encoder(cfg, tokenizer, seed, log)
     vae, vae_figures = build_vae(cfg, seed, log)
     _seed_everything(seed)
     unet = UNet2DConditionModel(**unet_config(cfg, latent_factor(vae.config)))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=PNDMScheduler(**SD_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(output_dir)
-    report = {"seed": seed, "config": asdict(cfg), "vocab_size": vocab_size, "num_merges": len(merges),
-              "retrieval_accuracy": retrieval, **vae_figures,
+    pipe.save_pretrained(work)
+    tok_config = os.path.join(work, "tokenizer", "tokenizer_config.json")
+    with open(tok_config, encoding="utf-8") as f:
+        tok_cfg = json.load(f)
+    tok_cfg.pop("special_tokens_map_file", None)  # a build-time path; the file sits beside it anyway
+    with open(tok_config, "w", encoding="utf-8") as f:
+        json.dump(tok_cfg, f, indent=2)
+    report = {"seed": seed, "config": asdict(cfg), "captions_file": captions_file, "vocab_size": vocab_size,
+              "num_merges": len(merges), **text_figures, **vae_figures,
               "unet_parameters": int(sum(int(np.prod(p.shape)) for p in unet.parameters())),
-              "build_seconds": round(time.time() - start, 1), "paddle": paddle.__version__}
-    with open(os.path.join(output_dir, "kit_report.json"), "w") as f:
+              "text_encoder_parameters": int(sum(int(np.prod(p.shape)) for p in text_encoder.parameters())),
+              "vae_parameters": int(sum(int(np.prod(p.shape)) for p in vae.parameters())),
+              "disk_bytes": _disk_bytes(work), "build_seconds": round(time.time() - start, 1),
+              "paddle": paddle.__version__}
+    with open(os.path.join(work, "kit_report.json"), "w") as f:
         json.dump(report, f, indent=2)
+    if os.path.isdir(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(work, output_dir)
+    log(f"kit: built {output_dir} in {report['build_seconds']:.0f} s, {report['disk_bytes'] / 1e6:.1f} MB")
     return report
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Build the offline tiny Stable Diffusion kit.")
-    p.add_argument("--output_dir", default="./tiny-sd")
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description="Build the offline tiny Stable Diffusion kit (see the module docstring).")
+    p.add_argument("--output_dir", default="./tiny-sd", help="kit folder (built beside it, then moved into place)")
+    p.add_argument("--seed", type=int, default=0, help="fixes every random draw; same seed → identical weights")
     p.add_argument("--preset", choices=["default", "test"], default="default", help="test: seconds, for the test suite")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels the kit is built for (default 32)")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="tokenizer model_max_length = text positions (default 77, SD's); the trainer's --model_max_length must not exceed it")
+    p.add_argument("--captions", default=None, help="extra captions (.jsonl or one per line) for the tokenizer merges")
+    p.add_argument("--clip_steps", type=int, default=None, help="contrastive text-encoder steps")
+    p.add_argument("--vae_steps", type=int, default=None, help="VAE training steps")
     a = p.parse_args(argv)
     cfg = KitConfig.test_preset() if a.preset == "test" else KitConfig()
-    report = build_kit(a.output_dir, cfg, a.seed)
+    overrides = {k: v for k, v in (("resolution", a.resolution), ("max_length", a.max_length),
+                                   ("clip_steps", a.clip_steps), ("vae_steps", a.vae_steps)) if v is not None}
+    cfg = replace(cfg, **overrides)
+    if cfg.resolution < 16 or cfg.max_length < 10:
+        p.error("--resolution must be ≥ 16 and --max_length ≥ 10 (a demo caption is 9 tokens)")
+    try:
+        report = build_kit(a.output_dir, cfg, a.seed, captions_file=a.captions)
+    except ValueError as e:
+        p.error(str(e))
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
 
 
