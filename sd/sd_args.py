@@ -65,6 +65,11 @@ class ModelArguments:
             raise ValueError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.model_max_length < 2:
             raise ValueError("--model_max_length must be ≥ 2")
+        for name in ("unet_learning_rate", "text_encoder_learning_rate"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.num_inference_steps < 1 or self.image_logging_steps < 0:
+            raise ValueError("--num_inference_steps must be ≥ 1 and --image_logging_steps ≥ 0 (0 = never)")
 
     def component_paths(self) -> Dict[str, Optional[str]]:
         """Where each component comes from: its own flag, else ``<pretrained>/<component>``."""

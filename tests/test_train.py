@@ -114,6 +114,10 @@ def test_bad_arguments_raise_early():
         ModelArguments(snr_gamma=0)
     with pytest.raises(ValueError, match="line_format"):
         DataArguments(line_format="csv")
+    with pytest.raises(ValueError, match="unet_learning_rate"):
+        ModelArguments(unet_learning_rate=0.0)
+    with pytest.raises(ValueError, match="image_logging_steps"):
+        ModelArguments(image_logging_steps=-1)
 
 
 def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path):
@@ -129,3 +133,35 @@ def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path)
     config = json.load(open(ckpt / "run_config.json"))
     assert config["model"]["prediction_type"] == "v_prediction" and config["model"]["snr_gamma"] == 5.0
     assert config["data"]["resolution"] == 32 and not (tmp_path / "tiny-sd").exists()
+
+
+def test_text_encoder_training_gets_its_own_learning_rate(tiny_kit, tmp_path):
+    import paddle
+
+    from sd.model import StableDiffusionModel
+    from sd.sd_trainer import StableDiffusionTrainer
+
+    m = ModelArguments(pretrained_model_name_or_path=tiny_kit, unet_name_or_path=os.path.join(tiny_kit, "unet", "config.json"),
+                       model_max_length=16, train_text_encoder=True, unet_learning_rate=2e-3, text_encoder_learning_rate=1e-4)
+    model = StableDiffusionModel(m)
+    args = SDTrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to=["none"], max_steps=1)
+    trainer = StableDiffusionTrainer(model=model, args=args, train_dataset=None, resolution=32)
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    multiplier = {id(p): p.optimize_attr["learning_rate"] for g in trainer.optimizer._param_groups for p in g["params"]}
+    assert {multiplier[id(p)] for p in model.unet.parameters()} == {2.0}
+    assert {multiplier[id(p)] for p in model.text_encoder.parameters()} == {0.1}
+    assert all(id(p) not in multiplier for p in model.vae.parameters())
+    # one step moves the text encoder and not the VAE (after moving the UNet off its zero-initialised
+    # output layers, which would otherwise block every gradient into the text encoder)
+    for p in model.unet.parameters():
+        p.set_value(p + 0.01 * paddle.randn(p.shape))
+    ids = paddle.to_tensor(model.tokenizer(["a red circle on a white background"] * 2, padding="max_length", max_length=16,
+                                           return_attention_mask=False)["input_ids"], dtype="int64")
+    px = paddle.uniform([2, 3, 32, 32], min=-1, max=1)
+    before = {n: {k: v.numpy().copy() for k, v in getattr(model, n).state_dict().items()} for n in ("text_encoder", "vae")}
+    model.train()
+    model(ids, px, seed=0).backward()
+    trainer.optimizer.step()
+    after = {n: {k: v.numpy() for k, v in getattr(model, n).state_dict().items()} for n in ("text_encoder", "vae")}
+    assert any(not np.array_equal(before["text_encoder"][k], after["text_encoder"][k]) for k in before["text_encoder"])
+    assert all(np.array_equal(before["vae"][k], after["vae"][k]) for k in before["vae"])
