@@ -155,21 +155,31 @@ def generate(pipe, prompts: Sequence[str], *, guidance_scale: float, num_inferen
         paddle.set_rng_state(state)
 
 
-def make_grid(images: Sequence[Image.Image], rows: int, cols: int, labels: Optional[Sequence[str]] = None) -> Image.Image:
-    """Tile images row-major into a rows × cols grid (grey where images run out); with ``labels``,
-    a 12-pixel strip above each row carries that row's label."""
+def make_grid(images: Sequence[Image.Image], rows: int, cols: int, labels: Optional[Sequence[str]] = None,
+              tile: Optional[int] = None) -> Image.Image:
+    """Tile images row-major into a rows × cols grid (grey where images run out).
+
+    Args:
+        labels: optional text per row, written in a black margin left of the row.
+        tile: height in pixels of each tile (width scaled alike; nearest-neighbour, so small samples
+            stay crisp); default the first image's size.
+    """
     if not images:
         raise ValueError("make_grid needs at least one image")
     w, h = images[0].size
-    pad = 12 if labels else 0
-    grid = Image.new("RGB", (cols * w, rows * (h + pad)), (128, 128, 128))
+    if tile:
+        w, h = max(1, round(w * tile / h)), tile
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = int(max(draw.textlength(t) for t in labels[:rows])) + 6 if labels else 0
+    grid = Image.new("RGB", (margin + cols * w, rows * h), (128, 128, 128))
     draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images[: rows * cols]):
         r, c = divmod(i, cols)
-        grid.paste(im.convert("RGB").resize((w, h)), (c * w, r * (h + pad) + pad))
-    for r, text in enumerate((labels or [])[:rows]):
-        draw.rectangle((0, r * (h + pad), cols * w, r * (h + pad) + pad - 1), fill=(0, 0, 0))
-        draw.text((2, r * (h + pad)), text, fill=(255, 255, 255))
+        grid.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (margin + c * w, r * h))
+    if labels:
+        draw.rectangle((0, 0, margin - 1, rows * h - 1), fill=(0, 0, 0))
+        for r, text in enumerate(labels[:rows]):
+            draw.text((3, r * h + max(0, h // 2 - 6)), text, fill=(255, 255, 255))
     return grid
 
 
