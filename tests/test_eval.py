@@ -20,18 +20,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = "laion400m_pretrain_output_trainer"
 
 
+def train(tiny_kit, file_list, output_dir, *extra):
+    cmd = [sys.executable, os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"), "--do_train",
+           "--output_dir", str(output_dir), "--pretrained_model_name_or_path", tiny_kit,
+           "--unet_name_or_path", os.path.join(tiny_kit, "unet", "config.json"), "--file_list", file_list,
+           "--resolution", "32", "--per_device_train_batch_size", "2", "--model_max_length", "16", "--report_to", "none",
+           "--image_logging_steps", "0", "--dataloader_num_workers", "0", *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def workdir(tiny_kit, demo_file_list, tmp_path_factory):
     """A folder holding train.sh's default output: 2 steps on the test kit, EMA, v-prediction."""
     folder = tmp_path_factory.mktemp("work")
-    cmd = [sys.executable, os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"), "--do_train",
-           "--output_dir", str(folder / OUT), "--pretrained_model_name_or_path", tiny_kit,
-           "--unet_name_or_path", os.path.join(tiny_kit, "unet", "config.json"), "--file_list", demo_file_list,
-           "--resolution", "32", "--per_device_train_batch_size", "2", "--model_max_length", "16", "--max_steps", "2",
-           "--save_steps", "1", "--use_ema", "True", "--prediction_type", "v_prediction", "--report_to", "none",
-           "--image_logging_steps", "0", "--dataloader_num_workers", "0"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    train(tiny_kit, demo_file_list, folder / OUT, "--max_steps", "2", "--save_steps", "1", "--use_ema", "True",
+          "--prediction_type", "v_prediction")
     assert os.path.isfile(folder / OUT / "checkpoint-2" / "unet" / "config.json")
     return folder
 
@@ -93,6 +97,21 @@ def test_euler_ancestral_through_the_cli(workdir, tmp_path):
     for name in ("000_g7.5_s0.png", "000_g7.5_s1.png"):  # exact, whatever the batch
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert json.load(open(tmp_path / "a" / "manifest.json"))["images"][0]["scheduler"] == "euler-ancestral"
+
+
+def test_whole_pipeline_checkpoint_with_trained_text_encoder(tiny_kit, demo_file_list, tmp_path):
+    train(tiny_kit, demo_file_list, tmp_path / "run", "--max_steps", "1", "--save_steps", "1",
+          "--only_save_updated_model", "False", "--train_text_encoder", "True")
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    prompt = ["--prompt", "a red circle on a white background", "--num_inference_steps", "2"]
+    assert eval_cli.main(["--unet_model_name_or_path", str(ckpt), *prompt, "--output_dir", str(tmp_path / "a")]) == 0
+    manifest = json.load(open(tmp_path / "a" / "manifest.json"))
+    assert (manifest["unet"], manifest["text_encoder"], manifest["vae"]) == (
+        str(ckpt / "unet"), str(ckpt / "text_encoder"), str(ckpt / "vae"))  # the checkpoint's own, trained, modules
+    # the same folder as --pretrained_model_name_or_path (it is a whole pipeline): the same image
+    assert eval_cli.main(["--pretrained_model_name_or_path", str(ckpt), *prompt, "--output_dir", str(tmp_path / "b")]) == 0
+    name = "000_g7.5_s0.png"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 # The seed's snippets 5.1 and 5.2, as they read for the kit (the README shows these).
