@@ -91,8 +91,21 @@ def read_json(path: str) -> dict:
 
 
 def is_local(path: str) -> bool:
-    """A path that must exist here (hub names look like ``org/name[/subfolder]``)."""
+    """A path meant as a folder here; hub names look like ``org/name[/subfolder]``."""
     return os.path.exists(path) or path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+(/\w+)?", path)
+
+
+def localise(path: str, what: str) -> str:
+    """``path`` itself, or for a hub name its copy in the ppdiffusers cache (nothing touches the
+    network: no model hub is reachable from this project's machines)."""
+    if is_local(path):
+        return path
+    from sd.kit import check_local_or_explain
+
+    try:
+        return check_local_or_explain(path, what)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
 
 
 def newest_checkpoint(output_dir: str) -> str:
@@ -122,8 +135,7 @@ def locate_unet(args) -> Optional[str]:
             raise InputError(f"no {DEFAULT_OUTPUT} here: train a model with `sh train.sh`, "
                              "or pass --unet_model_name_or_path / --pretrained_model_name_or_path")
         return os.path.join(newest_checkpoint(DEFAULT_OUTPUT), "unet")
-    if not is_local(unet):
-        return unet
+    unet = localise(unet, "UNet")
     if not os.path.isdir(unet):
         raise InputError(f"--unet_model_name_or_path {unet} is not a folder; pass a checkpoint's unet/ folder, "
                          f"e.g. {DEFAULT_OUTPUT}/checkpoint-1000/unet")
@@ -141,25 +153,28 @@ def resolve_models(args) -> Dict:
     prediction_type, checkpoint, is_kit}; sets args.height/width when they can be known before loading."""
     unet = locate_unet(args)
     pretrained = args.pretrained_model_name_or_path
-    ckpt = os.path.dirname(os.path.abspath(unet)) if unet and os.path.isdir(unet) else None
-    state = read_json(os.path.join(ckpt, STATE_FILE)) if ckpt and os.path.isfile(os.path.join(ckpt, STATE_FILE)) else {}
     if pretrained is not None:
-        if is_local(pretrained):
-            if not os.path.isdir(pretrained):
-                raise InputError(f"--pretrained_model_name_or_path {pretrained} is not a folder")
-            if not os.path.isdir(os.path.join(pretrained, "vae")):
-                hint = (" (it is a training checkpoint: pass it as --unet_model_name_or_path)"
-                        if os.path.isfile(os.path.join(pretrained, STATE_FILE)) else "")
-                raise InputError(f"{pretrained} has no vae/ folder{hint}; pass a Stable Diffusion folder with "
-                                 f"vae/ text_encoder/ tokenizer/ scheduler/, e.g. {DEFAULT_KIT}")
-        paths = {k: f"{pretrained.rstrip('/')}/{k}" for k in COMPONENTS}
-        unet = unet or f"{pretrained.rstrip('/')}/unet"
+        pretrained = localise(pretrained, "--pretrained_model_name_or_path")
+        if not os.path.isdir(pretrained):
+            raise InputError(f"--pretrained_model_name_or_path {pretrained} is not a folder")
+        if not os.path.isdir(os.path.join(pretrained, "vae")):
+            hint = (" (it is a training checkpoint: pass it as --unet_model_name_or_path)"
+                    if os.path.isfile(os.path.join(pretrained, STATE_FILE)) else "")
+            raise InputError(f"{pretrained} has no vae/ folder{hint}; pass a Stable Diffusion folder with "
+                             f"vae/ text_encoder/ tokenizer/ scheduler/, e.g. {DEFAULT_KIT}")
+        unet = unet or os.path.join(pretrained, "unet")
+    if not os.path.isfile(os.path.join(unet, "config.json")):
+        raise InputError(f"{unet} is not a UNet folder (no config.json); pass --unet_model_name_or_path")
+    ckpt = os.path.dirname(os.path.abspath(unet))  # the checkpoint (or pipeline folder) the UNet belongs to
+    state = read_json(os.path.join(ckpt, STATE_FILE)) if os.path.isfile(os.path.join(ckpt, STATE_FILE)) else {}
+    if pretrained is not None:
+        paths = {k: os.path.join(pretrained, k) for k in COMPONENTS}
     elif ckpt and os.path.isfile(os.path.join(ckpt, "model_index.json")):  # a whole-pipeline checkpoint
         paths = {k: os.path.join(ckpt, k) for k in COMPONENTS}
     elif state.get("model_paths"):
-        paths = {k: state["model_paths"].get(k) for k in COMPONENTS}
+        paths = {k: localise(state["model_paths"].get(k) or "", k) for k in COMPONENTS}
         for k, path in paths.items():
-            if path and is_local(path) and not os.path.isdir(path):
+            if not os.path.isdir(path):
                 raise InputError(f"the {k} this checkpoint was trained with ({path}) is missing: rebuild the kit with "
                                  f"`python -m sd.kit --output_dir {DEFAULT_KIT}` or pass --pretrained_model_name_or_path")
     elif os.path.isdir(os.path.join(DEFAULT_KIT, "vae")):
@@ -168,16 +183,14 @@ def resolve_models(args) -> Dict:
         raise InputError(f"nothing records which VAE and text encoder go with {unet}: pass "
                          f"--pretrained_model_name_or_path (e.g. {DEFAULT_KIT}, built by `python -m sd.kit --output_dir {DEFAULT_KIT}`)")
     if args.text_encoder_model_name_or_path:
-        paths["text_encoder"] = args.text_encoder_model_name_or_path
-    elif ckpt and os.path.isfile(os.path.join(ckpt, "text_encoder", "config.json")):
+        paths["text_encoder"] = localise(args.text_encoder_model_name_or_path, "text encoder")
+    elif os.path.isfile(os.path.join(ckpt, "text_encoder", "config.json")):
         paths["text_encoder"] = os.path.join(ckpt, "text_encoder")  # trained with --train_text_encoder
     for k in ("vae", "text_encoder", "tokenizer"):
-        if is_local(paths[k]) and not os.path.isdir(paths[k]):
+        if not os.path.isdir(paths[k]):
             also = " or --text_encoder_model_name_or_path" if k == "text_encoder" else ""
             raise InputError(f"{k} folder {paths[k]} does not exist; pass --pretrained_model_name_or_path{also}")
-    if unet and is_local(unet) and not os.path.isfile(os.path.join(unet, "config.json")):
-        raise InputError(f"{unet} is not a UNet folder (no config.json)")
-    if args.variant and unet and os.path.isdir(unet) and not glob.glob(os.path.join(unet, f"*.{args.variant}.*")):
+    if args.variant and not glob.glob(os.path.join(unet, f"*.{args.variant}.*")):
         raise InputError(f"{unet} has no '{args.variant}' weights (EMA weights exist only when trained with "
                          "--use_ema True); drop --variant")
 
@@ -262,12 +275,12 @@ def check_device(device: str) -> None:
 # ---------------------------------------------------------------------------------------------
 def build(models: Dict, args):
     """Load every component with ppdiffusers' own loaders and wrap them in the shared pipeline."""
-    from ppdiffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from ppdiffusers import AutoencoderKL, UNet2DConditionModel
     from ppdiffusers.transformers import AutoTokenizer, CLIPTextModel
 
     from sd.sampling import build_pipeline
 
-    sched = models["scheduler_config"] or DDIMScheduler.load_config(models["scheduler"])
+    sched = models["scheduler_config"] or {}  # none: SD v1's schedule
     if models["prediction_type"]:  # what the UNet was trained to predict
         sched = {**sched, "prediction_type": models["prediction_type"]}
     vae = AutoencoderKL.from_pretrained(models["vae"])

@@ -206,6 +206,8 @@ def test_bad_input_errors(workdir, tiny_kit, tmp_path, capsys, monkeypatch):
     os.makedirs(OUT)
     expect_error(capsys, [], "no checkpoint under ./laion400m_pretrain_output_trainer")
     expect_error(capsys, ["--unet_model_name_or_path", "./nope"], "is not a folder")
+    expect_error(capsys, ["--pretrained_model_name_or_path", "CompVis/stable-diffusion-v1-4"],
+                 "no model hub is reachable")  # a hub name not in the local cache
     os.makedirs("empty")
     expect_error(capsys, ["--unet_model_name_or_path", "empty"], "not a UNet folder (no config.json)")
     expect_error(capsys, ["--unet_model_name_or_path", os.path.join(tiny_kit, "vae")], "not a UNet2DConditionModel")
