@@ -213,7 +213,8 @@ def resolve_models(args) -> Dict:
     sched = local_config(paths["scheduler"], "scheduler_config.json")
     return {**paths, "unet": unet, "checkpoint": ckpt, "prediction_type": state.get("prediction_type"),
             "scheduler_config": sched,
-            "is_kit": bool(paths["vae"] and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(paths["vae"])), "kit_report.json")))}
+            "is_kit": any(v and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(v)), "kit_report.json"))
+                          for v in (paths["vae"], state.get("model_paths", {}).get("vae")))}  # → demo prompts
 
 
 def factor_of(vae_config) -> int:
