@@ -41,9 +41,11 @@ NPROC=${NPROC:-1}                                        # CPU data-parallel pro
 # SNR_GAMMA          Min-SNR-γ loss weighting ("" = off)                      off | 5.0
 # NOISE_OFFSET       offset-noise scale (0 = off)                             0 | 0.1
 # NUM_INFERENCE_STEPS  DDIM steps of the logged samples                       50 | 25
+# EMA_DECAY          decay of the UNet's EMA (used when EMA is on)            0.9999 | 0.999
 # BF16               bf16 mixed precision (A100/3090-class GPUs)              False | (CPU: no effect)
 # FLAG_USE_EMA, FLAG_RECOMPUTE, FLAG_XFORMERS, FLAG_FUSED_LINEAR: the seed's switches (0/1). The GPU
-#   recipe exports the seed's values (0, 1, 1, 0) unless set; a --flag on the command line beats them.
+#   recipe exports the seed's values (0, 1, 1, 0) unless set, the CPU default FLAG_USE_EMA=1 (the EMA
+#   UNet, unet/*.ema.safetensors, samples better after 1000 steps); a --flag on the command line beats them.
 # Also: GRAD_ACCUM (1), WEIGHT_DECAY (0.01), SAVE_TOTAL_LIMIT (20), SEED (23), MODEL_MAX_LENGTH (77),
 #   MAX_GRAD_NORM (-1 = no clipping), DISABLE_TQDM (True | False).
 
@@ -60,7 +62,7 @@ if [ "$MODE" = gpu ]; then
   LR=${LR:-1e-4}; SAVE_STEPS=${SAVE_STEPS:-10000}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-1000}
   LOGGING_STEPS=${LOGGING_STEPS:-10}; NUM_WORKERS=${NUM_WORKERS:-4}
   SNR_GAMMA=${SNR_GAMMA:-}; NOISE_OFFSET=${NOISE_OFFSET:-0}; NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-50}
-  DISABLE_TQDM=${DISABLE_TQDM:-True}
+  DISABLE_TQDM=${DISABLE_TQDM:-True}; EMA_DECAY=${EMA_DECAY:-0.9999}
   export FLAG_USE_EMA=${FLAG_USE_EMA:-0} FLAG_RECOMPUTE=${FLAG_RECOMPUTE:-1} FLAG_XFORMERS=${FLAG_XFORMERS:-1}
   export FLAG_FUSED_LINEAR=${FLAG_FUSED_LINEAR:-0}
   export FLAGS_conv_workspace_size_limit=${FLAGS_conv_workspace_size_limit:-4096}  # cuDNN workspace, MB
@@ -72,6 +74,7 @@ else
   LR=${LR:-1e-3}; SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-500}
   LOGGING_STEPS=${LOGGING_STEPS:-50}; NUM_WORKERS=${NUM_WORKERS:-1}
   SNR_GAMMA=${SNR_GAMMA-5.0}; NOISE_OFFSET=${NOISE_OFFSET:-0.1}; NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-25}
+  export FLAG_USE_EMA=${FLAG_USE_EMA:-1}; EMA_DECAY=${EMA_DECAY:-0.999}  # 1000 steps: average over ~the last 1000
   if [ ! -f "$KIT_DIR/model_index.json" ] && [ "$PRETRAINED" = "$KIT_DIR" ]; then
     echo "== building the offline kit in $KIT_DIR (once)"
     python -m sd.kit --output_dir "$KIT_DIR"
@@ -121,4 +124,5 @@ exec $LAUNCH train_txt2img_laion400m_trainer.py \
   --noise_offset "$NOISE_OFFSET" \
   ${SNR_GAMMA:+--snr_gamma "$SNR_GAMMA"} \
   --num_inference_steps "$NUM_INFERENCE_STEPS" \
+  --ema_decay "$EMA_DECAY" \
   "$@"

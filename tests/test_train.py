@@ -124,14 +124,16 @@ def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path)
     """train.sh's CPU branch: settings from the environment, extra arguments passed through."""
     env = {**os.environ, "MODE": "cpu", "KIT_DIR": tiny_kit, "FILE_LIST": demo_file_list, "OUTPUT_DIR": str(tmp_path / "out"),
            "MAX_STEPS": "2", "BATCH_SIZE": "2", "SAVE_STEPS": "2", "LOGGING_STEPS": "1", "IMAGE_LOGGING_STEPS": "0",
-           "MODEL_MAX_LENGTH": "16", "NUM_WORKERS": "0", "FLAG_USE_EMA": "1"}
+           "MODEL_MAX_LENGTH": "16", "NUM_WORKERS": "0", "FLAG_USE_EMA": "0"}
     r = subprocess.run(["sh", os.path.join(ROOT, "train.sh"), "--report_to", "none", "--prediction_type", "v_prediction"],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ckpt = tmp_path / "out" / "checkpoint-2"
-    assert (ckpt / "unet" / "diffusion_paddle_model.ema.safetensors").is_file()  # FLAG_USE_EMA=1 reached Python
+    assert (ckpt / "unet" / "diffusion_paddle_model.safetensors").is_file()
+    assert not (ckpt / "unet" / "diffusion_paddle_model.ema.safetensors").exists()  # FLAG_USE_EMA=0 beat the default
     config = json.load(open(ckpt / "run_config.json"))
     assert config["model"]["prediction_type"] == "v_prediction" and config["model"]["snr_gamma"] == 5.0
+    assert config["model"]["ema_decay"] == 0.999 and config["model"]["noise_offset"] == 0.1
     assert config["data"]["resolution"] == 32 and not (tmp_path / "tiny-sd").exists()
 
 
