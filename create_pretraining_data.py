@@ -3,164 +3,322 @@
     python create_pretraining_data.py --input_path ./coco_data/coco_data.jsonl \\
         --output_path ./processed_data --per_part_file_num 1000 --num_repeat 100 --save_gzip_file
 
-Writes ``<output_path>/laion400m_format_data/part-000001[.gz] ...`` (one ``caption \\t NONE \\t
-base64(image)`` line per record, see ``sd/data_format.py``) and ``<output_path>/filelist/
-<output_name>.filelist(.list)``. Image paths in the jsonl are relative to the jsonl's folder.
-Bad records are skipped, counted and reported; nothing half-written is ever listed.
+Input: one JSON object per line, ``{"caption": "...", "image": "val2014/x.jpg", ...}``; the image path
+is relative to the jsonl's folder (or absolute); a list of captions gives one record per caption.
+Output (the PaddleMIX layout, line format in ``sd/data_format.py``):
+
+* ``<output_path>/laion400m_format_data/part-000001[.gz]``: ``caption \\t NONE \\t base64(image bytes)``
+  per line, ``--per_part_file_num`` lines per file, the image bytes exactly as read from disk;
+* ``<output_path>/filelist/<output_name>.filelist``: the part paths, the whole list ``--num_repeat``
+  times, written as ``<output_path>/laion400m_format_data/part-...`` (relative to the folder this was
+  run from, as PaddleMIX does; the loader also resolves them from the list's own folder);
+* ``<output_path>/filelist/<output_name>.filelist.list``: the path of the ``.filelist``.
+
+How it works: the main process reads the jsonl as a stream and hands chunks of raw lines to a
+fixed pool of workers, at most a few chunks ahead. A worker parses, reads and fully decodes each
+image (so a broken image is caught here, not in training), base64-encodes it and, for ``.gz`` output,
+deflates each line on its own. The main process takes the results in input order and appends them
+to the current part, so the output is byte-identical for any ``--num_workers``. Parts are written
+as ``*.tmp`` and renamed when complete; the file lists are written last.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
-import gzip
+import functools
 import io
 import json
 import os
 import shutil
+import struct
 import sys
 import time
+import zlib
+from dataclasses import dataclass, field
 from multiprocessing import Pool
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Counter, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from sd.data_format import encode_part_line, write_filelists
+from sd.data_format import PLACEHOLDER, normalize_caption, write_filelists
 
 PART_DIR = "laion400m_format_data"
+CHUNK_LINES = 16  # jsonl lines per worker task: small, so ~400 KB images keep memory low
 SHOW_LINES = 5  # offending jsonl line numbers shown per skip reason
+GZIP_LEVEL = 9  # PaddleMIX's level; base64 of JPEG gains ~1 % over level 1, and costs ~1.3x the time
+# Exceptions PIL raises for bytes that are not a usable image (truncated, corrupt, unknown format,
+# bigger than its decompression-bomb limit). UnidentifiedImageError is an OSError.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Pack a jsonl of captions + image paths into part files.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input_path", required=True, help="jsonl file, one JSON object per line")
-    p.add_argument("--output_path", required=True, help="output folder")
+    p.add_argument("--output_path", required=True, help="output folder (must be empty unless --overwrite)")
     p.add_argument("--output_name", default="custom_dataset", help="name of the .filelist(.list) files")
     p.add_argument("--caption_key", default="caption", help="JSON key of the caption (a string or a list of strings)")
-    p.add_argument("--image_key", default="image", help="JSON key of the image path, relative to the jsonl's folder")
+    p.add_argument("--image_key", default="image", help="JSON key of the image path (relative to the jsonl's folder)")
     p.add_argument("--per_part_file_num", type=int, default=1000, help="records per part file")
     p.add_argument("--save_gzip_file", action="store_true", help="gzip the part files (part-000001.gz)")
-    p.add_argument("--num_repeat", type=int, default=1, help="times the part list is repeated in the .filelist")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
-    p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="processes reading images")
+    p.add_argument("--num_repeat", type=int, default=1, help="times the list of parts is repeated in the .filelist")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"write into a non-empty output folder, replacing its {PART_DIR}/ and filelist/")
+    p.add_argument("--num_workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                   help="worker processes (default: the number of usable cores); 1 = no pool")
     p.add_argument("--max_image_size", type=int, default=None,
-                   help="re-encode images whose shorter side exceeds N pixels down to N (JPEG); off by default")
-    p.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality for --max_image_size")
+                   help="re-encode images whose shorter side exceeds N pixels to JPEG with shorter side N "
+                        "(smaller data, faster training decode); default: off, images are copied unchanged")
+    p.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality 1-100 for --max_image_size")
     args = p.parse_args(argv)
     args.output_path = os.path.normpath(args.output_path)  # "./x" is listed as "x", as PaddleMIX does
-    if args.per_part_file_num < 1 or args.num_repeat < 1 or args.num_workers < 1:
-        p.error("--per_part_file_num, --num_repeat and --num_workers must be ≥ 1")
-    if args.max_image_size is not None and args.max_image_size < 1:
-        p.error("--max_image_size must be ≥ 1")
+    for name in ("per_part_file_num", "num_repeat", "num_workers", "max_image_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be at least 1, got {value}")
+    if not 1 <= args.jpeg_quality <= 100:
+        p.error(f"--jpeg_quality must be in 1..100, got {args.jpeg_quality}")
+    if not os.path.isfile(args.input_path):
+        p.error(f"--input_path {args.input_path}: no such file")
+    if os.path.exists(args.output_path) and not os.path.isdir(args.output_path):
+        p.error(f"--output_path {args.output_path} is a file, not a folder")
     return args
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading records (main process) and images (workers)
+# Worker: jsonl lines → packed records
 # ---------------------------------------------------------------------------------------------
-Task = Tuple[int, str, str]  # (jsonl line number, caption, image path)
-Skip = Tuple[int, str]  # (jsonl line number, reason)
+@dataclass(frozen=True)
+class Options:
+    root: str  # the jsonl's folder: relative image paths start here
+    caption_key: str
+    image_key: str
+    gzip: bool
+    max_image_size: Optional[int]
+    jpeg_quality: int
 
 
-def iter_tasks(jsonl: str, caption_key: str, image_key: str) -> Iterator[Tuple[Optional[Task], Optional[Skip], Dict]]:
-    """Stream the jsonl; yield (task, None, record) or (None, skip, record) per caption/line."""
-    root = os.path.dirname(os.path.abspath(jsonl))
-    with open(jsonl, "r", encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                yield None, (line_no, "corrupt JSON"), {}
-                continue
-            if not isinstance(rec, dict):
-                yield None, (line_no, "not a JSON object"), {}
-                continue
-            cap, img = rec.get(caption_key), rec.get(image_key)
-            if cap is None:
-                yield None, (line_no, f"no '{caption_key}' key"), rec
-                continue
-            if not isinstance(img, str) or not img:
-                yield None, (line_no, f"no '{image_key}' key" if img is None else f"'{image_key}' is not a path"), rec
-                continue
-            captions = cap if isinstance(cap, list) else [cap]
-            if not captions or not all(isinstance(c, str) for c in captions):
-                yield None, (line_no, f"'{caption_key}' is not a string or list of strings"), rec
-                continue
-            path = img if os.path.isabs(img) else os.path.join(root, img)
-            for c in captions:
-                yield (line_no, c, path), None, rec
+# One part-file line, ready to append: (data, crc32 of the line, length of the line), where data is
+# the line itself, or for .gz output the line deflated on its own (see PartWriter).
+Packed = Tuple[bytes, int, int]
 
 
-def load_image(task: Task, max_image_size: Optional[int], jpeg_quality: int):
-    """Worker: read and verify one image. Returns (line_no, caption, bytes) or (line_no, reason)."""
-    line_no, caption, path = task
+@dataclass
+class ChunkResult:
+    records: List[Packed] = field(default_factory=list)  # in input order
+    skipped: List[Tuple[int, str]] = field(default_factory=list)  # (jsonl line number, reason)
+    keys: Counter = field(default_factory=collections.Counter)  # keys of the JSON objects seen
+
+
+class Skip(ValueError):
+    """A jsonl record that is not packed; the message is the reason counted in the summary."""
+
+
+def load_object(raw: bytes) -> dict:
+    """One raw jsonl line → its JSON object. Raises Skip."""
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Skip("line is not UTF-8") from None
+    except json.JSONDecodeError:
+        raise Skip("corrupt JSON") from None
+    if not isinstance(rec, dict):
+        raise Skip("not a JSON object")
+    return rec
+
+
+def record_fields(rec: dict, opts: Options) -> Tuple[List[str], str]:
+    """A JSON record → (captions, image path). Raises Skip."""
+    if opts.caption_key not in rec:
+        raise Skip(f"no '{opts.caption_key}' key")
+    if opts.image_key not in rec:
+        raise Skip(f"no '{opts.image_key}' key")
+    captions, path = rec[opts.caption_key], rec[opts.image_key]
+    if isinstance(captions, str):
+        captions = [captions]
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+        raise Skip(f"'{opts.caption_key}' is not a string or a non-empty list of strings")
+    if not isinstance(path, str) or not path:
+        raise Skip(f"'{opts.image_key}' is not a path")
+    return captions, os.path.join(opts.root, path)  # join keeps an absolute path as it is
+
+
+def read_image(path: str, opts: Options) -> bytes:
+    """The image file's bytes, verified by a full decode (re-encoded if --max_image_size asks).
+
+    Raises Skip for a missing, unreadable or undecodable file.
+    """
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        return line_no, "image file missing"
+        raise Skip("image file missing") from None
     except OSError:
-        return line_no, "image file unreadable"
+        raise Skip("image file unreadable") from None
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.load()  # full decode: a truncated file fails here, not in training
-            if max_image_size is not None and min(im.size) > max_image_size:
-                scale = max_image_size / min(im.size)
+            im.load()  # a full decode: a truncated file fails here, not in training
+            if opts.max_image_size is not None and min(im.size) > opts.max_image_size:
+                scale = opts.max_image_size / min(im.size)
                 size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
                 out = io.BytesIO()
-                im.convert("RGB").resize(size, Image.LANCZOS).save(out, "JPEG", quality=jpeg_quality)
+                im.convert("RGB").resize(size, Image.LANCZOS).save(out, "JPEG", quality=opts.jpeg_quality)
                 data = out.getvalue()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return line_no, "image does not decode"
-    return line_no, caption, data
+    except DECODE_ERRORS:
+        raise Skip("image does not decode") from None
+    return data
 
 
-def _load(args):
-    return load_image(*args)
+def pack_line(caption: str, b64: bytes, opts: Options) -> Packed:
+    line = normalize_caption(caption).encode("utf-8") + f"\t{PLACEHOLDER}\t".encode("ascii") + b64 + b"\n"
+    if not opts.gzip:
+        return line, 0, len(line)
+    deflate = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)  # raw deflate, no header
+    # Z_SYNC_FLUSH ends on a byte boundary without marking the last block, so such pieces can be
+    # concatenated into one deflate stream (as pigz does).
+    return deflate.compress(line) + deflate.flush(zlib.Z_SYNC_FLUSH), zlib.crc32(line), len(line)
+
+
+def pack_chunk(chunk: List[Tuple[int, bytes]], opts: Options) -> ChunkResult:
+    """Worker task: numbered raw jsonl lines → packed records, skips and keys seen."""
+    out = ChunkResult()
+    for line_no, raw in chunk:
+        try:
+            rec = load_object(raw)
+            out.keys.update(rec.keys())
+            captions, path = record_fields(rec, opts)
+            b64 = base64.b64encode(read_image(path, opts))
+        except Skip as err:
+            out.skipped.append((line_no, str(err)))
+            continue
+        out.records.extend(pack_line(c, b64, opts) for c in captions)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing part files atomically
+# Part files
 # ---------------------------------------------------------------------------------------------
+# gzip header: deflate, no flags (so no file name), mtime 0, "max compression", OS unknown; the
+# same bytes Python's gzip module writes for mtime=0, level 9. Fixed, so same input → same file.
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+DEFLATE_END = b"\x03\x00"  # an empty final block (fixed Huffman): closes the concatenated stream
+_CRC_POLY = 0xEDB88320  # CRC-32 polynomial, bit-reversed
+
+
+def _crc_mulmod(a: int, b: int) -> int:
+    """a·b modulo the CRC-32 polynomial over GF(2), in CRC-32's reflected bit order."""
+    product, bit = 0, 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+    return product
+
+
+_X_POW_2N = [1 << 30]  # x^(2^n) mod poly for n = 0, 1, ...: x^1 is 1 << 30 when reflected
+for _ in range(63):
+    _X_POW_2N.append(_crc_mulmod(_X_POW_2N[-1], _X_POW_2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """crc32(a + b) from crc1 = crc32(a), crc2 = crc32(b), len2 = len(b) (zlib's crc32_combine).
+
+    Appending len2 bytes multiplies a's CRC by x^(8·len2) modulo the polynomial.
+    """
+    shift, n, k = 1 << 31, len2, 3  # shift = x^0; x^(8·len2) = product of x^(2^k) over the bits of len2·8
+    while n:
+        if n & 1:
+            shift = _crc_mulmod(_X_POW_2N[k], shift)
+        n >>= 1
+        k += 1
+    return _crc_mulmod(shift, crc1) ^ crc2
+
+
 class PartWriter:
-    """Writes part files under a temporary name and renames each when it is complete."""
+    """Appends packed records to ``part-000001[.gz]``, ... in ``folder``, ``per_part`` per file.
+
+    Each part is written as ``<name>.tmp`` and renamed when complete, so a part file that exists
+    is always whole. For ``.gz``, the file is one gzip member: header, the records' deflate pieces,
+    an end block, and the CRC-32 and length of all the lines (readable by any gzip reader).
+    """
 
     def __init__(self, folder: str, per_part: int, gzip_output: bool):
         self.folder, self.per_part, self.gzip_output = folder, per_part, gzip_output
-        self.paths: List[str] = []  # final paths of completed parts
-        self._f = None
-        self._raw = None
-        self._count = 0
+        self.paths: List[str] = []  # completed parts, in order
+        self._file = None
 
-    def _open(self):
-        name = f"part-{len(self.paths) + 1:06d}" + (".gz" if self.gzip_output else "")
-        self._final = os.path.join(self.folder, name)
-        self._raw = open(self._final + ".tmp", "wb")
-        # mtime=0 and no file name in the header: the same input gives byte-identical files.
-        self._f = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, compresslevel=9, mtime=0) if self.gzip_output else self._raw
-
-    def write(self, line: str):
-        if self._f is None:
-            self._open()
-        self._f.write(line.encode("utf-8"))
+    def write(self, packed: Packed) -> None:
+        data, crc, size = packed
+        if self._file is None:
+            name = f"part-{len(self.paths) + 1:06d}" + (".gz" if self.gzip_output else "")
+            self._path = os.path.join(self.folder, name)
+            self._file = open(self._path + ".tmp", "wb")
+            self._file.write(GZIP_HEADER if self.gzip_output else b"")
+            self._count, self._crc, self._size = 0, 0, 0
+        self._file.write(data)
+        if self.gzip_output:
+            self._crc, self._size = crc32_combine(self._crc, crc, size), self._size + size
         self._count += 1
         if self._count == self.per_part:
             self.close()
 
-    def close(self):
-        if self._f is None:
+    def close(self) -> None:
+        """Finish the current part (if any) and rename it into place."""
+        if self._file is None:
             return
-        if self._f is not self._raw:
-            self._f.close()
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-        os.replace(self._final + ".tmp", self._final)
-        self.paths.append(self._final)
-        self._f = self._raw = None
-        self._count = 0
+        if self.gzip_output:
+            self._file.write(DEFLATE_END + struct.pack("<II", self._crc, self._size & 0xFFFFFFFF))
+        self._file.close()
+        os.replace(self._path + ".tmp", self._path)
+        self.paths.append(self._path)
+        self._file = None
+
+    def abort(self) -> None:
+        """Delete the unfinished part (after an error or Ctrl-C)."""
+        if self._file is not None:
+            self._file.close()
+            os.remove(self._path + ".tmp")
+            self._file = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Main process
+# ---------------------------------------------------------------------------------------------
+def read_chunks(path: str, lines_per_chunk: int) -> Iterator[List[Tuple[int, bytes]]]:
+    """Stream the jsonl as chunks of (line number, raw line); blank lines are left out."""
+    chunk = []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                raw = raw[3:]
+            if raw.strip():
+                chunk.append((line_no, raw))
+                if len(chunk) == lines_per_chunk:
+                    yield chunk
+                    chunk = []
+    if chunk:
+        yield chunk
+
+
+def ordered_map(fn, items: Iterable, num_workers: int, max_pending: int) -> Iterator:
+    """``map(fn, items)`` on ``num_workers`` processes, in input order, at most ``max_pending`` ahead.
+
+    (``Pool.imap`` would read ``items`` to the end at once: a 10-million-line jsonl in memory.)
+    """
+    if num_workers == 1:
+        yield from map(fn, items)
+        return
+    with Pool(num_workers) as pool:  # leaving the block (also on error) terminates the workers
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= max_pending:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def prepare_output(output_path: str, overwrite: bool) -> None:
@@ -173,74 +331,69 @@ def prepare_output(output_path: str, overwrite: bool) -> None:
     os.makedirs(os.path.join(output_path, PART_DIR), exist_ok=True)
 
 
-def _batches(it, n):
-    batch = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def nothing_written_error(args, lines: int, skipped: Dict[str, List[int]], keys: Counter) -> str:
+    """The one-line reason why no record was written."""
+    if lines == 0:
+        return f"{args.input_path} has no records (it is empty or blank)"
+    seen = ", ".join(k for k, _ in keys.most_common(10)) or "none (no line is a JSON object)"
+    for flag, key in (("--caption_key", args.caption_key), ("--image_key", args.image_key)):
+        if key not in keys:
+            return f"no record has key '{key}' ({flag}); keys seen: {seen}"
+    return f"all {lines} records of {args.input_path} were skipped (reasons above)"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not os.path.isfile(args.input_path):
-        raise SystemExit(f"error: --input_path {args.input_path} does not exist")
     prepare_output(args.output_path, args.overwrite)
     from tqdm import tqdm
 
+    opts = Options(os.path.dirname(os.path.abspath(args.input_path)), args.caption_key, args.image_key,
+                   args.save_gzip_file, args.max_image_size, args.jpeg_quality)
     writer = PartWriter(os.path.join(args.output_path, PART_DIR), args.per_part_file_num, args.save_gzip_file)
     skipped: Dict[str, List[int]] = collections.defaultdict(list)
-    keys_seen: collections.Counter = collections.Counter()
-    lines_read, last_line, written = 0, 0, 0
-    window = 256 * args.num_workers  # bounded: never more than this many images in flight
-    start = time.time()
-    pool = Pool(args.num_workers) if args.num_workers > 1 else None
-    try:
-        bar = tqdm(desc="packing", unit="img", dynamic_ncols=True)
-        for batch in _batches(iter_tasks(args.input_path, args.caption_key, args.image_key), window):
-            tasks = []
-            for task, skip, rec in batch:
-                line_no = skip[0] if skip is not None else task[0]
-                if line_no != last_line:  # a list caption yields several tasks from one line
-                    lines_read, last_line = lines_read + 1, line_no
-                    keys_seen.update(rec.keys())
-                if skip is not None:
-                    skipped[skip[1]].append(skip[0])
-                else:
-                    tasks.append((task, args.max_image_size, args.jpeg_quality))
-            results = pool.map(_load, tasks, chunksize=16) if pool else [_load(t) for t in tasks]
-            for res in results:
-                if len(res) == 2:
-                    skipped[res[1]].append(res[0])
-                else:
-                    writer.write(encode_part_line(res[1], res[2]))
-                    written += 1
-            bar.update(len(tasks))
-        bar.close()
-        writer.close()
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
+    keys: Counter = collections.Counter()
+    lines = written = 0
 
+    def counted(chunks):
+        nonlocal lines
+        for chunk in chunks:
+            lines += len(chunk)
+            yield chunk
+
+    start = time.time()
+    bar = tqdm(desc="packing", unit="img", dynamic_ncols=True, mininterval=1.0)
+    try:
+        results = ordered_map(functools.partial(pack_chunk, opts=opts), counted(read_chunks(args.input_path, CHUNK_LINES)),
+                              args.num_workers, max_pending=2 * args.num_workers + 2)
+        for result in results:
+            for packed in result.records:
+                writer.write(packed)
+            for line_no, reason in result.skipped:
+                skipped[reason].append(line_no)
+            keys.update(result.keys)
+            written += len(result.records)
+            bar.update(len(result.records))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
     elapsed = time.time() - start
+
     n_skipped = sum(len(v) for v in skipped.values())
-    print(f"records read: {lines_read} jsonl lines; written: {written}; skipped: {n_skipped} "
-          f"({written / max(elapsed, 1e-9):.1f} images/s)")
-    for reason, lines in sorted(skipped.items(), key=lambda kv: -len(kv[1])):
-        more = " ..." if len(lines) > SHOW_LINES else ""
-        print(f"  skipped {len(lines)}: {reason} (jsonl lines {', '.join(map(str, lines[:SHOW_LINES]))}{more})")
+    print(f"jsonl records read: {lines}")
+    print(f"records written:    {written} (one per caption) in {len(writer.paths)} part file(s), "
+          f"{written / max(elapsed, 1e-9):.1f} images/s")
+    print(f"records skipped:    {n_skipped}")
+    for reason, line_nos in sorted(skipped.items(), key=lambda kv: -len(kv[1])):
+        more = ", ..." if len(line_nos) > SHOW_LINES else ""
+        print(f"  {reason}: {len(line_nos)} (jsonl line {', '.join(map(str, line_nos[:SHOW_LINES]))}{more})")
     if written == 0:
-        hint = ""
-        if any(r.startswith("no '") for r in skipped):
-            hint = f"; keys seen in the jsonl: {', '.join(k for k, _ in keys_seen.most_common(10)) or 'none'}"
-        print(f"error: nothing was written from {args.input_path}{hint}", file=sys.stderr)
+        print(f"error: nothing was written: {nothing_written_error(args, lines, skipped, keys)}", file=sys.stderr)
         return 1
-    filelist, filelist_list = write_filelists(args.output_path, args.output_name, writer.paths, args.num_repeat)
-    print(f"wrote {len(writer.paths)} part file(s); file list: {filelist_list}")
+    _, filelist_list = write_filelists(args.output_path, args.output_name, writer.paths, args.num_repeat)
+    print(f"file list for training: {filelist_list}")
     return 0
 
 
