@@ -361,7 +361,7 @@ def main(argv=None) -> int:
             yield chunk
 
     start = time.time()
-    bar = tqdm(desc="packing", unit="img", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(desc="packing", unit=" images", dynamic_ncols=True, mininterval=1.0)
     try:
         results = ordered_map(functools.partial(pack_chunk, opts=opts), counted(read_chunks(args.input_path, CHUNK_LINES)),
                               args.num_workers, max_pending=2 * args.num_workers + 2)
