@@ -362,9 +362,11 @@ def main(argv=None) -> int:
 
     start = time.time()
     bar = tqdm(desc="packing", unit=" images", dynamic_ncols=True, mininterval=1.0)
+    chunks = counted(read_chunks(args.input_path, CHUNK_LINES))
+    # A window of 2 chunks per worker keeps every worker busy while the main process writes.
+    results = ordered_map(functools.partial(pack_chunk, opts=opts), chunks, args.num_workers,
+                          max_pending=2 * args.num_workers + 2)
     try:
-        results = ordered_map(functools.partial(pack_chunk, opts=opts), counted(read_chunks(args.input_path, CHUNK_LINES)),
-                              args.num_workers, max_pending=2 * args.num_workers + 2)
         for result in results:
             for packed in result.records:
                 writer.write(packed)
@@ -378,6 +380,7 @@ def main(argv=None) -> int:
         writer.abort()
         raise
     finally:
+        results.close()  # stops the pool's workers now, also on error
         bar.close()
     elapsed = time.time() - start
 
