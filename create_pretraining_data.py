@@ -25,7 +25,6 @@ as ``*.tmp`` and renamed when complete; the file lists are written last.
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import functools
 import io
@@ -42,7 +41,7 @@ from typing import Counter, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from PIL import Image
 
-from sd.data_format import PLACEHOLDER, normalize_caption, write_filelists
+from sd.data_format import encode_part_line, write_filelists
 
 PART_DIR = "laion400m_format_data"
 CHUNK_LINES = 16  # jsonl lines per worker task: small, so ~400 KB images keep memory low
@@ -51,6 +50,10 @@ GZIP_LEVEL = 9  # PaddleMIX's level; base64 of JPEG gains ~1 % over level 1, and
 # Exceptions PIL raises for bytes that are not a usable image (truncated, corrupt, unknown format,
 # bigger than its decompression-bomb limit). UnidentifiedImageError is an OSError.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_repeat", type=int, default=1, help="times the list of parts is repeated in the .filelist")
     p.add_argument("--overwrite", action="store_true",
                    help=f"write into a non-empty output folder, replacing its {PART_DIR}/ and filelist/")
-    p.add_argument("--num_workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    p.add_argument("--num_workers", type=int, default=usable_cores(),
                    help="worker processes (default: the number of usable cores); 1 = no pool")
     p.add_argument("--max_image_size", type=int, default=None,
                    help="re-encode images whose shorter side exceeds N pixels to JPEG with shorter side N "
@@ -170,9 +173,9 @@ def read_image(path: str, opts: Options) -> bytes:
     return data
 
 
-def pack_line(caption: str, b64: bytes, opts: Options) -> Packed:
-    line = normalize_caption(caption).encode("utf-8") + f"\t{PLACEHOLDER}\t".encode("ascii") + b64 + b"\n"
-    if not opts.gzip:
+def pack_line(line: bytes, gzip_output: bool) -> Packed:
+    """One encoded part-file line → what PartWriter appends (deflated on its own for .gz)."""
+    if not gzip_output:
         return line, 0, len(line)
     deflate = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)  # raw deflate, no header
     # Z_SYNC_FLUSH ends on a byte boundary without marking the last block, so such pieces can be
@@ -188,11 +191,11 @@ def pack_chunk(chunk: List[Tuple[int, bytes]], opts: Options) -> ChunkResult:
             rec = load_object(raw)
             out.keys.update(rec.keys())
             captions, path = record_fields(rec, opts)
-            b64 = base64.b64encode(read_image(path, opts))
+            image = read_image(path, opts)
         except Skip as err:
             out.skipped.append((line_no, str(err)))
             continue
-        out.records.extend(pack_line(c, b64, opts) for c in captions)
+        out.records.extend(pack_line(encode_part_line(c, image).encode("utf-8"), opts.gzip) for c in captions)
     return out
 
 
