@@ -336,3 +336,17 @@ def test_same_output_as_paddlemix(tmp_path):
     for name in ("custom_dataset.filelist", "custom_dataset.filelist.list"):
         with open(os.path.join(ref, "filelist", name)) as f:
             assert (ours / "filelist" / name).read_text().split() == f.read().split()
+
+
+@pytest.mark.skipif(not os.path.isdir(FIXTURE), reason="PaddleMIX fixtures not beside the repository")
+def test_seed_example_command_works_unchanged(tmp_path):
+    shutil.copytree(os.path.join(FIXTURE, "coco_data"), tmp_path / "coco_data")
+    r = run(["--input_path", "./coco_data/coco_data.jsonl", "--output_path", "./processed_data", "--caption_key",
+             "caption", "--image_key", "image", "--per_part_file_num", "1000", "--num_repeat", "100",
+             "--save_gzip_file"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "processed_data")) == ["filelist", "laion400m_format_data"]
+    assert sorted(os.listdir(tmp_path / "processed_data" / "filelist")) == \
+        ["custom_dataset.filelist", "custom_dataset.filelist.list"]
+    listed = (tmp_path / "processed_data" / "filelist" / "custom_dataset.filelist").read_text().splitlines()
+    assert listed == ["processed_data/laion400m_format_data/part-000001.gz"] * 100
