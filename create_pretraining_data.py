@@ -47,9 +47,9 @@ PART_DIR = "laion400m_format_data"
 CHUNK_LINES = 16  # jsonl lines per worker task: small, so ~400 KB images keep memory low
 SHOW_LINES = 5  # offending jsonl line numbers shown per skip reason
 GZIP_LEVEL = 9  # PaddleMIX's level; base64 of JPEG gains ~1 % over level 1, and costs ~1.3x the time
-# Exceptions PIL raises for bytes that are not a usable image (truncated, corrupt, unknown format,
-# bigger than its decompression-bomb limit). UnidentifiedImageError is an OSError.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+# Exceptions PIL raises for bytes that are not a usable image (truncated, corrupt, unknown format).
+# UnidentifiedImageError is an OSError.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 def usable_cores() -> int:
@@ -168,6 +168,8 @@ def read_image(path: str, opts: Options) -> bytes:
                 out = io.BytesIO()
                 im.convert("RGB").resize(size, Image.LANCZOS).save(out, "JPEG", quality=opts.jpeg_quality)
                 data = out.getvalue()
+    except Image.DecompressionBombError:  # training would refuse it too
+        raise Skip("image too large (over PIL's decompression-bomb limit)") from None
     except DECODE_ERRORS:
         raise Skip("image does not decode") from None
     return data
@@ -334,7 +336,7 @@ def prepare_output(output_path: str, overwrite: bool) -> None:
     os.makedirs(os.path.join(output_path, PART_DIR), exist_ok=True)
 
 
-def nothing_written_error(args, lines: int, skipped: Dict[str, List[int]], keys: Counter) -> str:
+def nothing_written_error(args, lines: int, keys: Counter) -> str:
     """The one-line reason why no record was written."""
     if lines == 0:
         return f"{args.input_path} has no records (it is empty or blank)"
@@ -353,7 +355,8 @@ def main(argv=None) -> int:
     opts = Options(os.path.dirname(os.path.abspath(args.input_path)), args.caption_key, args.image_key,
                    args.save_gzip_file, args.max_image_size, args.jpeg_quality)
     writer = PartWriter(os.path.join(args.output_path, PART_DIR), args.per_part_file_num, args.save_gzip_file)
-    skipped: Dict[str, List[int]] = collections.defaultdict(list)
+    skip_count: Counter = collections.Counter()  # reason → records skipped
+    skip_lines: Dict[str, List[int]] = collections.defaultdict(list)  # reason → first SHOW_LINES line numbers
     keys: Counter = collections.Counter()
     lines = written = 0
 
@@ -374,7 +377,9 @@ def main(argv=None) -> int:
             for packed in result.records:
                 writer.write(packed)
             for line_no, reason in result.skipped:
-                skipped[reason].append(line_no)
+                skip_count[reason] += 1
+                if len(skip_lines[reason]) < SHOW_LINES:
+                    skip_lines[reason].append(line_no)
             keys.update(result.keys)
             written += len(result.records)
             bar.update(len(result.records))
@@ -387,16 +392,15 @@ def main(argv=None) -> int:
         bar.close()
     elapsed = time.time() - start
 
-    n_skipped = sum(len(v) for v in skipped.values())
     print(f"jsonl records read: {lines}")
     print(f"records written:    {written} (one per caption) in {len(writer.paths)} part file(s), "
           f"{written / max(elapsed, 1e-9):.1f} images/s")
-    print(f"records skipped:    {n_skipped}")
-    for reason, line_nos in sorted(skipped.items(), key=lambda kv: -len(kv[1])):
-        more = ", ..." if len(line_nos) > SHOW_LINES else ""
-        print(f"  {reason}: {len(line_nos)} (jsonl line {', '.join(map(str, line_nos[:SHOW_LINES]))}{more})")
+    print(f"records skipped:    {sum(skip_count.values())}")
+    for reason, count in skip_count.most_common():
+        more = ", ..." if count > SHOW_LINES else ""
+        print(f"  {reason}: {count} (jsonl line {', '.join(map(str, skip_lines[reason]))}{more})")
     if written == 0:
-        print(f"error: nothing was written: {nothing_written_error(args, lines, skipped, keys)}", file=sys.stderr)
+        print(f"error: nothing was written: {nothing_written_error(args, lines, keys)}", file=sys.stderr)
         return 1
     _, filelist_list = write_filelists(args.output_path, args.output_name, writer.paths, args.num_repeat)
     print(f"file list for training: {filelist_list}")

@@ -350,3 +350,15 @@ def test_seed_example_command_works_unchanged(tmp_path):
         ["custom_dataset.filelist", "custom_dataset.filelist.list"]
     listed = (tmp_path / "processed_data" / "filelist" / "custom_dataset.filelist").read_text().splitlines()
     assert listed == ["processed_data/laion400m_format_data/part-000001.gz"] * 100
+
+
+def test_image_over_pils_pixel_limit_is_skipped_with_its_own_reason(tmp_path, monkeypatch, capsys):
+    Image.new("RGB", (30, 30)).save(tmp_path / "huge.png")  # 900 px > 2 x the limit set below
+    Image.new("RGB", (10, 10)).save(tmp_path / "ok.png")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"caption": "a", "image": "huge.png"}) + "\n"
+                                       + json.dumps({"caption": "b", "image": "ok.png"}) + "\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)
+    monkeypatch.chdir(tmp_path)
+    assert cpd.main(["--input_path", "in.jsonl", "--output_path", "out", "--num_workers", "1"]) == 0
+    assert "image too large (over PIL's decompression-bomb limit): 1 (jsonl line 1)" in capsys.readouterr().out
+    assert [l.split("\t")[0] for l in part_lines(tmp_path / "out" / "laion400m_format_data" / "part-000001")] == ["b"]
