@@ -276,6 +276,8 @@ class PartWriter:
             return
         if self.gzip_output:
             self._file.write(DEFLATE_END + struct.pack("<II", self._crc, self._size & 0xFFFFFFFF))
+        self._file.flush()
+        os.fsync(self._file.fileno())  # on disk before it gets its final name
         self._file.close()
         os.replace(self._path + ".tmp", self._path)
         self.paths.append(self._path)
@@ -340,10 +342,9 @@ def nothing_written_error(args, lines: int, keys: Counter) -> str:
     """The one-line reason why no record was written."""
     if lines == 0:
         return f"{args.input_path} has no records (it is empty or blank)"
-    seen = ", ".join(k for k, _ in keys.most_common(10)) or "none (no line is a JSON object)"
     for flag, key in (("--caption_key", args.caption_key), ("--image_key", args.image_key)):
-        if key not in keys:
-            return f"no record has key '{key}' ({flag}); keys seen: {seen}"
+        if keys and key not in keys:
+            return f"no record has key '{key}' ({flag}); keys seen: {', '.join(k for k, _ in keys.most_common(10))}"
     return f"all {lines} records of {args.input_path} were skipped (reasons above)"
 
 
@@ -400,6 +401,7 @@ def main(argv=None) -> int:
         more = ", ..." if count > SHOW_LINES else ""
         print(f"  {reason}: {count} (jsonl line {', '.join(map(str, skip_lines[reason]))}{more})")
     if written == 0:
+        os.rmdir(writer.folder)  # empty: a corrected re-run then needs no --overwrite
         print(f"error: nothing was written: {nothing_written_error(args, lines, keys)}", file=sys.stderr)
         return 1
     _, filelist_list = write_filelists(args.output_path, args.output_name, writer.paths, args.num_repeat)

@@ -191,8 +191,8 @@ def test_nothing_written_is_a_one_line_error_naming_the_key(data, flags, message
     r = run(["--input_path", "data.jsonl", "--output_path", "out", *flags], cwd=data)
     assert r.returncode == 1
     assert message in r.stderr.strip().splitlines()[-1]
-    assert not os.path.exists(data / "out" / "filelist")
-    assert os.listdir(data / "out" / "laion400m_format_data") == []
+    assert os.listdir(data / "out") == []
+    assert run(["--input_path", "data.jsonl", "--output_path", "out"], cwd=data).returncode == 0  # no --overwrite
 
 
 def test_nothing_written_empty_input_and_all_images_bad(tmp_path):
@@ -203,6 +203,9 @@ def test_nothing_written_empty_input_and_all_images_bad(tmp_path):
     r = run(["--input_path", "bad.jsonl", "--output_path", "out2"], cwd=tmp_path)
     assert r.returncode == 1 and "all 1 records of bad.jsonl were skipped" in r.stderr
     assert "image file missing: 1 (jsonl line 1)" in r.stdout
+    (tmp_path / "junk.jsonl").write_text("{oops\n[1]\n")
+    r = run(["--input_path", "junk.jsonl", "--output_path", "out3"], cwd=tmp_path)
+    assert r.returncode == 1 and "all 2 records of junk.jsonl were skipped" in r.stderr
 
 
 def test_refuses_non_empty_output_unless_overwrite_and_overwrite_clears_stale_parts(data):
