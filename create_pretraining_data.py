@@ -40,6 +40,7 @@ from multiprocessing import Pool
 from typing import Counter, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from PIL import Image
+from tqdm import tqdm
 
 from sd.data_format import encode_part_line, write_filelists
 
@@ -351,8 +352,6 @@ def nothing_written_error(args, lines: int, keys: Counter) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     prepare_output(args.output_path, args.overwrite)
-    from tqdm import tqdm
-
     opts = Options(os.path.dirname(os.path.abspath(args.input_path)), args.caption_key, args.image_key,
                    args.save_gzip_file, args.max_image_size, args.jpeg_quality)
     writer = PartWriter(os.path.join(args.output_path, PART_DIR), args.per_part_file_num, args.save_gzip_file)
