@@ -8,7 +8,8 @@ is relative to the jsonl's folder (or absolute); a list of captions gives one re
 Output (the PaddleMIX layout, line format in ``sd/data_format.py``):
 
 * ``<output_path>/laion400m_format_data/part-000001[.gz]``: ``caption \\t NONE \\t base64(image bytes)``
-  per line, ``--per_part_file_num`` lines per file, the image bytes exactly as read from disk;
+  per line, ``--per_part_file_num`` lines per file, the image bytes exactly as read from disk
+  (unless ``--max_image_size``);
 * ``<output_path>/filelist/<output_name>.filelist``: the part paths, the whole list ``--num_repeat``
   times, written as ``<output_path>/laion400m_format_data/part-...`` (relative to the folder this was
   run from, as PaddleMIX does; the loader also resolves them from the list's own folder);
