@@ -78,8 +78,8 @@ class StableDiffusionTrainer(Trainer):
         self.run_config = run_config or {}
         self.sd_model = model
         self.resolution = resolution
-        self.stream_positions: Dict[int, int] = {}  # loader worker → draws consumed
-        self.skipped: Dict[int, int] = {}  # loader worker → records skipped so far
+        self.stream_positions: Dict[int, int] = {}  # data stream (rank × loader worker) → draws consumed
+        self.skipped: Dict[int, int] = {}  # data stream → records skipped so far
         self.batches_seen = 0  # batches this rank has trained on
         self._resume_state: Optional[dict] = None
         self._image_batch = None
@@ -118,8 +118,8 @@ class StableDiffusionTrainer(Trainer):
 
     # -- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False):
-        worker, position, skipped = inputs.pop("stream_state").numpy().tolist()
-        self.stream_positions[worker], self.skipped[worker] = position, skipped
+        stream, position, skipped = inputs.pop("stream_state").numpy().tolist()  # after this batch's last sample
+        self.stream_positions[stream], self.skipped[stream] = position, skipped
         seed = batch_seed(self.args.seed, self.args.process_index, self.batches_seen)
         self.batches_seen += 1
         if self._image_batch is None:  # the images and captions every image log shows (the same each time)
