@@ -84,29 +84,7 @@ def parse_part_line(line: str, line_format: str = "laion400m") -> Tuple[str, str
     Raises:
         BadRecord("too_few_fields" | "bad_json" | "no_caption" | "empty_image")
     """
-    fields = line.rstrip("\r\n").split("\t")
-    if line_format == "laion400m":
-        if len(fields) < 3:
-            raise BadRecord("too_few_fields", f"{len(fields)} fields, need 3")
-        caption, b64 = fields[0], fields[2]
-    elif line_format == "laion_aes":
-        if len(fields) < 6:
-            raise BadRecord("too_few_fields", f"{len(fields)} fields, need 6")
-        try:
-            meta = json.loads(fields[2])
-        except json.JSONDecodeError as err:
-            raise BadRecord("bad_json", str(err)) from None
-        if not isinstance(meta, dict):
-            raise BadRecord("bad_json", "column 3 is not a JSON object")
-        caption = meta.get("caption_en") or meta.get("blip_caption_en")
-        if not isinstance(caption, str):
-            raise BadRecord("no_caption", "neither caption_en nor blip_caption_en")
-        b64 = fields[5]
-    else:
-        raise ValueError(f"unknown line format {line_format!r}; choose one of {LINE_FORMATS}")
-    if not b64.strip():
-        raise BadRecord("empty_image")
-    return caption, b64
+    return _pick_fields(line.rstrip("\r\n").split("\t"), line_format, lambda text: text)
 
 
 def parse_part_line_bytes(raw: bytes, line_format: str = "laion400m") -> Tuple[str, bytes]:
@@ -119,16 +97,20 @@ def parse_part_line_bytes(raw: bytes, line_format: str = "laion400m") -> Tuple[s
     Raises:
         BadRecord("not_text" | "too_few_fields" | "bad_json" | "no_caption" | "empty_image")
     """
-    fields = raw.rstrip(b"\r\n").split(b"\t")
+    return _pick_fields(raw.rstrip(b"\r\n").split(b"\t"), line_format, decode_line_bytes)
+
+
+def _pick_fields(fields, line_format: str, to_text):
+    """(caption, base64 field) from split fields; ``to_text`` turns a text field into str."""
     if line_format == "laion400m":
         if len(fields) < 3:
             raise BadRecord("too_few_fields", f"{len(fields)} fields, need 3")
-        caption, b64 = decode_line_bytes(fields[0]), fields[2]
+        caption, b64 = to_text(fields[0]), fields[2]
     elif line_format == "laion_aes":
         if len(fields) < 6:
             raise BadRecord("too_few_fields", f"{len(fields)} fields, need 6")
         try:
-            meta = json.loads(decode_line_bytes(fields[2]))
+            meta = json.loads(to_text(fields[2]))
         except json.JSONDecodeError as err:
             raise BadRecord("bad_json", str(err)) from None
         if not isinstance(meta, dict):
