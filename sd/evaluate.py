@@ -96,6 +96,36 @@ def format_report(results: Dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prompt_table(images, tile: int = 64):
+    """The 36 demo images of one seed as a labelled table: a row per colour, a column per
+    (shape, background), in ``demo_data.all_prompts()`` order (the README's sample grid).
+
+    Args:
+        images: 36 PIL images, ``all_prompts()`` order (colour-major, then shape, then background).
+        tile: side in pixels of each image in the table (nearest-neighbour upscaling).
+    Returns:
+        a PIL image: a header of shape/background names above a 6 × 6 ``make_grid`` with colour labels.
+    """
+    from PIL import Image, ImageDraw
+
+    from sd.sampling import make_grid
+
+    prompts = demo_data.all_prompts()
+    if len(images) != len(prompts):
+        raise ValueError(f"prompt_table needs the {len(prompts)} demo images of one seed, got {len(images)}")
+    cols = len(demo_data.SHAPES) * len(demo_data.BACKGROUNDS)
+    body = make_grid(images, rows=len(demo_data.COLOURS), cols=cols, labels=demo_data.COLOURS, tile=tile)
+    margin, header = body.width - cols * tile, 28
+    table = Image.new("RGB", (body.width, body.height + header), (0, 0, 0))
+    table.paste(body, (0, header))
+    draw = ImageDraw.Draw(table)
+    for c, (_, shape, background, _) in enumerate(prompts[:cols]):
+        x = margin + c * tile + 3
+        draw.text((x, 2), shape, fill=(255, 255, 255))
+        draw.text((x, 14), f"on {background}", fill=(255, 255, 255))
+    return table
+
+
 def reference_images(vae, size: int, seeds: Sequence[int]):
     """Rendered demo images for every (seed, prompt) and their VAE reconstructions (latent mean)."""
     import paddle
@@ -117,7 +147,9 @@ def run_shapes_benchmark(pipe, guidance_scales: Sequence[float], seeds: Sequence
                          height: int, width: int, output_dir: str, batch_size: int = 8,
                          scheduler: str = "ddim") -> Dict[str, dict]:
     """Generate the 36 demo prompts × ``seeds`` per guidance scale, read, score; write
-    ``shapes_eval.json``, ``shapes_eval.md`` and a grid per guidance scale (first 4 seeds) to ``output_dir``.
+    ``shapes_eval.json``, ``shapes_eval.md``, a grid per guidance scale (first 4 seeds, 6 rows per seed)
+    and a labelled table of the first seed per guidance scale (``shapes_table_g{g}.png``: a row per
+    colour, a column per shape and background) to ``output_dir``.
 
     Returns:
         {"guidance": {str(g): {"scores", "confusion"}}, "reference": {"rendered", "vae round trip"}}.
@@ -142,6 +174,7 @@ def run_shapes_benchmark(pipe, guidance_scales: Sequence[float], seeds: Sequence
         results["guidance"][f"{g:g}"] = evaluate_readings(labels, [demo_data.check(im) for im in images])
         shown = min(len(seeds), 4)
         make_grid(images[: 36 * shown], rows=6 * shown, cols=6, tile=max(64, height)).save(os.path.join(output_dir, f"shapes_grid_g{g:g}.png"))
+        prompt_table(images[:36], tile=max(64, height)).save(os.path.join(output_dir, f"shapes_table_g{g:g}.png"))
     bar.close()
     if height == width:  # the demo images are square
         rendered, recon = reference_images(pipe.vae, height, seeds)

@@ -231,3 +231,23 @@ def test_bad_input_errors(workdir, tiny_kit, tmp_path, capsys, monkeypatch):
     expect_error(capsys, [*kit, "--device", "tpu"], "use cpu, gpu or gpu:N")
     with pytest.raises(SystemExit):  # argparse: unknown scheduler
         eval_cli.main([*kit, "--scheduler", "heun"])
+
+
+def test_prompt_table_puts_each_prompt_in_its_colour_row_and_shape_background_column():
+    from sd.evaluate import prompt_table
+
+    prompts = demo_data.all_prompts()
+    # solid tiles: the colour's palette RGB, darker for black backgrounds, so every cell is identifiable
+    images = [Image.new("RGB", (32, 32), tuple(v // (1 if b == "white" else 2) for v in demo_data.PALETTE[c]))
+              for c, s, b, _ in prompts]
+    table = np.asarray(prompt_table(images, tile=64))
+    cols = len(demo_data.SHAPES) * len(demo_data.BACKGROUNDS)
+    margin = table.shape[1] - cols * 64
+    assert table.shape[0] == 28 + 6 * 64 and margin > 0  # header, six colour rows; a label margin
+    for r, colour in enumerate(demo_data.COLOURS):
+        for c, (shape, background) in enumerate((s, b) for s in demo_data.SHAPES for b in demo_data.BACKGROUNDS):
+            want = [v // (1 if background == "white" else 2) for v in demo_data.PALETTE[colour]]
+            assert table[28 + r * 64 + 40, margin + c * 64 + 40].tolist() == want, (colour, shape, background)
+    assert table[2:26, margin:].max() > 200  # the header holds the column names (white text on black)
+    with pytest.raises(ValueError):
+        prompt_table(images[:35])

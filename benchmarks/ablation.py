@@ -1,0 +1,218 @@
+"""Ablation of the CPU default's training options, scored by the demo shapes benchmark.
+
+    python benchmarks/ablation.py --output_dir ./ablation                        # every row, 1000 steps
+    python benchmarks/ablation.py --rows baseline default "no EMA" --steps 500  # some rows, smaller budget
+    python benchmarks/ablation.py --output_dir ./ablation --table                 # only rewrite the table
+
+Each row runs ``train.sh``'s CPU default (the kit, the demo data) with one change: environment
+overrides of train.sh's settings and/or extra trainer flags. Every row gets the same budget of
+optimizer steps at batch 32 (rows with another batch size get the same number of images, i.e.
+steps × 32 / batch). The final UNet (its EMA weights when the row keeps an EMA) is then scored with
+``eval.py --evaluate shapes`` on two disjoint seed sets:
+
+* tuning seeds (``--tune_seed``, default 0..3): the ones looked at while choosing the default;
+* report seeds (``--report_seed``, default 1000..1003): never looked at while choosing; the figures
+  the README quotes.
+
+Training runs under ``nice -n 5`` (the CPU is shared). Written to ``--output_dir``: one folder per
+row (train log, final UNet, eval outputs), ``ablation.json`` (everything measured, appended row by
+row, so an interrupted run keeps what it finished) and ``ablation.md`` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_BATCH = 32  # the CPU default's batch size: the budget is counted in its steps
+
+
+@dataclass
+class Row:
+    what: str  # one line for the table
+    env: Dict[str, str] = field(default_factory=dict)  # train.sh settings (see its header)
+    args: List[str] = field(default_factory=list)  # extra trainer flags ("{random_text_encoder}" is filled in)
+    batch: int = BASE_BATCH
+
+
+# Every row is the default of train.sh with one change, except "baseline" (the seed's options all off).
+ROWS: Dict[str, Row] = {
+    "baseline": Row("no min-SNR, no offset noise, no EMA (plain ε-MSE, constant LR 1e-3)",
+                    env={"SNR_GAMMA": "", "NOISE_OFFSET": "0", "FLAG_USE_EMA": "0"}),
+    "default": Row("sh train.sh as shipped"),
+    "no min-SNR": Row("--snr_gamma off", env={"SNR_GAMMA": ""}),
+    "no noise offset": Row("--noise_offset 0", env={"NOISE_OFFSET": "0"}),
+    "no EMA": Row("raw UNet weights instead of the EMA", env={"FLAG_USE_EMA": "0"}),
+    "EMA 0.99": Row("--ema_decay 0.99", env={"EMA_DECAY": "0.99"}),
+    "lr 3e-4": Row("--learning_rate 3e-4", env={"LR": "3e-4"}),
+    "lr 3e-3": Row("--learning_rate 3e-3", env={"LR": "3e-3"}),
+    "cosine": Row("cosine LR decay to 0 with 5 % warm-up", env={"LR_SCHEDULER": "cosine", "WARMUP_STEPS": "{warmup}"}),
+    "batch 16": Row("batch 16, twice the steps", env={"BATCH_SIZE": "16"}, batch=16),
+    "batch 64": Row("batch 64, half the steps", env={"BATCH_SIZE": "64"}, batch=64),
+    "v-prediction": Row("--prediction_type v_prediction", args=["--prediction_type", "v_prediction"]),
+    "random text encoder": Row("the kit's text encoder replaced by a randomly initialised one (same config)",
+                               args=["--text_encoder_name_or_path", "{random_text_encoder}"]),
+    "train text encoder": Row("--train_text_encoder (kit's encoder, trained along, same LR)",
+                              args=["--train_text_encoder", "True"]),
+}
+
+
+def make_random_text_encoder(kit: str, out: str, seed: int = 0) -> str:
+    """A CLIPTextModel with the kit's config and fresh random weights, saved to ``out``."""
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    import paddle
+    from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
+
+    paddle.seed(seed)
+    model = CLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(kit, "text_encoder")))
+    model.save_pretrained(out)
+    return out
+
+
+def child_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def train_row(name: str, row: Row, a, row_dir: str) -> dict:
+    """Run train.sh for one row; returns steps, wall and CPU seconds and the trainer's own figures."""
+    steps = a.steps * BASE_BATCH // row.batch
+    fill = {"random_text_encoder": os.path.join(a.output_dir, "random_text_encoder"), "warmup": str(steps // 20)}
+    env = {**os.environ, "KIT_DIR": a.kit, "FILE_LIST": a.file_list, "OUTPUT_DIR": row_dir, "MODE": "cpu",
+           "MAX_STEPS": str(steps), "SAVE_STEPS": str(steps), "IMAGE_LOGGING_STEPS": "0", "DISABLE_TQDM": "True",
+           **{k: v.format(**fill) for k, v in row.env.items()}}
+    args = [x.format(**fill) for x in row.args] + ["--overwrite_output_dir", "True", "--report_to", "none",
+                                                    "--save_total_limit", "1"]
+    cmd = ["nice", "-n", str(a.nice), "bash", os.path.join(ROOT, "train.sh"), *args]
+    log_path = os.path.join(row_dir + ".train.log")
+    cpu0, t0 = child_cpu_seconds(), time.time()
+    with open(log_path, "w") as log:
+        log.write("env: " + json.dumps({k: env[k] for k in sorted(set(row.env) | {"MAX_STEPS"})}) + "\n")
+        log.write("cmd: " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall, cpu = time.time() - t0, child_cpu_seconds() - cpu0
+    if proc.returncode:
+        raise RuntimeError(f"row {name!r}: train.sh failed (exit {proc.returncode}); see {log_path}")
+    text = open(log_path, encoding="utf-8", errors="replace").read()
+    runtime = re.findall(r"train_runtime\W+([\d.]+)", text)
+    losses = [float(x) for x in re.findall(r"'loss': '?([\d.]+)", text)] or \
+             [float(x) for x in re.findall(r"\bloss: ([\d.]+)", text)]
+    return {"steps": steps, "batch": row.batch, "images": steps * row.batch, "wall_seconds": round(wall, 1),
+            "cpu_seconds": round(cpu, 1), "train_runtime": float(runtime[-1]) if runtime else None,
+            "final_loss": losses[-1] if losses else None, "ema": row.env.get("FLAG_USE_EMA", "1") != "0"}
+
+
+def eval_row(row_dir: str, ema: bool, seed: int, a, out: str) -> dict:
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--evaluate", "shapes", "--unet_model_name_or_path", row_dir,
+           "--seed", str(seed), "--num_seeds", str(a.num_seeds), "--guidance_scale", *map(str, a.guidance),
+           "--num_inference_steps", str(a.num_inference_steps), "--scheduler", a.scheduler,
+           "--batch_size", "36", "--output_dir", out]
+    if ema:
+        cmd += ["--variant", "ema"]
+    proc = subprocess.run(["nice", "-n", str(a.nice), *cmd], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"eval failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+    with open(os.path.join(out, "shapes_eval.json")) as f:
+        res = json.load(f)
+    return {g: r["scores"] for g, r in res["guidance"].items()} | {
+        "vae round trip": res["reference"].get("vae round trip", {}).get("scores")}
+
+
+def fmt(s: Optional[dict]) -> str:
+    if not s:
+        return "– | – | – | –"
+    return " | ".join(f"{100 * s[m]:.1f}" for m in ("colour", "shape", "background", "all"))
+
+
+def write_table(results: dict, out_dir: str, guidance: str) -> str:
+    """ablation.md: one line per row at guidance ``guidance`` (tuning seeds, then report seeds)."""
+    lines = [f"Shapes benchmark at guidance {guidance} (% right; 36 prompts × {results['num_seeds']} seeds; "
+             f"{results['scheduler']} {results['num_inference_steps']} steps). Budget: {results['steps']} steps of "
+             f"batch {BASE_BATCH} (other batch sizes: the same number of images).", "",
+             "| row | change | steps × batch | colour | shape | background | all three | colour | shape | background "
+             "| all three | wall min | CPU min | final loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             "| | | | tuning seeds | | | | report seeds | | | | | | |"]
+    for name, r in results["rows"].items():
+        t = r.get("train", {})
+        lines.append(f"| {name} | {ROWS[name].what if name in ROWS else ''} | {t.get('steps')} × {t.get('batch')} | "
+                     f"{fmt(r.get('tune', {}).get(guidance))} | {fmt(r.get('report', {}).get(guidance))} | "
+                     f"{t.get('wall_seconds', 0) / 60:.1f} | {t.get('cpu_seconds', 0) / 60:.1f} | {t.get('final_loss')} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "ablation.md"), "w") as f:
+        f.write(table)
+        for g in results["guidance"]:
+            if f"{g:g}" != guidance:
+                f.write(f"\nAt guidance {g:g}:\n\n| row | tuning seeds: colour | shape | background | all three "
+                        f"| report seeds: colour | shape | background | all three |\n|---|---|---|---|---|---|---|---|---|\n")
+                for name, r in results["rows"].items():
+                    f.write(f"| {name} | {fmt(r.get('tune', {}).get(f'{g:g}'))} | {fmt(r.get('report', {}).get(f'{g:g}'))} |\n")
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Ablation of train.sh's CPU default on the shapes benchmark (see the docstring).")
+    p.add_argument("--output_dir", default="./ablation", help="row folders, ablation.json, ablation.md")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run, from: {', '.join(ROWS)}")
+    p.add_argument("--steps", type=int, default=1000, help="budget: optimizer steps at batch 32 (the default's ~8.5 min on 2 idle cores)")
+    p.add_argument("--kit", default="./tiny-sd", help="the offline kit (python -m sd.kit)")
+    p.add_argument("--file_list", default="./data/filelist/train.filelist.list", help="the demo data's filelist")
+    p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 5.0, 7.5], help="guidance scales scored")
+    p.add_argument("--table_guidance", type=float, default=5.0, help="guidance scale of the main table")
+    p.add_argument("--tune_seed", type=int, default=0, help="first tuning seed")
+    p.add_argument("--report_seed", type=int, default=1000, help="first report seed (held out while tuning)")
+    p.add_argument("--num_seeds", type=int, default=4, help="seeds per prompt per seed set")
+    p.add_argument("--num_inference_steps", type=int, default=25, help="sampler steps")
+    p.add_argument("--scheduler", default="ddim", help="sampler (eval.py --scheduler)")
+    p.add_argument("--nice", type=int, default=5, help="niceness of training and eval")
+    p.add_argument("--table", action="store_true", help="only rewrite ablation.md from ablation.json")
+    a = p.parse_args(argv)
+    unknown = [r for r in a.rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    os.makedirs(a.output_dir, exist_ok=True)
+    a.output_dir, a.kit, a.file_list = (os.path.abspath(x) for x in (a.output_dir, a.kit, a.file_list))
+    path = os.path.join(a.output_dir, "ablation.json")
+    results = json.load(open(path)) if os.path.isfile(path) else {"rows": {}}
+    results.update(steps=a.steps, num_seeds=a.num_seeds, scheduler=a.scheduler, guidance=a.guidance,
+                   num_inference_steps=a.num_inference_steps, tune_seeds=[a.tune_seed + i for i in range(a.num_seeds)],
+                   report_seeds=[a.report_seed + i for i in range(a.num_seeds)])
+    if not a.table:
+        if not os.path.isfile(os.path.join(a.kit, "model_index.json")):
+            p.error(f"no kit at {a.kit}: build it with `python -m sd.kit --output_dir {a.kit}` (or run `sh train.sh` once)")
+        if not os.path.isfile(a.file_list):
+            p.error(f"no data at {a.file_list}: run `sh train.sh` once (it makes the demo data), or pass --file_list")
+        if "random text encoder" in a.rows:
+            make_random_text_encoder(a.kit, os.path.join(a.output_dir, "random_text_encoder"))
+        for name in a.rows:
+            row_dir = os.path.join(a.output_dir, re.sub(r"\W+", "_", name))
+            print(f"== {name}: {ROWS[name].what}", flush=True)
+            train = train_row(name, ROWS[name], a, row_dir)
+            print(f"   trained {train['steps']} steps × {train['batch']} in {train['wall_seconds'] / 60:.1f} min wall, "
+                  f"{train['cpu_seconds'] / 60:.1f} min CPU; final loss {train['final_loss']}", flush=True)
+            r = {"train": train, "env": ROWS[name].env, "args": ROWS[name].args}
+            r["tune"] = eval_row(row_dir, train["ema"], a.tune_seed, a, os.path.join(row_dir, "eval_tune"))
+            r["report"] = eval_row(row_dir, train["ema"], a.report_seed, a, os.path.join(row_dir, "eval_report"))
+            results["rows"][name] = r
+            with open(path, "w") as f:
+                json.dump(results, f, indent=2)
+            g = f"{a.table_guidance:g}"
+            print(f"   guidance {g}: tuning seeds {fmt(r['tune'][g])}; report seeds {fmt(r['report'][g])} "
+                  "(colour | shape | background | all, %)", flush=True)
+    print(write_table(results, a.output_dir, f"{a.table_guidance:g}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
