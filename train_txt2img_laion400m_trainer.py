@@ -8,16 +8,45 @@ Run it under ``python -m paddle.distributed.launch`` for several devices; see RE
 """
 
 
+import sys
 from dataclasses import asdict
 
+import numpy as np
 import paddle
 from paddlenlp.trainer import PdArgumentParser, set_seed
 from paddlenlp.utils.log import logger
 
+from sd.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
 from sd.model import StableDiffusionModel
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
-from sd.sd_trainer import StableDiffusionTrainer, find_resume_checkpoint
+from sd.sd_trainer import NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint
 from sd.text_image_pair_dataset import TextImagePairDataset
+
+
+def build_dataset(model, model_args, data_args, training_args):
+    """The training stream: images (VAE and text encoder run every step) or precomputed latents."""
+    return TextImagePairDataset(
+        data_args.file_list, model.tokenizer, resolution=data_args.resolution, line_format=data_args.line_format,
+        interpolation=data_args.interpolation, center_crop=data_args.center_crop,
+        drop_caption_prob=data_args.drop_caption_prob, allow_upscale=data_args.allow_upscale,
+        max_bad_fraction=data_args.max_bad_fraction, seed=training_args.seed,
+        rank=training_args.dataset_rank, world_size=training_args.dataset_world_size,
+        model_max_length=model_args.model_max_length, shuffle_buffer=data_args.shuffle_buffer)
+
+
+def parameter_checksum(layer: paddle.nn.Layer) -> str:
+    """Sum and sum of squares of all parameters: equal on every rank when data parallelism keeps them in sync."""
+    total, squares = 0.0, 0.0
+    for p in layer.parameters():
+        a = p.numpy().astype(np.float64)
+        total, squares = total + a.sum(), squares + (a * a).sum()
+    return f"{total:.10e}/{squares:.10e}"
+
+
+def checkpoint_bytes(model: StableDiffusionModel) -> int:
+    """Rough size of one checkpoint: trained weights, two AdamW moments, the EMA copy (fp32)."""
+    n = sum(int(np.prod(p.shape)) for _, params in model.trainable_groups() for p in params)
+    return 4 * n * (3 + (model.ema is not None))
 
 
 def main():
@@ -25,6 +54,8 @@ def main():
     parser = PdArgumentParser((ModelArguments, DataArguments, SDTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     finalize(model_args, data_args, training_args, lambda msg, changed=True: (logger.warning if changed else logger.info)(msg))
+    if training_args.should_save:
+        check_output_dir(training_args.output_dir)
     if model_args.fused_linear:  # GPU only (finalize switched it off elsewhere); before any model is built
         paddle.nn.Linear = paddle.incubate.nn.FusedLinear
     set_seed(training_args.seed)
@@ -36,14 +67,11 @@ def main():
                          f"{model.latent_factor}")
 
     # 3. data
-    dataset = TextImagePairDataset(
-        data_args.file_list, model.tokenizer, resolution=data_args.resolution, line_format=data_args.line_format,
-        interpolation=data_args.interpolation, center_crop=data_args.center_crop,
-        drop_caption_prob=data_args.drop_caption_prob, allow_upscale=data_args.allow_upscale,
-        max_bad_fraction=data_args.max_bad_fraction, seed=training_args.seed,
-        rank=training_args.dataset_rank, world_size=training_args.dataset_world_size,
-        model_max_length=model_args.model_max_length, shuffle_buffer=data_args.shuffle_buffer)
+    dataset = build_dataset(model, model_args, data_args, training_args)
     world = training_args.dataset_world_size
+    if training_args.should_save and free_bytes(training_args.output_dir) < 2 * checkpoint_bytes(model):
+        logger.warning(f"only {free_bytes(training_args.output_dir) / 2**30:.1f} GiB free in {training_args.output_dir}; "
+                       f"one checkpoint takes about {checkpoint_bytes(model) / 2**30:.1f} GiB")
     logger.info(f"global batch = {training_args.per_device_train_batch_size} per device × {world} rank(s) × "
                 f"{training_args.gradient_accumulation_steps} accumulation = "
                 f"{training_args.per_device_train_batch_size * world * training_args.gradient_accumulation_steps}")
@@ -55,9 +83,18 @@ def main():
     if training_args.do_train:
         trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
         # 5. save the final trained modules (rank 0 only, inside save_model)
-        trainer.save_model()
-        trainer.save_state()
+        try:
+            trainer.save_model()
+            trainer.save_state()
+        except OSError as e:
+            raise CheckpointWriteError(f"could not write the final model in {training_args.output_dir}: "
+                                       f"{describe_os_error(e)}") from None
+        logger.info(f"rank {training_args.process_index}: UNet parameter checksum {parameter_checksum(model.unet)}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CheckpointWriteError, NonFiniteLossError) as e:
+        logger.error(str(e))
+        sys.exit(1)

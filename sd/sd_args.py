@@ -107,6 +107,9 @@ class SDTrainingArguments(TrainingArguments):
     output_dir: str = field(default="./laion400m_pretrain_output_trainer", metadata={"help": "checkpoints and logs"})
     logging_steps: int = field(default=50, metadata={"help": "log every N steps"})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule (constant, linear, cosine, ...)"})
+    max_nonfinite_steps: int = field(
+        default=5, metadata={"help": "stop after this many consecutive updates with a non-finite loss or gradient "
+                                     "(each one is skipped, not applied)"})
 
 
 def resolve_switches(args_objects, argv, environ=os.environ) -> Dict[str, Tuple[bool, str]]:

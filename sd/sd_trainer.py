@@ -5,8 +5,11 @@
 * loss: ``StableDiffusionModel.forward`` with a per-batch seed (run seed, rank, batch index);
 * optimizer: one parameter group per trained module, each with its own learning rate;
 * checkpoints: the trained modules in ``from_pretrained`` layout (``unet/``, EMA variant,
-  ``text_encoder/``) plus ``sd_state.json`` (data-stream positions, batch count, EMA count) beside
-  the Trainer's optimizer/scheduler/trainer state; resume loads exactly those;
+  ``text_encoder/``) plus ``sd_state.json`` (every rank's data-stream positions, batch count, EMA
+  count) beside the Trainer's optimizer/scheduler/trainer state; resume loads exactly those. A
+  checkpoint is written under a staging name and renamed into place when complete (sd/checkpoints.py);
+* divergence guard: an update whose loss or gradients are not finite is skipped (every rank
+  decides alike); after ``--max_nonfinite_steps`` in a row training stops, naming the last good checkpoint;
 * after each optimizer step: the EMA update (training, so it runs whatever ``--report_to`` says);
   on rank 0 every ``image_logging_steps``: reconstructions and DDIM samples to VisualDL and a PNG.
 """
@@ -15,19 +18,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Dict, Optional
 
 import numpy as np
 import paddle
 from paddlenlp.trainer import Trainer, TrainerCallback
-from paddlenlp.trainer.trainer_utils import get_last_checkpoint
 from paddlenlp.utils.log import logger
 
 from sd import sampling
+from sd.checkpoints import (CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
+                            staging_root)
 from sd.text_image_pair_dataset import collate_fn
 
 STATE_FILE = "sd_state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient; the message names the last good checkpoint."""
 
 
 def batch_seed(run_seed: int, rank: int, batch_index: int) -> int:
@@ -63,7 +72,7 @@ class _AfterStep(TrainerCallback):
 
     def on_optimizer_end(self, args, state, control, **kwargs):
         ema = self.trainer.sd_model.ema
-        if ema is not None:
+        if ema is not None and not self.trainer.update_skipped:
             ema.update(self.trainer.sd_model.unet)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -85,6 +94,10 @@ class StableDiffusionTrainer(Trainer):
         self._image_batch = None
         self._reader: Optional[_TimedLoader] = None
         self._reader_logged = (0.0, 0)  # reader seconds and batches at the previous log
+        self._all_ranks_state: Dict[str, dict] = {}  # rank → its stream positions and skips, gathered at each save
+        self.nonfinite_in_a_row, self.nonfinite_total = 0, 0  # skipped updates (divergence guard)
+        self.update_skipped = False  # the last optimizer step was skipped (the EMA skips it too)
+        self._nonfinite_loss = False  # a micro-batch since the last optimizer step had a non-finite loss
         self.args.ignore_data_skip = True  # the dataset fast-forwards itself (see get_train_dataloader)
         groups = [{"params": params, "learning_rate": lr / args.learning_rate}
                   for (name, params), lr in zip(model.trainable_groups(), self._group_lrs())]
@@ -107,7 +120,12 @@ class StableDiffusionTrainer(Trainer):
             if (state.get("batch_size", batch_size), state.get("num_workers", workers)) != (batch_size, workers):
                 raise ValueError(f"resuming needs the checkpoint's per-device batch size and loader workers "
                                  f"({state['batch_size']}, {state['num_workers']}), got ({batch_size}, {workers})")
-            positions = {int(k): v for k, v in state["stream_positions"].items()}
+            world, rank = self.args.world_size, self.args.process_index
+            if state.get("world_size", 1) != world:
+                raise ValueError(f"the checkpoint was written by {state.get('world_size', 1)} rank(s), this run has "
+                                 f"{world}: resume with the same number of devices (the data stream of every rank "
+                                 f"is part of the checkpoint), or start a new run with --overwrite_output_dir")
+            positions = {int(k): v for k, v in state["ranks"][str(rank)]["stream_positions"].items()}
             self.batches_seen = state["batches_seen"]
             dataset.fast_forward(self.batches_seen * batch_size, batch_size, workers, positions=positions)
             self.stream_positions = positions
@@ -127,10 +145,62 @@ class StableDiffusionTrainer(Trainer):
         loss = model(inputs["input_ids"], inputs["pixel_values"], seed=seed)
         return (loss, None) if return_outputs else loss
 
+    # -- divergence guard ------------------------------------------------------------------------
+    def training_step(self, model, inputs):
+        loss = super().training_step(model, inputs)
+        if not bool(paddle.isfinite(loss).all()):
+            self._nonfinite_loss = True
+            return paddle.zeros_like(loss)  # keeps the logged running loss finite; the update is skipped below
+        return loss
+
+    def create_optimizer(self, lr_scheduler=None):
+        optimizer = super().create_optimizer(lr_scheduler)
+        if not getattr(optimizer, "_sd_guarded", False):  # every caller (plain or through GradScaler) goes through .step
+            step = optimizer.step
+
+            def guarded_step(*args, **kwargs):
+                if self._update_is_finite():
+                    self.nonfinite_in_a_row, self.update_skipped = 0, False
+                    return step(*args, **kwargs)
+                self._skip_update()
+
+            optimizer.step, optimizer._sd_guarded = guarded_step, True
+        return optimizer
+
+    def _update_is_finite(self) -> bool:
+        """False when a micro-batch loss of this step, on any rank, or a gradient was not finite."""
+        bad = self._nonfinite_loss
+        self._nonfinite_loss = False
+        if not bad:
+            grads = [p.grad for _, params in self.sd_model.trainable_groups() for p in params if p.grad is not None]
+            bad = not all(bool(paddle.isfinite(g).all()) for g in grads)
+        if self.args.world_size > 1:  # gradients agree after the all-reduce, losses need not: agree on the decision
+            flag = paddle.to_tensor([1.0 if bad else 0.0])
+            paddle.distributed.all_reduce(flag, op=paddle.distributed.ReduceOp.MAX)
+            bad = bool(flag.item() > 0)
+        return not bad
+
+    def _skip_update(self) -> None:
+        self.update_skipped = True
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        step = self.state.global_step + 1
+        limit = self.args.max_nonfinite_steps
+        logger.warning(f"step {step}: non-finite loss or gradient, update skipped "
+                       f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in this run; limit {limit})")
+        if self.nonfinite_in_a_row >= limit:
+            last = newest_complete_checkpoint(self.args.output_dir)
+            where = (f"the last good checkpoint is {last}: resume from it with a lower --learning_rate "
+                     f"(--resume_from_checkpoint {last})") if last else "no checkpoint was written yet"
+            raise NonFiniteLossError(f"training stopped at step {step}: {limit} consecutive steps had a non-finite "
+                                     f"loss or gradient (no weights were updated with them); {where}")
+
     def log(self, logs, **kwargs):
         if "loss" in logs:  # a training log (not the final summary): add what the stock Trainer does not
             if self.skipped:
                 logs["data_skipped"] = sum(self.skipped.values())  # this rank's skipped records, all workers
+            if self.nonfinite_total:
+                logs["nonfinite_steps_skipped"] = self.nonfinite_total
             if self._reader is not None:  # mean seconds per batch spent waiting for the loader since the last log
                 seconds, batches = self._reader.seconds - self._reader_logged[0], self._reader.batches - self._reader_logged[1]
                 logs["reader_seconds_per_step"] = round(seconds / max(batches, 1), 5)
@@ -150,7 +220,8 @@ class StableDiffusionTrainer(Trainer):
             m.save_trained(output_dir)
         else:  # a whole pipeline folder, loadable on its own
             m.save_pipeline(output_dir)
-        state = {"stream_positions": self.stream_positions, "batches_seen": self.batches_seen,
+        ranks = self._all_ranks_state or {str(self.args.process_index): self._rank_state()}
+        state = {"world_size": self.args.world_size, "ranks": ranks, "batches_seen": self.batches_seen,
                  "batch_size": self.args.per_device_train_batch_size, "num_workers": self.args.dataloader_num_workers,
                  "ema_updates": m.ema.num_updates if m.ema is not None else 0,
                  "resolution": self.resolution, "model_paths": {k: os.path.abspath(v) if v and os.path.exists(v) else v for k, v in m.paths.items()}, "prediction_type": m.args.prediction_type}
@@ -161,10 +232,40 @@ class StableDiffusionTrainer(Trainer):
         with open(os.path.join(output_dir, "run_config.json"), "w") as f:  # model and data arguments, as resolved
             json.dump(self.run_config, f, indent=2)
 
+    def _rank_state(self) -> dict:
+        return {"stream_positions": dict(self.stream_positions), "skipped": dict(self.skipped)}
+
     def _save_checkpoint(self, model, metrics=None):
-        super()._save_checkpoint(model, metrics=metrics)
+        """The stock checkpoint, written under ``.incomplete/`` and renamed into place once complete."""
+        mine = self._rank_state()
+        if self.args.world_size > 1:  # every rank's data-stream position goes into rank 0's sd_state.json
+            gathered = []
+            paddle.distributed.all_gather_object(gathered, (self.args.process_index, mine))
+            self._all_ranks_state = {str(r): s for r, s in gathered}
+        else:
+            self._all_ranks_state = {str(self.args.process_index): mine}
+        final_root, name = self.args.output_dir, f"checkpoint-{self.state.global_step}"
+        staging = staging_root(final_root)
+        writer = self.args.should_save
+        try:
+            if writer and os.path.exists(os.path.join(staging, name)):  # left by a run killed while saving
+                shutil.rmtree(os.path.join(staging, name))
+            # The stock method writes to <args.output_dir>/checkpoint-N: point it at the staging folder.
+            self.args.output_dir = staging
+            try:
+                super()._save_checkpoint(model, metrics=metrics)
+            finally:
+                self.args.output_dir = final_root
+            if writer:
+                publish(os.path.join(staging, name), os.path.join(final_root, name))
+        except OSError as e:
+            last = newest_complete_checkpoint(final_root)
+            raise CheckpointWriteError(
+                f"could not write {name} in {final_root}: {describe_os_error(e)}. Training stopped; the newest "
+                f"complete checkpoint is {last or 'none'}; rerun the same command to resume from it") from None
+        self._all_ranks_state = {}
         # paddlenlp 2.8 rotates only where local_rank == 0, i.e. never in a single process (-1).
-        if self.is_world_process_zero():
+        if writer:
             self._rotate_checkpoints()
 
     def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
@@ -175,7 +276,7 @@ class StableDiffusionTrainer(Trainer):
         if not resume_from_checkpoint:
             return
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no checkpoint to resume from in {self.args.output_dir}")
         state_file = os.path.join(resume_from_checkpoint, STATE_FILE)
@@ -244,8 +345,9 @@ def find_resume_checkpoint(training_args) -> Optional[str]:
     if training_args.resume_from_checkpoint:
         return training_args.resume_from_checkpoint
     if os.path.isdir(training_args.output_dir) and not training_args.overwrite_output_dir:
-        last = get_last_checkpoint(training_args.output_dir)
+        last = newest_complete_checkpoint(training_args.output_dir)
         if last is not None:
-            logger.info(f"found {last}: resuming automatically (pass --overwrite_output_dir to start afresh)")
+            logger.info(f"found {last}, the newest complete checkpoint: resuming automatically "
+                        f"(pass --overwrite_output_dir to start afresh)")
         return last
     return None
