@@ -11,6 +11,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def train_command(tiny_kit, file_list, output_dir, *extra, entry="train_txt2img_laion400m_trainer.py"):
+    """The training command the tests run: the test kit at 32 px, batch 4, a log line per step, seed 5."""
+    return [sys.executable, os.path.join(ROOT, entry), "--do_train",
+            "--output_dir", str(output_dir), "--pretrained_model_name_or_path", tiny_kit,
+            "--unet_name_or_path", os.path.join(tiny_kit, "unet", "config.json"), "--file_list", file_list,
+            "--resolution", "32", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+            "--model_max_length", "16", "--num_inference_steps", "2", "--logging_steps", "1", "--seed", "5", *extra]
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A CLIP BPE tokenizer learned from the demo captions (no model)."""

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import train_command
 from safetensors.numpy import load_file
 
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize, resolve_switches
@@ -16,11 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train(tiny_kit, file_list, output_dir, *extra, env=None):
-    cmd = [sys.executable, os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"), "--do_train",
-           "--output_dir", str(output_dir), "--pretrained_model_name_or_path", tiny_kit,
-           "--unet_name_or_path", os.path.join(tiny_kit, "unet", "config.json"), "--file_list", file_list,
-           "--resolution", "32", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-           "--model_max_length", "16", "--num_inference_steps", "2", "--logging_steps", "1", "--seed", "5", *extra]
+    cmd = train_command(tiny_kit, file_list, output_dir, *extra)
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout + r.stderr

@@ -1,0 +1,125 @@
+"""Faults during training: kill -9 and resume, a save failing midway, non-finite losses, bad output dirs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, train_command
+from safetensors.numpy import load_file
+
+RUNNER = os.path.join(ROOT, "tests", "fault_runner.py")
+COMMON = ["--max_steps", "8", "--save_steps", "2", "--dataloader_num_workers", "1", "--use_ema", "True",
+          "--ema_decay", "0.9", "--report_to", "none", "--image_logging_steps", "0"]
+
+
+def run(tiny_kit, file_list, out, *extra, faults=None):
+    cmd = train_command(tiny_kit, file_list, out, *COMMON, *extra)
+    if faults:
+        cmd = [sys.executable, RUNNER] + cmd[2:]  # same arguments, through the fault injector
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(faults or {})})
+
+
+def ok(r):
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def losses(log):
+    """{step: loss} of the per-step log lines."""
+    found = {}
+    for line in log.splitlines():
+        if " - loss: " in line and "global_step: " in line:
+            step = int(line.split("global_step: ")[1].split(",")[0])
+            found[step] = line.split("loss: ")[1].split(",")[0]
+    return found
+
+
+def weights(checkpoint, variant=""):
+    name = f"diffusion_paddle_model{'.' + variant if variant else ''}.safetensors"
+    return load_file(os.path.join(checkpoint, "unet", name))
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_kit, demo_file_list, tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "full"
+    return out, ok(run(tiny_kit, demo_file_list, out))
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tiny_kit, demo_file_list, uninterrupted, tmp_path):
+    full, full_log = uninterrupted
+    out = tmp_path / "killed"
+    cmd = train_command(tiny_kit, demo_file_list, out, *COMMON)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-2").exists():  # visible only once complete (staged, then renamed)
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "checkpoint-8").exists()  # killed mid-run
+    resumed = ok(run(tiny_kit, demo_file_list, out))  # the same command
+    start = int(resumed.split("the newest complete checkpoint")[0].rsplit("checkpoint-", 1)[1].split(",")[0])
+    assert 2 <= start < 8
+    expected = {s: l for s, l in losses(full_log).items() if s > start}
+    assert losses(resumed) == expected and len(expected) == 8 - start
+    for variant in ("", "ema"):
+        assert same(weights(full / "checkpoint-8", variant), weights(out / "checkpoint-8", variant)), variant
+
+
+def test_save_failing_midway_keeps_previous_checkpoint(tiny_kit, demo_file_list, uninterrupted, tmp_path):
+    full, _ = uninterrupted
+    out = tmp_path / "disk_full"
+    r = run(tiny_kit, demo_file_list, out, "--save_total_limit", "1", faults={"SD_FAULT_FAIL_SAVE_STEP": "4"})
+    log = r.stdout + r.stderr
+    assert r.returncode == 1, log[-3000:]
+    assert f"could not write checkpoint-4 in {out}: No space left on device (the disk is full" in log
+    assert f"the newest complete checkpoint is {out / 'checkpoint-2'}" in log
+    assert "Traceback" not in log
+    # The failed save is not visible, and rotation (limit 1) did not delete the newest complete one.
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert (out / ".incomplete" / "checkpoint-4" / "unet").is_dir()  # the half-written folder, out of the way
+    resumed = ok(run(tiny_kit, demo_file_list, out, "--save_total_limit", "1"))
+    assert f"found {out / 'checkpoint-2'}, the newest complete checkpoint" in resumed
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-8"]
+    assert os.listdir(out / ".incomplete") == []  # the stale staging folder was replaced and published
+    assert same(weights(full / "checkpoint-8"), weights(out / "checkpoint-8"))
+
+
+def test_nonfinite_steps_are_skipped_then_training_stops(tiny_kit, demo_file_list, tmp_path):
+    out = tmp_path / "nan"
+    r = run(tiny_kit, demo_file_list, out, "--save_steps", "1", "--max_nonfinite_steps", "3",
+            faults={"SD_FAULT_NAN_BATCHES": "2,4-"})
+    log = r.stdout + r.stderr
+    assert r.returncode == 1, log[-3000:]
+    assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in this run; limit 3)" in log
+    assert "step 7: non-finite loss or gradient, update skipped (3 in a row, 4 in this run; limit 3)" in log
+    assert (f"training stopped at step 7: 3 consecutive steps had a non-finite loss or gradient (no weights were "
+            f"updated with them); the last good checkpoint is {out / 'checkpoint-6'}") in log
+    # A skipped step changes neither the weights nor the EMA; steps between are applied.
+    for variant in ("", "ema"):
+        w = {s: weights(out / f"checkpoint-{s}", variant) for s in range(1, 7)}
+        assert same(w[2], w[3]) and same(w[4], w[5]) and same(w[5], w[6]), variant
+        assert not same(w[1], w[2]) and not same(w[3], w[4]), variant
+        assert all(np.isfinite(a).all() for a in w[6].values())
+    assert not (out / "checkpoint-7").exists()
+    logged = losses(log)
+    assert all(np.isfinite(float(v)) for v in logged.values())  # the running loss is not poisoned
+    assert "nonfinite_steps_skipped: 1" in log
+
+
+def test_unwritable_output_dir_fails_at_start(tiny_kit, demo_file_list, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    r = run(tiny_kit, demo_file_list, blocker / "out")
+    log = r.stdout + r.stderr
+    assert r.returncode == 1
+    assert f"cannot write to --output_dir {blocker / 'out'}: " in log and "choose another --output_dir" in log
+    assert "Traceback" not in log
