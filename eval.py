@@ -279,14 +279,15 @@ def build(models: Dict, args):
     from ppdiffusers import AutoencoderKL, UNet2DConditionModel
     from ppdiffusers.transformers import AutoTokenizer, CLIPTextModel
 
-    from sd.sampling import build_pipeline
+    from sd.sampling import build_pipeline, from_pretrained_kwargs
 
     sched = models["scheduler_config"] or {}  # none: SD v1's schedule
     if models["prediction_type"]:  # what the UNet was trained to predict
         sched = {**sched, "prediction_type": models["prediction_type"]}
-    vae = AutoencoderKL.from_pretrained(models["vae"])
-    text_encoder = CLIPTextModel.from_pretrained(models["text_encoder"])
-    unet = UNet2DConditionModel.from_pretrained(models["unet"], variant=args.variant)
+    # folders of PyTorch weights (diffusers layout) are converted on load by ppdiffusers itself
+    vae = AutoencoderKL.from_pretrained(models["vae"], **from_pretrained_kwargs(models["vae"]))
+    text_encoder = CLIPTextModel.from_pretrained(models["text_encoder"], **from_pretrained_kwargs(models["text_encoder"]))
+    unet = UNet2DConditionModel.from_pretrained(models["unet"], variant=args.variant, **from_pretrained_kwargs(models["unet"]))
     if args.height is None or args.width is None:  # hub weights: sizes known only now
         size = unet.config.sample_size * factor_of(vae.config)
         args.height, args.width = args.height or size, args.width or size

@@ -19,6 +19,7 @@ from paddle import nn
 
 from sd import diffusion
 from sd.kit import check_local_or_explain, latent_factor
+from sd.sampling import from_pretrained_kwargs
 from sd.sd_args import ModelArguments
 
 # SD v1's training noise schedule, used when no scheduler folder is given.
@@ -90,14 +91,16 @@ class StableDiffusionModel(nn.Layer):
         paths = args.component_paths()
         self.paths = paths
         self.tokenizer = AutoTokenizer.from_pretrained(_require(paths["tokenizer"], "tokenizer", "tokenizer_name"))
-        self.vae = AutoencoderKL.from_pretrained(_require(paths["vae"], "VAE", "vae_name_or_path"))
-        self.text_encoder = CLIPTextModel.from_pretrained(
-            _require(paths["text_encoder"], "text encoder", "text_encoder_name_or_path"))
+        # folders of PyTorch weights (diffusers layout) are converted on load by ppdiffusers itself
+        vae_path = _require(paths["vae"], "VAE", "vae_name_or_path")
+        self.vae = AutoencoderKL.from_pretrained(vae_path, **from_pretrained_kwargs(vae_path))
+        text_encoder_path = _require(paths["text_encoder"], "text encoder", "text_encoder_name_or_path")
+        self.text_encoder = CLIPTextModel.from_pretrained(text_encoder_path, **from_pretrained_kwargs(text_encoder_path))
         unet_path = _require(paths["unet"], "UNet", "unet_name_or_path")
         if os.path.isfile(unet_path):  # a config file: random init (pretraining)
             self.unet = init_unet_from_config(unet_path)
         else:
-            self.unet = UNet2DConditionModel.from_pretrained(unet_path)
+            self.unet = UNet2DConditionModel.from_pretrained(unet_path, **from_pretrained_kwargs(unet_path))
         if self.unet.config.cross_attention_dim != self.text_encoder.config.hidden_size:
             raise ValueError(f"UNet cross_attention_dim {self.unet.config.cross_attention_dim} ≠ text encoder width "
                              f"{self.text_encoder.config.hidden_size}: use a UNet config that matches the text encoder")

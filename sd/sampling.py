@@ -17,6 +17,9 @@ Seeding rule (what makes an image reproducible and independent of its batch):
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import struct
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -65,6 +68,38 @@ def scheduler_name(pipe) -> str:
     raise ValueError(f"{cls} is not one of the supported schedulers ({', '.join(SCHEDULERS.values())})")
 
 
+def saved_by_pytorch(folder: str) -> bool:
+    """True when ``folder`` holds PyTorch weights (the diffusers / transformers layout:
+    ``diffusion_pytorch_model*.safetensors|.bin``, ``pytorch_model*.bin``, or a ``*.safetensors``
+    whose header says ``format: pt``) that ppdiffusers must convert on load (``from_diffusers=True``).
+
+    Paddle weights (``diffusion_paddle_model*``, ``*.pdparams``, safetensors tagged ``pd``/``np``)
+    win over ``.bin`` files, so a folder paddlenlp has already converted loads its Paddle copy.
+    A file (e.g. a UNet config.json for random init) or a hub name is not a folder: False.
+    """
+    if not os.path.isdir(folder):
+        return False
+    names = os.listdir(folder)
+    paddle_files = [n for n in names if n.startswith("diffusion_paddle_model") or n.endswith(".pdparams")]
+    torch_bins = [n for n in names if n.endswith(".bin") and n.startswith(("diffusion_pytorch_model", "pytorch_model"))]
+    torch_safetensors = [n for n in names if n.endswith(".safetensors") and _safetensors_format(os.path.join(folder, n)) == "pt"]
+    return bool(torch_safetensors) or (bool(torch_bins) and not paddle_files)
+
+
+def _safetensors_format(path: str) -> Optional[str]:
+    """The ``format`` entry of a safetensors header's ``__metadata__`` (8-byte length, then JSON)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return (header.get("__metadata__") or {}).get("format")
+
+
+def from_pretrained_kwargs(path: str) -> dict:
+    """``{"from_diffusers": True}`` for a folder of PyTorch weights (ppdiffusers' own conversion on
+    load: transposed linear weights, renamed keys), else ``{}``."""
+    return {"from_diffusers": True} if saved_by_pytorch(path) else {}
+
+
 def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler: str = "ddim", scheduler_config: Optional[dict] = None):
     """A StableDiffusionPipeline around in-memory modules (no safety checker).
 
@@ -91,12 +126,17 @@ def load_pipeline(pretrained_model_name_or_path: str, unet=None, text_encoder=No
 
     kwargs = {}
     if unet is not None:
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, variant=variant) if isinstance(unet, str) else unet
+        kwargs["unet"] = (UNet2DConditionModel.from_pretrained(unet, variant=variant, **from_pretrained_kwargs(unet))
+                          if isinstance(unet, str) else unet)
     elif variant:
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(pretrained_model_name_or_path, subfolder="unet",
-                                                              variant=variant)
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(pretrained_model_name_or_path, subfolder="unet", variant=variant,
+                                                              **from_pretrained_kwargs(os.path.join(pretrained_model_name_or_path, "unet")))
     if text_encoder is not None:
-        kwargs["text_encoder"] = CLIPTextModel.from_pretrained(text_encoder) if isinstance(text_encoder, str) else text_encoder
+        kwargs["text_encoder"] = (CLIPTextModel.from_pretrained(text_encoder, **from_pretrained_kwargs(text_encoder))
+                                  if isinstance(text_encoder, str) else text_encoder)
+    # a diffusers-layout pipeline folder (PyTorch weights): ppdiffusers converts every component on load
+    if any(saved_by_pytorch(os.path.join(pretrained_model_name_or_path, c)) for c in ("unet", "vae", "text_encoder")):
+        kwargs["from_diffusers"] = True
     pipe = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False, **kwargs)
     pipe.scheduler = make_scheduler(scheduler, {**dict(pipe.scheduler.config), **(scheduler_config or {})})
