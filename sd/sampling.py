@@ -96,8 +96,19 @@ def _safetensors_format(path: str) -> Optional[str]:
 
 def from_pretrained_kwargs(path: str) -> dict:
     """``{"from_diffusers": True}`` for a folder of PyTorch weights (ppdiffusers' own conversion on
-    load: transposed linear weights, renamed keys), else ``{}``."""
-    return {"from_diffusers": True} if saved_by_pytorch(path) else {}
+    load: transposed linear weights, renamed keys), else ``{}``.
+
+    Raises ``ValueError`` for PyTorch ``.bin`` weights without a safetensors copy: the pickle readers
+    of ppdiffusers 0.29 and paddlenlp 2.8.1 use ``np.cfloat``, which numpy 2 removed.
+    """
+    if not saved_by_pytorch(path):
+        return {}
+    names = os.listdir(path)
+    if not any(n.endswith(".safetensors") for n in names):
+        raise ValueError(f"{path} holds PyTorch .bin weights only, which ppdiffusers 0.29 / paddlenlp 2.8.1 cannot read "
+                         "under numpy 2; re-save it as safetensors with PyTorch (diffusers' save_pretrained writes "
+                         "safetensors by default), e.g. StableDiffusionPipeline.from_pretrained(SRC).save_pretrained(DST)")
+    return {"from_diffusers": True}
 
 
 def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler: str = "ddim", scheduler_config: Optional[dict] = None):
@@ -135,7 +146,7 @@ def load_pipeline(pretrained_model_name_or_path: str, unet=None, text_encoder=No
         kwargs["text_encoder"] = (CLIPTextModel.from_pretrained(text_encoder, **from_pretrained_kwargs(text_encoder))
                                   if isinstance(text_encoder, str) else text_encoder)
     # a diffusers-layout pipeline folder (PyTorch weights): ppdiffusers converts every component on load
-    if any(saved_by_pytorch(os.path.join(pretrained_model_name_or_path, c)) for c in ("unet", "vae", "text_encoder")):
+    if any(from_pretrained_kwargs(os.path.join(pretrained_model_name_or_path, c)) for c in ("unet", "vae", "text_encoder")):
         kwargs["from_diffusers"] = True
     pipe = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False, **kwargs)
