@@ -245,3 +245,60 @@ def write_filelists(output_path: str, output_name: str, part_paths: List[str], n
     with open(filelist_list, "w", encoding="utf-8") as f:
         f.write(filelist + "\n")
     return filelist, filelist_list
+
+
+# ---------------------------------------------------------------------------------------------
+# Precomputed-latent part files (sd/precompute_latents.py writes them, sd/latent_dataset.py reads them)
+# ---------------------------------------------------------------------------------------------
+# Line: ``caption \t spec \t base64(mean) \t base64(std) \t base64(hidden)`` with spec
+# ``latents:<dtype>:<c,h,w>:<L,D>``: the VAE posterior's mean and std (c, h, w) and the text
+# encoder's last hidden states (L, D), raw little-endian arrays of ``dtype`` (float16 or float32).
+LATENT_TAG = "latents"
+LATENT_DTYPES = ("float16", "float32")
+
+
+def encode_latent_line(caption: str, mean, std, hidden) -> str:
+    """One precomputed-latent line (newline included) from numpy arrays of one dtype."""
+    dtype = str(mean.dtype)
+    if dtype not in LATENT_DTYPES or std.dtype != mean.dtype or hidden.dtype != mean.dtype or std.shape != mean.shape:
+        raise ValueError(f"mean/std/hidden must share a dtype in {LATENT_DTYPES} and mean/std a shape; got "
+                         f"{mean.dtype}{mean.shape}, {std.dtype}{std.shape}, {hidden.dtype}{hidden.shape}")
+    spec = f"{LATENT_TAG}:{dtype}:{','.join(map(str, mean.shape))}:{','.join(map(str, hidden.shape))}"
+    b64 = [base64.b64encode(a.astype(a.dtype.newbyteorder("<")).tobytes()).decode("ascii") for a in (mean, std, hidden)]
+    return "\t".join([normalize_caption(caption), spec, *b64]) + "\n"
+
+
+def parse_latent_line(raw: bytes):
+    """Raw precomputed-latent line → ``(caption, mean, std, hidden)`` numpy arrays (read-only views).
+
+    Raises:
+        BadRecord("empty_line" | "not_text" | "too_few_fields" | "bad_latent" | "bad_base64")
+    """
+    import numpy as np
+
+    fields = raw.rstrip(b"\r\n").split(b"\t")
+    if not raw.strip():
+        raise BadRecord("empty_line")
+    if len(fields) < 5:
+        raise BadRecord("too_few_fields", f"{len(fields)} fields, need 5 (is this a latent part file?)")
+    try:
+        tag, dtype, latent_shape, hidden_shape = fields[1].decode("ascii").split(":")
+        latent_shape = tuple(int(x) for x in latent_shape.split(","))
+        hidden_shape = tuple(int(x) for x in hidden_shape.split(","))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise BadRecord("bad_latent", f"bad spec {fields[1][:60]!r}: {err}") from None
+    if tag != LATENT_TAG or dtype not in LATENT_DTYPES:
+        raise BadRecord("bad_latent", f"spec {fields[1][:60]!r} is not latents:<float16|float32>:<c,h,w>:<L,D>")
+    arrays = []
+    for field, shape in ((fields[2], latent_shape), (fields[3], latent_shape), (fields[4], hidden_shape)):
+        try:
+            data = base64.b64decode(field, validate=False)
+        except (binascii.Error, ValueError) as err:
+            raise BadRecord("bad_base64", str(err)) from None
+        count = 1
+        for n in shape:
+            count *= n
+        if len(data) != count * np.dtype(dtype).itemsize:
+            raise BadRecord("bad_latent", f"{len(data)} bytes for {dtype} {shape}")
+        arrays.append(np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape))
+    return (decode_line_bytes(fields[0]), *arrays)

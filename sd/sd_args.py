@@ -94,6 +94,9 @@ class DataArguments:
     allow_upscale: bool = field(default=False, metadata={"help": "upscale images smaller than --resolution instead of skipping"})
     max_bad_fraction: Optional[float] = field(default=None, metadata={"help": "stop if more than this fraction of records is bad"})
     shuffle_buffer: int = field(default=256, metadata={"help": "undecoded lines held to shuffle within part files"})
+    precomputed_latents: bool = field(
+        default=False, metadata={"help": "--file_list holds latents and text hidden states written by "
+                                         "`python -m sd.precompute_latents` (no VAE/text encoder per step; fixed crop)"})
 
     def __post_init__(self):
         if self.resolution < 8:
