@@ -162,3 +162,12 @@ def test_loss_samples_mean_plus_std_noise(latents, tiny_kit, demo_file_list, tok
     z = model.sample_latents(mean, std, np.random.default_rng(5)).numpy()
     eps = np.random.default_rng(5).standard_normal(mean.shape, dtype=np.float32)
     np.testing.assert_allclose(z, (mean.numpy() + std.numpy() * eps) * model.scaling_factor, rtol=1e-6, atol=1e-6)
+
+
+def test_trains_through_the_trainer_without_running_the_encoders(latents, tiny_kit):
+    from sd.benchmark import run
+
+    r = run(tiny_kit, latents, resolution=32, batch_size=2, num_workers=1, steps=2, warmup=1, latents=True,
+            model_max_length=16, flops=False)
+    assert r["steps"] == 2 and r["latent_sample_s"] > 0
+    assert r["vae_encode_s"] == 0 and r["text_encode_s"] == 0  # never called
