@@ -295,6 +295,8 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
     from sd.sd_trainer import StableDiffusionTrainer
 
+    if warmup < 1 or steps < 1:
+        raise ValueError(f"need warmup ≥ 1 (the first step has no interval before it) and steps ≥ 1, got {warmup}, {steps}")
     extra = dict(extra_args or {})
     extra.setdefault("max_grad_norm", -1.0)  # the seed's command: no gradient clipping
     pick = lambda cls: {k: extra.pop(k) for k in list(extra) if k in cls.__dataclass_fields__}  # noqa: E731

@@ -62,20 +62,17 @@ def _float32(x: paddle.Tensor) -> paddle.Tensor:
     return x if x.dtype == paddle.float32 else x.astype("float32")  # no copy when already fp32
 
 
-def _conv2d_dense_bias(self, x):
-    """``nn.Conv2D.forward`` with the bias added as a same-shape tensor (see ``use_dense_conv_bias``)."""
+def _conv2d_dense_bias(self, x, *args, **kwargs):
+    """``Conv2D.forward`` (and ppdiffusers' ``LoRACompatibleConv``'s, without LoRA) with the bias added
+    as a same-shape tensor (see ``use_dense_conv_bias``); any other case takes the class's own forward."""
     import paddle.nn.functional as F
 
-    if self._padding_mode != "zeros":
-        x = F.pad(x, self._reversed_padding_repeated_twice, mode=self._padding_mode, data_format=self._data_format)
-    out = F.conv._conv_nd(x, self.weight, bias=None, stride=self._stride, padding=self._updated_padding,
-                          padding_algorithm=self._padding_algorithm, dilation=self._dilation, groups=self._groups,
-                          data_format=self._data_format, channel_dim=self._channel_dim, op_type=self._op_type,
-                          use_cudnn=self._use_cudnn)
-    if self.bias is None:
-        return out
+    if self.bias is None or self._padding_mode != "zeros" or getattr(self, "lora_layer", None) is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    out = F.conv2d(x, self.weight, None, self._stride, self._padding, self._dilation, self._groups,
+                   data_format=self._data_format)
     shape = [1] * len(out.shape)
-    shape[self._channel_dim] = -1
+    shape[1 if self._data_format == "NCHW" else -1] = -1
     return out + self.bias.reshape(shape).expand(out.shape)
 
 
@@ -91,7 +88,7 @@ def use_dense_conv_bias(layer: nn.Layer) -> int:
 
     changed = 0
     for sub in layer.sublayers(include_self=True):
-        if type(sub) is nn.Conv2D and sub.bias is not None:
+        if isinstance(sub, nn.Conv2D) and sub.bias is not None:
             sub.forward = types.MethodType(_conv2d_dense_bias, sub)
             changed += 1
     return changed

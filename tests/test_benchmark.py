@@ -58,11 +58,14 @@ def test_flops_only_cli_scales_with_resolution(tiny_kit):
 def test_dense_conv_bias_is_exact():
     from sd.model import use_dense_conv_bias
 
+    from ppdiffusers.models.lora import LoRACompatibleConv  # what ppdiffusers' resnets use
+
     paddle.seed(0)
-    stock = paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 3, padding=1), paddle.nn.SiLU(), paddle.nn.Conv2D(8, 4, 1))
-    fast = paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 3, padding=1), paddle.nn.SiLU(), paddle.nn.Conv2D(8, 4, 1))
+    make = lambda: paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 3, padding=1), paddle.nn.SiLU(),  # noqa: E731
+                                        LoRACompatibleConv(8, 4, 3, stride=2, padding=1), paddle.nn.Conv2D(4, 4, 1))
+    stock, fast = make(), make()
     fast.set_state_dict(stock.state_dict())
-    assert use_dense_conv_bias(fast) == 2
+    assert use_dense_conv_bias(fast) == 3
     x = paddle.randn([2, 3, 12, 12])
     a, b = stock(x), fast(x)
     assert np.array_equal(a.numpy(), b.numpy())
