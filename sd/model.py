@@ -168,6 +168,9 @@ class StableDiffusionModel(nn.Layer):
 
     # ---------------------------------------------------------------------------------------------
     def train(self):  # the frozen parts stay in eval mode whatever the trainer asks
+        if self.training and self.unet.training and not self.vae.training and \
+                self.text_encoder.training == self.args.train_text_encoder:
+            return self  # already so (the Trainer asks every step; walking all sublayers costs ~2 ms on CPU)
         super().train()
         self.vae.eval()
         if not self.args.train_text_encoder:
