@@ -134,7 +134,7 @@ def main(argv=None) -> None:
                     im.draft("RGB", wanted)
                     im.load()
                 else:
-                    k = next(k for k in (8, 4, 2, 1) if min(im.width // wanted[0], im.height // wanted[1]) >= k)
+                    k = next((k for k in (8, 4, 2, 1) if min(im.width // wanted[0], im.height // wanted[1]) >= k), 1)
                     cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED[k] | cv2.IMREAD_IGNORE_ORIENTATION)
             return len(jpegs)
         return run

@@ -30,6 +30,7 @@ import collections
 import io
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
@@ -50,9 +51,16 @@ INTERPOLATIONS = {"lanczos": Image.LANCZOS, "lanczos_exact": Image.LANCZOS, "bic
                   "bilinear": Image.BILINEAR, "box": Image.BOX, "nearest": Image.NEAREST}
 FAST_LANCZOS_MAX_SCALE = 2.0  # above this many source pixels per output pixel, Pillow's Lanczos is used
 # Skip reasons, in the order of the counts in a batch's ``stream_state`` (see collate_fn).
+# File reasons count a part file once per pass in which it could not be read: ``missing_file`` (gone,
+# e.g. deleted mid-run), ``unreadable_file`` (no permission, a directory), ``truncated_file``
+# (truncated or corrupt gzip: the rest of that file is skipped). New reasons go at the end.
 SKIP_REASONS = ("empty_line", "not_text", "too_few_fields", "bad_json", "no_caption", "empty_image", "bad_base64",
-                "bad_image", "too_small", "missing_file", "truncated_file")
+                "bad_image", "too_small", "missing_file", "truncated_file", "unreadable_file")
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class _NoRecords(RuntimeError):
+    """A list gives a shard no line in a whole pass (its part files are gone, empty or too few)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +78,7 @@ class _ListStream:
         self.pass_length: Optional[int] = None  # this shard's lines in one pass, known after the first
         self._lines_this_pass = 0
         self._lines: Iterator[bytes] = iter(())
+        self._warned: set = set()  # (path, reason) already logged
 
     def _pass_lines(self, pass_no: int) -> Iterator[bytes]:
         order = np.random.default_rng([self.seed, self.list_index, pass_no]).permutation(len(self.parts))
@@ -83,12 +92,20 @@ class _ListStream:
                     if self.by_file or record % self.num_shards == self.shard:
                         yield raw
                     record += 1
-            except FileNotFoundError:
-                self.counters["missing_file"] += 1
-                logger.warning("part file %s (listed in %s) is missing; skipped", path, self.name)
-            except (EOFError, OSError) as err:  # truncated or corrupt gzip
-                self.counters["truncated_file"] += 1
-                logger.warning("part file %s is truncated or corrupt (%s); rest of the file skipped", path, err)
+            except FileNotFoundError:  # listed at start-up, gone now (deleted or moved mid-run)
+                self._skip_file("missing_file", path, "is missing; skipped")
+            except (PermissionError, IsADirectoryError, NotADirectoryError) as err:
+                self._skip_file("unreadable_file", path, f"cannot be read ({err}); skipped")
+            except (EOFError, OSError, zlib.error) as err:  # truncated or corrupt gzip, I/O error
+                self._skip_file("truncated_file", path, f"is truncated or corrupt ({err}); rest of the file skipped")
+
+    def _skip_file(self, reason: str, path: str, what: str) -> None:
+        """Count a part file that could not be read in this pass; log it the first time only."""
+        self.counters[reason] += 1
+        if (path, reason) not in self._warned:
+            self._warned.add((path, reason))
+            logger.warning("part file %s (listed in %s) %s; counted as %s in every pass it recurs",
+                           path, self.name, what, reason)
 
     def next_line(self) -> bytes:
         for _ in range(2):  # the current pass, else one fresh pass; two empty passes in a row is an error
@@ -100,10 +117,14 @@ class _ListStream:
             self.pass_no += 1
             self._lines_this_pass = 0
             self._lines = self._pass_lines(self.pass_no)
-        raise RuntimeError(
-            f"{self.name} gives shard {self.shard} of {self.num_shards} (ranks × loader workers) no record at all: "
-            "every listed part file is missing or empty, or there are fewer records than shards; "
-            "add data or use fewer ranks/workers")
+        raise _NoRecords(
+            f"{self.name} gives shard {self.shard} of {self.num_shards} (ranks × loader workers) no record at all "
+            f"(file skips so far: {_file_skips(self.counters)}): every listed part file is missing, unreadable "
+            "or empty, or there are fewer records than shards; add data or use fewer ranks/workers")
+
+
+def _file_skips(counters: collections.Counter) -> dict:
+    return {r: counters[r] for r in ("missing_file", "unreadable_file", "truncated_file") if counters[r]}
 
 
 @dataclass(frozen=True)
@@ -335,12 +356,24 @@ class TextImagePairDataset(IterableDataset):
         buffer: List[tuple] = []  # (list index, pass, raw line): undecoded lines waiting to be drawn
         position = produced = bad = examined = reported = 0
         bad_since_good = [0] * len(streams)  # per list: bad records since the last usable one
+        alive = np.ones(len(streams), dtype=bool)  # lists that still give this shard records
+        weights = self.weights  # None: uniform (kept as None while every list is alive: the same draws)
         where = f"rank {self.rank} stream {stream}"
         try:
             while True:
                 # One draw: a line of a list (chosen by weight) enters the buffer, a random one leaves.
-                k = 0 if len(streams) == 1 else int(choice_rng.choice(len(streams), p=self.weights))
-                line = streams[k].next_line()  # may start a new pass
+                k = 0 if len(streams) == 1 else int(choice_rng.choice(len(streams), p=weights))
+                try:
+                    line = streams[k].next_line()  # may start a new pass
+                except _NoRecords as err:  # e.g. all its part files vanished mid-run
+                    alive[k] = False
+                    if not alive.any():
+                        raise RuntimeError(f"{where}: no file list has any record left ({err}); "
+                                           f"skipped: {dict(counters)}") from None
+                    logger.warning("%s: %s; drawing from the other lists only", where, err)
+                    weights = np.where(alive, self.weights if self.weights is not None else 1.0, 0.0)
+                    weights /= weights.sum()
+                    continue
                 buffer.append((k, streams[k].pass_no, line))
                 position += 1
                 if len(buffer) < self.shuffle_buffer:
@@ -378,8 +411,8 @@ class TextImagePairDataset(IterableDataset):
                     raise RuntimeError(f"{where}: {bad} of {examined} records were bad, more than max_bad_fraction="
                                        f"{self.max_bad_fraction}: {dict(counters)}")
                 # Two full passes of every list (plus the buffer) without a usable sample: fail, never loop.
-                if all(s.pass_length is not None and n >= 2 * s.pass_length + self.shuffle_buffer
-                       for s, n in zip(streams, bad_since_good)):
+                if all(not ok or (s.pass_length is not None and n >= 2 * s.pass_length + self.shuffle_buffer)
+                       for s, n, ok in zip(streams, bad_since_good, alive)):
                     raise RuntimeError(
                         f"no usable sample in a full pass over {', '.join(s.name for s in streams)} ({where}; "
                         f"skipped: {dict(counters)}); check the data, line_format={self.line_format!r} and "
@@ -443,7 +476,7 @@ def _decode_jpeg_reduced(data: bytes, im: Image.Image, wanted):
         return None
     w0, h0 = im.size
     most = min(w0 // wanted[0], h0 // wanted[1])  # Pillow's draft rule: the largest of 8, 4, 2, 1 ≤ this
-    k = next(k for k in (8, 4, 2, 1) if most >= k)
+    k = next((k for k in (8, 4, 2, 1) if most >= k), 1)  # 1: no reduction (also when upscaling)
     try:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_REDUCED[k] | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error:
