@@ -64,6 +64,27 @@ def photo_like_jpegs(n: int, size=(1024, 768), seed: int = 0) -> list:
     return out
 
 
+def detailed_jpegs(n: int, size=(1024, 768), seed: int = 0) -> list:
+    """n JPEGs (quality 90) with a photo's full detail at their own resolution: 1/f amplitude spectrum
+    with a lens-like soft cut-off, in colour (the COCO crops above are upscaled, hence softer and
+    quicker to decode)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    f = np.hypot(fx, fy)
+    amplitude = np.exp(-(f / 0.3) ** 2) / np.maximum(f, 1.0 / max(w, h))
+    out = []
+    for _ in range(n):
+        base, tint = (np.fft.irfft2(amplitude * np.exp(2j * np.pi * rng.random(amplitude.shape)), s=(h, w))
+                      for _ in range(2))
+        img = np.stack([base + 0.3 * tint, base, base - 0.3 * tint], -1)
+        img = (img - img.mean()) / img.std() * 45 + 120
+        buf = io.BytesIO()
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, default=256)
@@ -73,6 +94,8 @@ def main(argv=None) -> None:
                    default=["lanczos", "lanczos_exact", "bilinear"],
                    help="filters to time for 'ours' (each is one more pipeline)")
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--content", choices=["coco", "detailed"], default="coco",
+                   help="coco: jittered, upscaled crops of a COCO photo (softer); detailed: synthetic full-detail photos")
     p.add_argument("--data_dir", default=None, help="where to write the part file (default: a temp folder)")
     a = p.parse_args(argv)
     import paddle
@@ -85,14 +108,14 @@ def main(argv=None) -> None:
     r = a.resolution
     data_dir = a.data_dir or tempfile.mkdtemp(prefix="bench-dataset-")
     os.makedirs(data_dir, exist_ok=True)
-    jpegs = photo_like_jpegs(a.num_images)
+    jpegs = photo_like_jpegs(a.num_images) if a.content == "coco" else detailed_jpegs(a.num_images)
     part = os.path.join(data_dir, "part-000000")
     with open(part, "w", encoding="utf-8") as f:
         for i, data in enumerate(jpegs):
             f.write(encode_part_line(f"a photo number {i % 7}", data))
     file_list = write_filelists(data_dir, "bench", [part])[1]
     sizes = [Image.open(io.BytesIO(j)).size for j in jpegs]
-    print(f"{len(jpegs)} JPEGs {sizes[0][0]}×{sizes[0][1]}, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB, "
+    print(f"{len(jpegs)} {a.content} JPEGs {sizes[0][0]}×{sizes[0][1]}, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB, "
           f"resolution {r}, batch {a.batch_size}, {a.rounds} rounds; data in {data_dir}")
 
     baseline_tf = transforms.Compose([transforms.Resize(int(r / 0.9), interpolation="lanczos"),
