@@ -8,7 +8,9 @@ Run it under ``python -m paddle.distributed.launch`` for several devices; see RE
 """
 
 
+import os
 import sys
+import traceback
 from dataclasses import asdict
 
 import numpy as np
@@ -103,9 +105,29 @@ def main():
         logger.info(f"rank {training_args.process_index}: UNet parameter checksum {parameter_checksum(model.unet)}")
 
 
+def _exit_now_if_distributed(exc: BaseException) -> None:
+    """Under paddle.distributed.launch, a failing rank leaves at once with its rank and cause.
+
+    Its peers' next collective then fails within seconds (gloo: the connection drops; the
+    launcher also stops the other ranks once one has exited) and the launcher's error report
+    shows this rank's log. A normal interpreter exit can take long enough in paddle's teardown
+    that the launcher first sees a peer's secondary failure and reports that instead.
+    """
+    if paddle.distributed.get_world_size() > 1:
+        rank = paddle.distributed.get_rank()
+        print(f"rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+
 if __name__ == "__main__":
     try:
         main()
     except (CheckpointWriteError, NonFiniteLossError) as e:
         logger.error(str(e))
+        _exit_now_if_distributed(e)
         sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - reported with its traceback, then the process exits non-zero
+        traceback.print_exc()
+        _exit_now_if_distributed(e)
+        raise

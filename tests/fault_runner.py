@@ -6,12 +6,18 @@ Faults are chosen by environment variables:
   SD_FAULT_NAN_BATCHES="2,4-"   the loss of these batch indices (0-based, "4-" = 4 and every later one)
                                 is multiplied by NaN, so the loss and every gradient are non-finite;
   SD_FAULT_FAIL_SAVE_STEP=4     saving checkpoint-4 fails with "No space left on device" after the
-                                UNet weights were written (a disk filling up mid-save).
+                                UNet weights were written (a disk filling up mid-save);
+  SD_FAULT_RANK_DIES="1:2:raise"  rank 1 fails at its batch index 2 with a FileNotFoundError (as for a
+                                part file missing on one node); ":kill" instead kills it with SIGKILL.
+and one spy:
+  SD_SPY_DIR=DIR                each rank appends a line per batch to DIR/rank-R.txt: the batch's noise seed
+                                and a hash of each image it trained on.
 """
 
 import errno
 import os
 import runpy
+import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +59,35 @@ if os.environ.get("SD_FAULT_FAIL_SAVE_STEP"):
         return save(self, output_dir, *args, **kwargs)
 
     StableDiffusionTrainer._save = failing_save
+
+if os.environ.get("SD_FAULT_RANK_DIES"):
+    rank, batch, how = os.environ["SD_FAULT_RANK_DIES"].split(":")
+    compute_loss = StableDiffusionTrainer.compute_loss
+
+    def dying_compute_loss(self, *args, **kwargs):
+        if self.args.process_index == int(rank) and self.batches_seen == int(batch):
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise FileNotFoundError(errno.ENOENT, "injected: part file missing on this node", "part-00001.gz")
+        return compute_loss(self, *args, **kwargs)
+
+    StableDiffusionTrainer.compute_loss = dying_compute_loss
+
+if os.environ.get("SD_SPY_DIR"):
+    import hashlib
+
+    import paddle
+
+    spied_forward = StableDiffusionModel.forward
+
+    def spy_forward(self, input_ids, pixel_values, seed, **kwargs):
+        hashes = [hashlib.sha1(x.tobytes()).hexdigest()[:16] for x in pixel_values.numpy()]
+        path = os.path.join(os.environ["SD_SPY_DIR"], f"rank-{paddle.distributed.get_rank()}.txt")
+        with open(path, "a") as f:
+            f.write(f"{seed} {' '.join(hashes)}\n")
+        return spied_forward(self, input_ids, pixel_values, seed, **kwargs)
+
+    StableDiffusionModel.forward = spy_forward
 
 sys.argv = [os.path.join(ROOT, "train_txt2img_laion400m_trainer.py")] + sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
