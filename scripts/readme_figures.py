@@ -100,30 +100,36 @@ def visualdl_api(base: str, path: str, **params):
 def screenshot(url: str, out_png: str, width: int = 1400, height: int = 900, wait_ms: int = 15000,
                chromium: Optional[str] = None) -> str:
     """Load ``url`` in headless Chromium, let its scripts run for ``wait_ms`` of virtual time, save a PNG."""
+    run_chromium([f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}",
+                  f"--screenshot={os.path.abspath(out_png)}", url], chromium)
+    if not os.path.isfile(out_png):
+        raise RuntimeError(f"chromium wrote no {out_png}")
+    return out_png
+
+
+def run_chromium(args: List[str], chromium: Optional[str] = None, timeout: float = 90.0, attempts: int = 3) -> str:
+    """Run headless Chromium (fresh profile) with ``args``; its stdout. A run that hangs (seen now and
+    then on a loaded machine) is killed after ``timeout`` seconds and tried again, ``attempts`` in all."""
     chromium = chromium or find_chromium()
     if not chromium:
         raise FileNotFoundError("no chromium: apt-get install -y chromium")
-    with tempfile.TemporaryDirectory() as profile:
-        cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-               f"--virtual-time-budget={wait_ms}", f"--screenshot={os.path.abspath(out_png)}", url]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    if r.returncode != 0 or not os.path.isfile(out_png):
+    for attempt in range(1, attempts + 1):
+        with tempfile.TemporaryDirectory() as profile:
+            try:
+                r = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
+                                   text=True, timeout=timeout)
+                break
+            except subprocess.TimeoutExpired:
+                if attempt == attempts:
+                    raise
+    if r.returncode != 0:
         raise RuntimeError(f"chromium failed ({r.returncode}): {r.stderr[-2000:]}")
-    return out_png
+    return r.stdout
 
 
 def dump_dom(url: str, wait_ms: int = 15000, chromium: Optional[str] = None) -> str:
     """The page's DOM after its scripts ran for ``wait_ms`` of virtual time (``chromium --dump-dom``)."""
-    chromium = chromium or find_chromium()
-    if not chromium:
-        raise FileNotFoundError("no chromium: apt-get install -y chromium")
-    with tempfile.TemporaryDirectory() as profile:
-        cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,1000",
-               f"--virtual-time-budget={wait_ms}", "--dump-dom", url]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    if r.returncode != 0:
-        raise RuntimeError(f"chromium failed ({r.returncode}): {r.stderr[-2000:]}")
-    return r.stdout
+    return run_chromium(["--window-size=1400,1000", f"--virtual-time-budget={wait_ms}", "--dump-dom", url], chromium)
 
 
 def visualdl_screenshots(logdir: str, images_dir: str) -> List[str]:
