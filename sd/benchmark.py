@@ -86,6 +86,18 @@ def build_reference_kit(output_dir: str, seed: int = 0) -> str:
     return output_dir
 
 
+def build_kit_architecture(output_dir: str, seed: int = 0) -> str:
+    """The default kit's architecture (``python -m sd.kit``) with 1 training step per part: the same
+    speed as ./tiny-sd (weights do not change the arithmetic), built in seconds."""
+    from dataclasses import replace
+
+    from sd.kit import KitConfig, build_kit
+
+    if not os.path.isfile(os.path.join(output_dir, "model_index.json")):
+        build_kit(output_dir, replace(KitConfig(), clip_steps=1, vae_steps=1, eval_images=36), seed=seed, log=lambda *a: None)
+    return output_dir
+
+
 def build_demo_data(folder: str, num_images: int = 512, size: int = 64, per_part: int = 128) -> str:
     """Demo shapes images packed by create_pretraining_data.py (once); returns the ``.filelist.list``."""
     from sd.demo_data import write_demo_jsonl
@@ -250,23 +262,28 @@ def _make_step_timer(trainer, clock: _Clock):
     return StepTimer()
 
 
-def peak_memory_mb() -> Dict[str, float]:
-    """Peak RSS of this process and (summed) of its live children (loader workers), in MB; on a GPU
-    also the peak allocated device memory."""
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    me, children = str(os.getpid()), 0.0
+def _children() -> Dict[str, float]:
+    """Live child processes of this one → their peak RSS (VmHWM) in MB."""
+    me, out = str(os.getpid()), {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[1] != me:
                     continue
             with open(f"/proc/{pid}/status") as f:
-                children += next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+                out[pid] = next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
         except (OSError, StopIteration, IndexError):
             continue  # the process ended meanwhile
-    out["workers_peak_rss_mb"] = children
+    return out
+
+
+def peak_memory_mb(exclude=()) -> Dict[str, float]:
+    """Peak RSS of this process and (summed) of its live children not in ``exclude`` (the loader
+    workers of this run), in MB; on a GPU also the peak allocated device memory."""
     import paddle
 
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "workers_peak_rss_mb": sum(v for k, v in _children().items() if k not in exclude)}
     if paddle.is_compiled_with_cuda() and "gpu" in paddle.device.get_device():
         out["gpu_peak_allocated_mb"] = paddle.device.cuda.max_memory_allocated() / 2**20
     return out
@@ -326,10 +343,11 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     trainer.compute_loss = clock.wrap("compute_loss", trainer.compute_loss)
     timer = _make_step_timer(trainer, clock)
     trainer.add_callback(timer)
+    before = set(_children())
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    memory = peak_memory_mb()
+    memory = peak_memory_mb(exclude=before)
 
     measured = timer.steps[warmup:]
     if not measured:
@@ -344,7 +362,7 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
               "world_size": world, "latents": latents, "steps": len(measured), "warmup": warmup,
               "samples_per_s": batch_size * world / interval,
               "samples_per_s_mean": batch_size * world * len(measured) / sum(s["interval"] for s in measured),
-              "step_s": interval, "cpu_s": med("cpu"), "data_s": med("data"), "forward_backward_s": med("forward_backward"),
+              "step_s": interval, "cpu_s": med("cpu"), "samples_per_cpu_s": batch_size / med("cpu"), "data_s": med("data"), "forward_backward_s": med("forward_backward"),
               "optimizer_s": med("optimizer"), "vae_encode_s": med("vae_encode"), "text_encode_s": med("text_encode"),
               "latent_sample_s": med("latent_sample"), "unet_forward_s": med("unet_forward"), "backward_s": med("backward"),
               "unet_fwd_bwd_s": med("unet_fwd_bwd"), "wall_s": wall, **memory}
@@ -434,18 +452,18 @@ def format_row(r: dict) -> str:
     mem = f"{r['peak_rss_mb']:.0f}" + (f" + {r['workers_peak_rss_mb']:.0f}" if r["workers_peak_rss_mb"] else "")
     flops = f"{r['model_flops_per_step'] / 1e9:.2f}" if "model_flops_per_step" in r else "–"
     return (f"| {r['batch_size']} | {r['num_workers']} | {'latents' if r['latents'] else 'images'} | "
-            f"**{r['samples_per_s']:.1f}** | {ms('step_s')} | {ms('data_s')} | {ms('forward_backward_s')} | "
+            f"**{r['samples_per_s']:.1f}** | {r['samples_per_cpu_s']:.1f} | {ms('step_s')} | {ms('cpu_s')} | {ms('data_s')} | {ms('forward_backward_s')} | "
             f"{ms('optimizer_s')} | {pct('vae_encode_share')} | {pct('text_encode_share')} | {pct('unet_fwd_bwd_share')} | "
             f"{mem} | {flops} |")
 
 
-TABLE_HEADER = ("| batch | workers | inputs | samples/s | step ms | data wait ms | fwd+bwd ms | optimizer ms | "
+TABLE_HEADER = ("| batch | workers | inputs | samples/s | samples per CPU-s | step ms | CPU ms | data wait ms | fwd+bwd ms | optimizer ms | "
                 "VAE enc | text enc | UNet fwd+bwd | peak RSS MB (main + workers) | model GFLOP/step |\n"
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def describe(r: dict) -> str:
-    lines = [f"samples/s {r['samples_per_s']:.2f} (median step {1000 * r['step_s']:.1f} ms over {r['steps']} steps after "
+    lines = [f"samples/s {r['samples_per_s']:.2f}, {r['samples_per_cpu_s']:.1f} per main-process CPU second (median step {1000 * r['step_s']:.1f} ms over {r['steps']} steps after "
              f"{r['warmup']} warm-up; mean {r['samples_per_s_mean']:.2f}/s), batch {r['batch_size']} × {r['world_size']} "
              f"rank(s), {r['num_workers']} loader worker(s), {'precomputed latents' if r['latents'] else 'images'}",
              f"step: main-process CPU {1000 * r['cpu_s']:.1f} ms | data wait {1000 * r['data_s']:.1f} ms | forward+backward {1000 * r['forward_backward_s']:.1f} ms | "
@@ -469,14 +487,20 @@ def describe(r: dict) -> str:
 
 def resolve_inputs(a) -> tuple:
     """(kit folder, image file list) from the CLI: builds the reference kit and/or demo data when asked."""
-    kit = build_reference_kit(os.path.join(a.cache_dir, "reference-kit")) if a.kit == "reference" else a.kit
+    if a.kit == "reference":
+        kit = build_reference_kit(os.path.join(a.cache_dir, "reference-kit"))
+    elif a.kit == "tiny":
+        kit = build_kit_architecture(os.path.join(a.cache_dir, "tiny-kit-architecture"))
+    else:
+        kit = a.kit
     file_list = a.file_list or build_demo_data(os.path.join(a.cache_dir, f"demo{a.image_size}"), size=a.image_size)
     return kit, file_list
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kit", default="reference", help="'reference' (the issue's config, random weights) or a kit folder")
+    p.add_argument("--kit", default="reference", help="'reference' (the issue's config, random weights), 'tiny' (the default "
+                                               "kit's architecture, barely trained: its speed) or a kit folder")
     p.add_argument("--file_list", default=None, help="*.filelist.list of images (default: 512 demo images, built once)")
     p.add_argument("--latents", default=None, help="*.filelist.list of precomputed latents (sd.precompute_latents): "
                                                    "benchmark the precomputed mode")
