@@ -53,15 +53,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_visualdl(logdir: str, port: Optional[int] = None, timeout: float = 90.0) -> Iterator[str]:
-    """Run ``visualdl --logdir LOGDIR --host 127.0.0.1 --port PORT``; yield its base URL once its API
-    answers; stop it (that process only) on exit."""
+def serve_visualdl(logdir: str, port: Optional[int] = None, timeout: float = 90.0, cwd: Optional[str] = None) -> Iterator[str]:
+    """Run ``visualdl --logdir LOGDIR --host 127.0.0.1 --port PORT`` (in ``cwd``: run names are the
+    event folders' paths as given); yield its base URL once its API answers; stop it (that process
+    only) on exit."""
     port = port or free_port()
     exe = shutil.which("visualdl")
     cmd = [exe] if exe else [sys.executable, "-m", "visualdl"]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd + ["--logdir", logdir, "--host", "127.0.0.1", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -134,7 +135,8 @@ def dump_dom(url: str, wait_ms: int = 15000, chromium: Optional[str] = None) -> 
 
 def visualdl_screenshots(logdir: str, images_dir: str) -> List[str]:
     """Screenshots of VisualDL's scalar and image pages for ``logdir``."""
-    with serve_visualdl(logdir) as base:
+    logdir = os.path.abspath(logdir)  # served as its base name, so runs read "<output_dir>/runs/<date>_<host>"
+    with serve_visualdl(os.path.basename(logdir), cwd=os.path.dirname(logdir)) as base:
         return [screenshot(f"{base}/app/scalar", os.path.join(images_dir, "visualdl_scalars.png"), height=900),
                 screenshot(f"{base}/app/sample/image", os.path.join(images_dir, "visualdl_images.png"), height=1000)]
 

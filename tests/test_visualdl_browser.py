@@ -60,9 +60,9 @@ def test_visualdl_serves_the_run_to_a_browser(run, tmp_path):
         assert IMAGE_TAGS <= image_tags, image_tags
         for tag in IMAGE_TAGS:
             assert [e["step"] for e in visualdl_api(base, "image/list", run=name, tag=tag)] == [2, 4], tag
-        query = urllib.parse.urlencode({"run": name, "tag": "images/original", "index": 1})
+        query = urllib.parse.urlencode({"run": name, "tag": "images/original", "index": 0})
         with urllib.request.urlopen(f"{base}/app/api/image/image?{query}") as r:
-            original = np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))  # the step-4 strip, as served
+            original = np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))  # the step-2 strip, as served
 
         # --- the pages, rendered by Chromium: one chart per scalar tag, one image card per image tag
         dom = dump_dom(f"{base}/app/scalar")
@@ -77,7 +77,7 @@ def test_visualdl_serves_the_run_to_a_browser(run, tmp_path):
         im = np.asarray(Image.open(path).convert("RGB"))
         assert im.shape == (1000, 1400, 3) and len(np.unique(im.reshape(-1, 3), axis=0)) > 50, path
     # the image page shows the logged pictures: the demo shapes' flat colours of the original strip
-    # (the card shows the newest step's strip, scaled up) cover many pixels of the screenshot
+    # (a card opens at the first logged step, scaled up) cover many pixels of the screenshot
     shot = np.asarray(Image.open(shots["sample/image"]).convert("RGB")).reshape(-1, 3)
     colours, counts = np.unique(original.reshape(-1, 3), axis=0, return_counts=True)
     shape_colours = [c for c, n in zip(colours, counts) if n > 30 and c.max() - c.min() > 60]  # saturated: shapes
