@@ -16,9 +16,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
+import sys
 import time
 from typing import Dict, Optional
 
@@ -42,6 +45,12 @@ class NonFiniteLossError(RuntimeError):
 def batch_seed(run_seed: int, rank: int, batch_index: int) -> int:
     """Seed of all random draws of one batch on one rank (different on every rank and batch)."""
     return int(np.random.SeedSequence([run_seed, rank, batch_index]).generate_state(1)[0])
+
+
+def _die_with_parent(worker_id: int) -> None:
+    """Loader workers end with the trainer, even when it is killed with SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class _TimedLoader:
@@ -131,7 +140,7 @@ class StableDiffusionTrainer(Trainer):
             self.stream_positions = positions
             logger.info(f"data stream fast-forwarded past {self.batches_seen} batches (stream positions {positions})")
         self._reader = _TimedLoader(paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                                         collate_fn=collate_fn))
+                                                         collate_fn=collate_fn, worker_init_fn=_die_with_parent))
         return self._reader
 
     # -- loss ------------------------------------------------------------------------------------

@@ -28,6 +28,19 @@ def ok(r):
     return r.stdout + r.stderr
 
 
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
 def losses(log):
     """{step: loss} of the per-step log lines."""
     found = {}
@@ -62,8 +75,14 @@ def test_kill_9_then_resume_equals_uninterrupted(tiny_kit, demo_file_list, unint
     while not (out / "checkpoint-2").exists():  # visible only once complete (staged, then renamed)
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.02)
+    workers = _children(proc.pid)  # the data-loader worker
+    assert workers
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
+    deadline = time.time() + 20
+    while [w for w in workers if _alive(w)] and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [w for w in workers if _alive(w)]  # no orphaned loader worker left behind
     assert not (out / "checkpoint-8").exists()  # killed mid-run
     resumed = ok(run(tiny_kit, demo_file_list, out))  # the same command
     start = int(resumed.split("the newest complete checkpoint")[0].rsplit("checkpoint-", 1)[1].split(",")[0])
