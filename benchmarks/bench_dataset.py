@@ -1,18 +1,21 @@
 """Side-by-side speed of the streaming dataset, in one process (the work of one loader worker).
 
-Three pipelines over the same ~1024×768 JPEGs, timed in interleaved rounds (medians reported), so
-that load from other processes affects all three alike:
+The pipelines run over the same ~1024×768 JPEGs (``--content coco``: jittered, upscaled crops of a
+COCO photo, ~120 KiB; ``detailed``: synthetic photos with full detail, ~290 KiB), timed in
+interleaved rounds so that load from other processes affects all alike; the table gives each
+pipeline's median rate, then the ratios taken within each round (median over rounds):
 
 * ``straightforward``: read line → base64 → full decode → Lanczos resize of the whole image (shorter
   side R/0.9) → random crop → ToTensor → Normalize, with ``paddle.vision.transforms`` (the seed's way);
 * ``ours (<filter>)``: ``TextImagePairDataset`` (reduced-size JPEG decode, resample of the crop
-  window only, uint8 per sample, cached tokenization) + ``collate_fn`` per batch (float [-1, 1],
-  batched); ``lanczos`` is the default (fast Lanczos-3), ``lanczos_exact`` Pillow's Lanczos;
+  window only, uint8 per sample, cached tokenization) + ``collate_fn`` per batch of 8 (float
+  [-1, 1], paddle tensors); ``lanczos`` is the default (fast Lanczos-3), ``lanczos_exact`` Pillow's;
 * ``decode_only``: what any pipeline over these files must do at least: read the line from the
-  part file, split its fields, base64-decode the image and decode the JPEG at the reduced size
-  ``ours`` asks for (``Image.draft``, the same request) — nothing else.
+  part file, split its fields, base64-decode the image, read its header and decode it at the
+  reduced size ``ours`` asks for (the same request) — nothing else. Timed with OpenCV's decoder
+  (the one ``ours`` uses) and Pillow's ``draft``; the faster of the two is the reference.
 
-    python benchmarks/bench_dataset.py --resolution 256 --num_images 48 --rounds 7
+    python benchmarks/bench_dataset.py --resolution 256 --num_images 48 --rounds 7 [--content detailed]
 """
 
 from __future__ import annotations

@@ -293,9 +293,9 @@ class TextImagePairDataset(IterableDataset):
                 return np.empty(0, np.uint8)
             scale = r / 0.9 / min(w0, h0)  # the seed resizes the shorter side to resolution / 0.9
             wanted = (int(w0 * scale) + 1, int(h0 * scale) + 1)  # ≥ the resized size
-            bgr = _decode_jpeg_reduced(data, im, wanted) if self.interpolation == "lanczos" else None
-            if bgr is not None:
-                pixels, extent = bgr
+            fast = _decode_jpeg_reduced(data, im, wanted) if self.interpolation == "lanczos" else None
+            if fast is not None:
+                pixels, extent = fast  # BGR (h, w, 3)
             else:
                 extent = (w0, h0)  # the original image in decoded-pixel units
                 if im.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 size when that is still ≥ the resized size
@@ -314,7 +314,7 @@ class TextImagePairDataset(IterableDataset):
         sx, sy = extent[0] / nw, extent[1] / nh  # decoded pixels per resized pixel
         box = (x0 * sx, y0 * sy, (x0 + r) * sx, (y0 + r) * sy)
         window = resample_window(pixels, box, r, self.interpolation)  # (R, R, 3)
-        if bgr is not None:
+        if fast is not None:
             window = window[:, :, ::-1]  # OpenCV's BGR → RGB
         return window.transpose(2, 0, 1).copy()  # (3, R, R)
 
@@ -443,10 +443,11 @@ def resample_window(image, box, size: int, interpolation: str = "lanczos") -> np
     pixel; Pillow's kernel), sampled at the offset that puts the window's first output centre on
     the filtered grid; (2) bicubic interpolation at the exact output positions (``cv2.resize`` by
     1/s). Step 1 is the band limit Lanczos resampling applies; step 2 only interpolates within it,
-    where bicubic and Lanczos agree closely. Against Pillow's Lanczos on the same pixels the
-    difference is about 0.2-0.5 grey levels on average (measured in tests/test_dataset.py and
-    docs in the README), largest at unit scale on hard edges, plus the image border, which the
-    filter pads by repeating the edge instead of renormalising the kernel. Scales outside
+    where bicubic and Lanczos agree closely. Against Pillow's Lanczos on the same pixels and window
+    the mean absolute difference is 0.1-0.7 grey levels (of 255), the largest single one 13 on a
+    COCO photo (tests/test_dataset.py bounds it on synthetic photos), most at scales near 1 on
+    hard edges; at the image border the filter repeats the edge pixel where Pillow renormalises
+    its kernel. Scales outside
     [1, FAST_LANCZOS_MAX_SCALE] (upscaling, or a large non-JPEG image that draft decoding could not
     reduce) use Pillow's Lanczos, as does ``lanczos_exact``; the other names are Pillow's filters.
     """
@@ -480,7 +481,9 @@ def _decode_jpeg_reduced(data: bytes, im: Image.Image, wanted):
     cut) where Pillow raises and the record counts as bad. None (Pillow decodes it) otherwise, or
     when OpenCV fails or disagrees on the size.
     """
-    if im.format != "JPEG" or im.mode not in ("RGB", "L") or data.rstrip(b"\0\r\n ")[-2:] != b"\xff\xd9":
+    if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return None
+    if not (data.endswith(b"\xff\xd9") or data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9")):  # EOI: complete
         return None
     w0, h0 = im.size
     most = min(w0 // wanted[0], h0 // wanted[1])  # Pillow's draft rule: the largest of 8, 4, 2, 1 ≤ this
