@@ -52,7 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: the newest checkpoint of train.sh, or <pretrained>/unet)")
     p.add_argument("--text_encoder_model_name_or_path", default=None,
                    help="a trained text encoder folder (default: the checkpoint's text_encoder/ if it has one)")
-    p.add_argument("--variant", default=None, help="UNet weights variant, e.g. ema (needs training with --use_ema)")
+    p.add_argument("--variant", default="auto",
+                   help="UNet weights variant: auto (ema when the checkpoint has EMA weights, else the raw ones), "
+                        "ema, or none")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", default=None, help="a prompt; repeat the flag for several")
     src.add_argument("--prompt_file", default=None, help="a UTF-8 text file with one prompt per line")
@@ -190,6 +192,10 @@ def resolve_models(args) -> Dict:
         if not os.path.isdir(paths[k]):
             also = " or --text_encoder_model_name_or_path" if k == "text_encoder" else ""
             raise InputError(f"{k} folder {paths[k]} does not exist; pass --pretrained_model_name_or_path{also}")
+    if args.variant == "auto":  # the EMA weights sample better (README, section 6) when training kept them
+        args.variant = "ema" if glob.glob(os.path.join(unet, "*.ema.*")) else None
+    elif args.variant == "none":
+        args.variant = None
     if args.variant and not glob.glob(os.path.join(unet, f"*.{args.variant}.*")):
         raise InputError(f"{unet} has no '{args.variant}' weights (EMA weights exist only when trained with "
                          "--use_ema True); drop --variant")

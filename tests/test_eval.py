@@ -49,6 +49,7 @@ def test_no_arguments_uses_newest_checkpoint_and_its_kit(workdir, monkeypatch):
     assert eval_cli.main(["--num_inference_steps", "2", "--output_dir", "default"]) == 0
     manifest = json.load(open(workdir / "default" / "manifest.json"))
     assert manifest["unet"] == os.path.join(".", OUT, "checkpoint-2", "unet")
+    assert manifest["variant"] == "ema"  # trained with EMA: its weights by default
     assert (manifest["height"], manifest["width"]) == (32, 32)  # the training resolution
     rows = manifest["images"]
     assert [r["prompt"] for r in rows] == [p[3] for p in demo_data.all_prompts()]  # a kit model: the demo prompts
@@ -72,6 +73,8 @@ def test_outputs_manifest_and_determinism(workdir, tmp_path):
     manifest = json.load(open(tmp_path / "a" / "manifest.json"))
     rows = manifest["images"]
     assert manifest["variant"] == "ema" and len(rows) == 8
+    assert eval_cli.main([*base[:4], "--variant", "none", *base[6:12], "--output_dir", str(tmp_path / "raw")]) == 0
+    assert json.load(open(tmp_path / "raw" / "manifest.json"))["variant"] is None
     assert {r["file"] for r in rows} == {f"{i:03d}_g{g}_s{s}.png" for i in (0, 1) for g in ("1", "7.5") for s in (10, 11)}
     assert files_of(tmp_path / "a") == {r["file"] for r in rows} | {"grid.png", "manifest.json", "manifest.csv"}
     with open(tmp_path / "a" / "manifest.csv") as f:
