@@ -74,7 +74,7 @@ else
   LR=${LR:-1e-3}; SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-500}
   LOGGING_STEPS=${LOGGING_STEPS:-50}; NUM_WORKERS=${NUM_WORKERS:-1}
   SNR_GAMMA=${SNR_GAMMA-5.0}; NOISE_OFFSET=${NOISE_OFFSET:-0.1}; NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-25}
-  export FLAG_USE_EMA=${FLAG_USE_EMA:-1}; EMA_DECAY=${EMA_DECAY:-0.999}  # 1000 steps: average over ~the last 1000
+  export FLAG_USE_EMA=${FLAG_USE_EMA:-1}; EMA_DECAY=${EMA_DECAY:-0.999}  # with the EMA warm-up min(decay, (1+n)/(10+n)) the decay is 0.991 at step 1000 (≈ the last 110 steps)
   if [ ! -f "$KIT_DIR/model_index.json" ] && [ "$PRETRAINED" = "$KIT_DIR" ]; then
     echo "== building the offline kit in $KIT_DIR (once)"
     python -m sd.kit --output_dir "$KIT_DIR"

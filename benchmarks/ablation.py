@@ -22,6 +22,7 @@ row, so an interrupted run keeps what it finished) and ``ablation.md`` (the tabl
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -42,6 +43,7 @@ class Row:
     env: Dict[str, str] = field(default_factory=dict)  # train.sh settings (see its header)
     args: List[str] = field(default_factory=list)  # extra trainer flags ("{random_text_encoder}" is filled in)
     batch: int = BASE_BATCH
+    raw_weights_of: str = ""  # score this row's raw (non-EMA) UNet of that row's training instead of training again
 
 
 # Every row is the default of train.sh with one change, except "baseline" (the seed's options all off).
@@ -51,13 +53,14 @@ ROWS: Dict[str, Row] = {
     "default": Row("sh train.sh as shipped"),
     "no min-SNR": Row("--snr_gamma off", env={"SNR_GAMMA": ""}),
     "no noise offset": Row("--noise_offset 0", env={"NOISE_OFFSET": "0"}),
-    "no EMA": Row("raw UNet weights instead of the EMA", env={"FLAG_USE_EMA": "0"}),
-    "EMA 0.99": Row("--ema_decay 0.99", env={"EMA_DECAY": "0.99"}),
+    "no EMA": Row("the default's raw UNet weights instead of its EMA (same training run)", raw_weights_of="default"),
     "lr 3e-4": Row("--learning_rate 3e-4", env={"LR": "3e-4"}),
     "lr 3e-3": Row("--learning_rate 3e-3", env={"LR": "3e-3"}),
     "cosine": Row("cosine LR decay to 0 with 5 % warm-up", env={"LR_SCHEDULER": "cosine", "WARMUP_STEPS": "{warmup}"}),
     "batch 16": Row("batch 16, twice the steps", env={"BATCH_SIZE": "16"}, batch=16),
     "batch 64": Row("batch 64, half the steps", env={"BATCH_SIZE": "64"}, batch=64),
+    "2 processes": Row("NPROC=2: two data-parallel processes of batch 32 (global 64), one per core",
+                       env={"NPROC": "2"}),
     "v-prediction": Row("--prediction_type v_prediction", args=["--prediction_type", "v_prediction"]),
     "random text encoder": Row("the kit's text encoder replaced by a randomly initialised one (same config)",
                                args=["--text_encoder_name_or_path", "{random_text_encoder}"]),
@@ -102,13 +105,21 @@ def train_row(name: str, row: Row, a, row_dir: str) -> dict:
         log.flush()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall, cpu = time.time() - t0, child_cpu_seconds() - cpu0
-    if proc.returncode:
-        raise RuntimeError(f"row {name!r}: train.sh failed (exit {proc.returncode}); see {log_path}")
     text = open(log_path, encoding="utf-8", errors="replace").read()
+    for worker_log in sorted(glob.glob(os.path.join(row_dir, "launch_logs", "workerlog.*"))):  # NPROC > 1
+        text += open(worker_log, encoding="utf-8", errors="replace").read()
+    state = os.path.join(row_dir, "trainer_state.json")
+    finished = os.path.isfile(state) and json.load(open(state)).get("global_step") == steps
+    if proc.returncode and not finished:
+        raise RuntimeError(f"row {name!r}: train.sh failed (exit {proc.returncode}); see {log_path}")
+    if proc.returncode:  # seen with NPROC=2: a worker aborts at exit after the final save
+        print(f"   warning: train.sh exited with {proc.returncode} after saving step {steps}; see {log_path}", flush=True)
     runtime = re.findall(r"train_runtime\W+([\d.]+)", text)
     losses = [float(x) for x in re.findall(r"'loss': '?([\d.]+)", text)] or \
              [float(x) for x in re.findall(r"\bloss: ([\d.]+)", text)]
-    return {"steps": steps, "batch": row.batch, "images": steps * row.batch, "wall_seconds": round(wall, 1),
+    train_loss = re.findall(r"train_loss\W+([\d.]+)", text)
+    return {"steps": steps, "batch": row.batch, "exit_code": proc.returncode, "processes": int(row.env.get("NPROC", 1)), "images": steps * row.batch * int(row.env.get("NPROC", 1)), "wall_seconds": round(wall, 1),
+            "train_loss": float(train_loss[-1]) if train_loss else None,
             "cpu_seconds": round(cpu, 1), "train_runtime": float(runtime[-1]) if runtime else None,
             "final_loss": losses[-1] if losses else None, "ema": row.env.get("FLAG_USE_EMA", "1") != "0"}
 
@@ -146,7 +157,7 @@ def write_table(results: dict, out_dir: str, guidance: str) -> str:
              "| | | | tuning seeds | | | | report seeds | | | | | | |"]
     for name, r in results["rows"].items():
         t = r.get("train", {})
-        lines.append(f"| {name} | {ROWS[name].what if name in ROWS else ''} | {t.get('steps')} × {t.get('batch')} | "
+        lines.append(f"| {name} | {ROWS[name].what if name in ROWS else ''} | {t.get('steps')} × {t.get('batch')}{' × ' + str(t['processes']) + ' proc' if t.get('processes', 1) > 1 else ''} | "
                      f"{fmt(r.get('tune', {}).get(guidance))} | {fmt(r.get('report', {}).get(guidance))} | "
                      f"{t.get('wall_seconds', 0) / 60:.1f} | {t.get('cpu_seconds', 0) / 60:.1f} | {t.get('final_loss')} |")
     table = "\n".join(lines) + "\n"
@@ -198,12 +209,28 @@ def main(argv=None) -> int:
         for name in a.rows:
             row_dir = os.path.join(a.output_dir, re.sub(r"\W+", "_", name))
             print(f"== {name}: {ROWS[name].what}", flush=True)
-            train = train_row(name, ROWS[name], a, row_dir)
+            source = ROWS[name].raw_weights_of
+            if source:  # the same training run, its raw weights
+                if source not in results["rows"] or results["rows"][source]["train"]["steps"] != a.steps:
+                    raise SystemExit(f"row {name!r} needs row {source!r} at {a.steps} steps first")
+                train = {**results["rows"][source]["train"], "ema": False}
+                row_dir = os.path.join(a.output_dir, re.sub(r"\W+", "_", source))
+                evals = ("eval_tune_raw", "eval_report_raw")
+            elif os.path.isfile(os.path.join(row_dir, "ablation_train.json")):  # trained by an interrupted run
+                train = json.load(open(os.path.join(row_dir, "ablation_train.json")))
+                if train["steps"] != a.steps * BASE_BATCH // ROWS[name].batch:
+                    raise SystemExit(f"{row_dir} was trained for {train['steps']} steps; remove it or use another --output_dir")
+                evals = ("eval_tune", "eval_report")
+            else:
+                train = train_row(name, ROWS[name], a, row_dir)
+                with open(os.path.join(row_dir, "ablation_train.json"), "w") as f:
+                    json.dump(train, f, indent=2)
+                evals = ("eval_tune", "eval_report")
             print(f"   trained {train['steps']} steps × {train['batch']} in {train['wall_seconds'] / 60:.1f} min wall, "
                   f"{train['cpu_seconds'] / 60:.1f} min CPU; final loss {train['final_loss']}", flush=True)
             r = {"train": train, "env": ROWS[name].env, "args": ROWS[name].args}
-            r["tune"] = eval_row(row_dir, train["ema"], a.tune_seed, a, os.path.join(row_dir, "eval_tune"))
-            r["report"] = eval_row(row_dir, train["ema"], a.report_seed, a, os.path.join(row_dir, "eval_report"))
+            r["tune"] = eval_row(row_dir, train["ema"], a.tune_seed, a, os.path.join(row_dir, evals[0]))
+            r["report"] = eval_row(row_dir, train["ema"], a.report_seed, a, os.path.join(row_dir, evals[1]))
             results["rows"][name] = r
             with open(path, "w") as f:
                 json.dump(results, f, indent=2)
