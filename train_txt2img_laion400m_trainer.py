@@ -25,8 +25,9 @@ from sd.sd_trainer import NonFiniteLossError, StableDiffusionTrainer, find_resum
 from sd.text_image_pair_dataset import TextImagePairDataset
 
 
-def build_dataset(model, model_args, data_args, training_args):
-    """The training stream: images (VAE and text encoder run every step) or precomputed latents."""
+def build_dataset(model, model_args, data_args, training_args, rank: int, world_size: int):
+    """The training stream of data rank ``rank`` of ``world_size``: images (VAE and text encoder run every
+    step) or precomputed latents."""
     if data_args.precomputed_latents:  # written by sd/precompute_latents.py for this VAE, text encoder, resolution
         from sd.latent_dataset import LatentDataset
 
@@ -36,14 +37,14 @@ def build_dataset(model, model_args, data_args, training_args):
                   "hidden_shape": [model_args.model_max_length, model.text_encoder.config.hidden_size]}
         return LatentDataset(data_args.file_list, model.tokenizer, drop_caption_prob=data_args.drop_caption_prob,
                              max_bad_fraction=data_args.max_bad_fraction, seed=training_args.seed,
-                             rank=training_args.dataset_rank, world_size=training_args.dataset_world_size,
+                             rank=rank, world_size=world_size,
                              shuffle_buffer=data_args.shuffle_buffer, expect=expect)
     return TextImagePairDataset(
         data_args.file_list, model.tokenizer, resolution=data_args.resolution, line_format=data_args.line_format,
         interpolation=data_args.interpolation, center_crop=data_args.center_crop,
         drop_caption_prob=data_args.drop_caption_prob, allow_upscale=data_args.allow_upscale,
         max_bad_fraction=data_args.max_bad_fraction, seed=training_args.seed,
-        rank=training_args.dataset_rank, world_size=training_args.dataset_world_size,
+        rank=rank, world_size=world_size,
         model_max_length=model_args.model_max_length, shuffle_buffer=data_args.shuffle_buffer)
 
 
@@ -80,7 +81,13 @@ def main():
                          f"{model.latent_factor}")
 
     # 3. data
-    dataset = build_dataset(model, model_args, data_args, training_args)
+    # One stream per accumulation micro-batch: data rank r·A + k of R·A (see sd/sd_trainer.py), so that
+    # R ranks × A accumulation steps see the same data and noise for any split of R·A.
+    accumulation = training_args.gradient_accumulation_steps
+    datasets = [build_dataset(model, model_args, data_args, training_args,
+                              rank=training_args.dataset_rank * accumulation + k,
+                              world_size=training_args.dataset_world_size * accumulation)
+                for k in range(accumulation)]
     world = training_args.dataset_world_size
     if training_args.should_save and free_bytes(training_args.output_dir) < 2 * checkpoint_bytes(model):
         logger.warning(f"only {free_bytes(training_args.output_dir) / 2**30:.1f} GiB free in {training_args.output_dir}; "
@@ -90,7 +97,7 @@ def main():
                 f"{training_args.per_device_train_batch_size * world * training_args.gradient_accumulation_steps}")
 
     # 4. train
-    trainer = StableDiffusionTrainer(model=model, args=training_args, train_dataset=dataset,
+    trainer = StableDiffusionTrainer(model=model, args=training_args, train_dataset=datasets[0], micro_datasets=datasets,
                                      resolution=data_args.resolution,
                                      run_config={"model": asdict(model_args), "data": asdict(data_args)})
     if training_args.do_train:

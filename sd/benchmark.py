@@ -331,7 +331,8 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     finalize(model_args, data_args, training_args, lambda msg, changed=True: logger.info(msg), argv=[])
     paddle.seed(seed)
     model = StableDiffusionModel(model_args, recompute=training_args.recompute)
-    dataset = entry.build_dataset(model, model_args, data_args, training_args)
+    dataset = entry.build_dataset(model, model_args, data_args, training_args, rank=training_args.dataset_rank,
+                                  world_size=training_args.dataset_world_size)
     trainer_cls = StableDiffusionTrainer if _passes_batch_through(StableDiffusionTrainer) else _bridge(StableDiffusionTrainer)
     trainer = trainer_cls(model=model, args=training_args, train_dataset=dataset, resolution=resolution)
     clock = _Clock()

@@ -1,8 +1,12 @@
 """paddlenlp Trainer for Stable Diffusion: only what differs from the stock Trainer.
 
-* data: the streaming dataset through a plain ``paddle.io.DataLoader``; on resume the stream is
+* data: the streaming dataset through plain ``paddle.io.DataLoader``s; on resume the streams are
   fast-forwarded (no image decoded) instead of the stock Trainer's skip-by-iterating;
-* loss: ``StableDiffusionModel.forward`` with a per-batch seed (run seed, rank, batch index);
+* data ranks: micro-batch k of an optimizer step on rank r is *data rank* d = r·A + k of D = R·A
+  (R ranks, A accumulation steps): it reads data shard d of D and draws its noise from the seed of
+  (run seed, d, step). So R ranks × A accumulation train on the same samples with the same noise for
+  any split of the same D: 2 GPUs = 1 GPU with accumulation 2, up to floating-point summation order;
+* loss: ``StableDiffusionModel.forward`` with that per-micro-batch seed;
 * optimizer: one parameter group per trained module, each with its own learning rate;
 * checkpoints: the trained modules in ``from_pretrained`` layout (``unet/``, EMA variant,
   ``text_encoder/``) plus ``sd_state.json`` (every rank's data-stream positions, batch count, EMA
@@ -53,6 +57,22 @@ def _die_with_parent(worker_id: int) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+class _RoundRobin:
+    """Batches of several loaders in turn: one per accumulation micro-batch, step after step."""
+
+    def __init__(self, loaders):
+        self.loaders = loaders
+
+    def __iter__(self):
+        iterators = [iter(loader) for loader in self.loaders]
+        while True:
+            for it in iterators:
+                try:
+                    yield next(it)
+                except StopIteration:
+                    return
+
+
 class _TimedLoader:
     """Iterate a DataLoader and add the time spent waiting for each batch to ``seconds`` (reader time)."""
 
@@ -91,14 +111,21 @@ class _AfterStep(TrainerCallback):
 
 
 class StableDiffusionTrainer(Trainer):
-    def __init__(self, model, args, train_dataset, resolution: int, run_config: Optional[dict] = None, **kwargs):
+    def __init__(self, model, args, train_dataset, resolution: int, run_config: Optional[dict] = None,
+                 micro_datasets: Optional[list] = None, **kwargs):
+        """``micro_datasets``: one dataset per accumulation micro-batch k, each built for data rank
+        ``dataset_rank · A + k`` of ``dataset_world_size · A`` (default: ``[train_dataset]``, A = 1)."""
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        self.micro_datasets = micro_datasets or [train_dataset]
+        if len(self.micro_datasets) != args.gradient_accumulation_steps:
+            raise ValueError(f"{len(self.micro_datasets)} micro-batch datasets for gradient_accumulation_steps="
+                             f"{args.gradient_accumulation_steps}: build one per accumulation step (data_ranks())")
         self.run_config = run_config or {}
         self.sd_model = model
         self.resolution = resolution
-        self.stream_positions: Dict[int, int] = {}  # data stream (rank × loader worker) → draws consumed
-        self.skipped: Dict[int, int] = {}  # data stream → records skipped so far
-        self.batches_seen = 0  # batches this rank has trained on
+        self.stream_positions: Dict[int, Dict[int, int]] = {}  # data rank → loader-worker stream → draws consumed
+        self.skipped: Dict[int, Dict[int, int]] = {}  # data rank → stream → records skipped so far
+        self.batches_seen = 0  # micro-batches this process has trained on
         self._resume_state: Optional[dict] = None
         self._image_batch = None
         self._reader: Optional[_TimedLoader] = None
@@ -121,37 +148,52 @@ class StableDiffusionTrainer(Trainer):
         return lrs
 
     # -- data ------------------------------------------------------------------------------------
+    @property
+    def data_world_size(self) -> int:
+        return self.args.dataset_world_size * self.args.gradient_accumulation_steps
+
+    def data_rank(self, micro: int) -> int:
+        return self.args.dataset_rank * self.args.gradient_accumulation_steps + micro
+
     def get_train_dataloader(self):
-        dataset = self.train_dataset
         batch_size, workers = self.args.per_device_train_batch_size, self.args.dataloader_num_workers
+        accumulation = self.args.gradient_accumulation_steps
         if self._resume_state is not None:
             state = self._resume_state
             if (state.get("batch_size", batch_size), state.get("num_workers", workers)) != (batch_size, workers):
                 raise ValueError(f"resuming needs the checkpoint's per-device batch size and loader workers "
                                  f"({state['batch_size']}, {state['num_workers']}), got ({batch_size}, {workers})")
-            world, rank = self.args.world_size, self.args.process_index
-            if state.get("world_size", 1) != world:
-                raise ValueError(f"the checkpoint was written by {state.get('world_size', 1)} rank(s), this run has "
-                                 f"{world}: resume with the same number of devices (the data stream of every rank "
-                                 f"is part of the checkpoint), or start a new run with --overwrite_output_dir")
-            positions = {int(k): v for k, v in state["ranks"][str(rank)]["stream_positions"].items()}
-            self.batches_seen = state["batches_seen"]
-            dataset.fast_forward(self.batches_seen * batch_size, batch_size, workers, positions=positions)
-            self.stream_positions = positions
-            logger.info(f"data stream fast-forwarded past {self.batches_seen} batches (stream positions {positions})")
-        self._reader = _TimedLoader(paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                                         collate_fn=collate_fn, worker_init_fn=_die_with_parent))
+            if state.get("data_world_size") != self.data_world_size:
+                raise ValueError(f"the checkpoint was written with {state.get('data_world_size')} data ranks (ranks × "
+                                 f"accumulation steps), this run has {self.data_world_size}: resume with the same "
+                                 f"number of devices and --gradient_accumulation_steps (every rank's data stream is "
+                                 f"part of the checkpoint), or start a new run with --overwrite_output_dir")
+            steps = state["steps_per_data_rank"]
+            self.batches_seen = steps * accumulation
+            for k, dataset in enumerate(self.micro_datasets):
+                d = self.data_rank(k)
+                positions = {int(s): v for s, v in state["data_ranks"][str(d)]["stream_positions"].items()}
+                dataset.fast_forward(steps * batch_size, batch_size, workers, positions=positions)
+                self.stream_positions[d] = positions
+            logger.info(f"data streams fast-forwarded past {steps} batches per data rank "
+                        f"(positions {self.stream_positions})")
+        loaders = [paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
+                                        worker_init_fn=_die_with_parent) for dataset in self.micro_datasets]
+        self._reader = _TimedLoader(loaders[0] if len(loaders) == 1 else _RoundRobin(loaders))
         return self._reader
 
     # -- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False):
+        accumulation = self.args.gradient_accumulation_steps
+        d = self.data_rank(self.batches_seen % accumulation)  # the batch came from micro_datasets[k] (round robin)
         stream, position, skipped = inputs.pop("stream_state").numpy().tolist()  # after this batch's last sample
-        self.stream_positions[stream], self.skipped[stream] = position, skipped
-        seed = batch_seed(self.args.seed, self.args.process_index, self.batches_seen)
+        self.stream_positions.setdefault(d, {})[stream] = position
+        self.skipped.setdefault(d, {})[stream] = skipped
+        seed = batch_seed(self.args.seed, d, self.batches_seen // accumulation)
         self.batches_seen += 1
-        if self._image_batch is None:  # the images and captions every image log shows (the same each time)
+        if self._image_batch is None and "pixel_values" in inputs:  # what every image log shows (the same each time)
             self._image_batch = {k: inputs[k] for k in ("pixel_values", "input_ids")}
-        loss = model(inputs["input_ids"], inputs["pixel_values"], seed=seed)
+        loss = model(seed=seed, **inputs)  # images and token ids, or precomputed latents and hidden states
         return (loss, None) if return_outputs else loss
 
     # -- divergence guard ------------------------------------------------------------------------
@@ -207,7 +249,7 @@ class StableDiffusionTrainer(Trainer):
     def log(self, logs, **kwargs):
         if "loss" in logs:  # a training log (not the final summary): add what the stock Trainer does not
             if self.skipped:
-                logs["data_skipped"] = sum(self.skipped.values())  # this rank's skipped records, all workers
+                logs["data_skipped"] = sum(n for s in self.skipped.values() for n in s.values())  # this process
             if self.nonfinite_total:
                 logs["nonfinite_steps_skipped"] = self.nonfinite_total
             if self._reader is not None:  # mean seconds per batch spent waiting for the loader since the last log
@@ -229,8 +271,9 @@ class StableDiffusionTrainer(Trainer):
             m.save_trained(output_dir)
         else:  # a whole pipeline folder, loadable on its own
             m.save_pipeline(output_dir)
-        ranks = self._all_ranks_state or {str(self.args.process_index): self._rank_state()}
-        state = {"world_size": self.args.world_size, "ranks": ranks, "batches_seen": self.batches_seen,
+        data_ranks = self._all_ranks_state or self._rank_state()
+        state = {"data_world_size": self.data_world_size, "data_ranks": data_ranks,
+                 "steps_per_data_rank": self.batches_seen // self.args.gradient_accumulation_steps,
                  "batch_size": self.args.per_device_train_batch_size, "num_workers": self.args.dataloader_num_workers,
                  "ema_updates": m.ema.num_updates if m.ema is not None else 0,
                  "resolution": self.resolution, "model_paths": {k: os.path.abspath(v) if v and os.path.exists(v) else v for k, v in m.paths.items()}, "prediction_type": m.args.prediction_type}
@@ -242,17 +285,20 @@ class StableDiffusionTrainer(Trainer):
             json.dump(self.run_config, f, indent=2)
 
     def _rank_state(self) -> dict:
-        return {"stream_positions": dict(self.stream_positions), "skipped": dict(self.skipped)}
+        """{data rank: its streams' positions and skips} for this process's data ranks."""
+        return {str(self.data_rank(k)): {"stream_positions": dict(self.stream_positions.get(self.data_rank(k), {})),
+                                         "skipped": dict(self.skipped.get(self.data_rank(k), {}))}
+                for k in range(self.args.gradient_accumulation_steps)}
 
     def _save_checkpoint(self, model, metrics=None):
         """The stock checkpoint, written under ``.incomplete/`` and renamed into place once complete."""
         mine = self._rank_state()
         if self.args.world_size > 1:  # every rank's data-stream position goes into rank 0's sd_state.json
             gathered = []
-            paddle.distributed.all_gather_object(gathered, (self.args.process_index, mine))
-            self._all_ranks_state = {str(r): s for r, s in gathered}
+            paddle.distributed.all_gather_object(gathered, mine)
+            self._all_ranks_state = {d: s for part in gathered for d, s in part.items()}
         else:
-            self._all_ranks_state = {str(self.args.process_index): mine}
+            self._all_ranks_state = mine
         final_root, name = self.args.output_dir, f"checkpoint-{self.state.global_step}"
         staging = staging_root(final_root)
         writer = self.args.should_save

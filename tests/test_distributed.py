@@ -1,7 +1,8 @@
 """Data-parallel training with 2 CPU processes under ``python -m paddle.distributed.launch`` (gloo).
 
 One 20-step run with 2 ranks is shared by the tests: it is compared with itself across ranks, with
-a 1-process run of the doubled batch, and with a run where rank 1 fails and the job is resumed.
+1-process runs (accumulation 2: identical; doubled batch: statistically the same), and with a run
+where rank 1 fails and the job is resumed.
 """
 
 import json
@@ -76,8 +77,23 @@ def test_only_rank_zero_writes(two_ranks):
     assert sorted(os.listdir(out / "images")) == ["step-0000010.png", "step-0000010.txt", "step-0000020.png",
                                                   "step-0000020.txt"]
     state = json.load(open(out / "checkpoint-20" / "sd_state.json"))
-    assert state["world_size"] == 2 and sorted(state["ranks"]) == ["0", "1"]  # both ranks' data positions
+    assert state["data_world_size"] == 2 and sorted(state["data_ranks"]) == ["0", "1"]  # both ranks' data positions
     assert "rng_state_2.pth" in os.listdir(out / "checkpoint-20")
+
+
+def test_one_process_with_accumulation_2_is_the_same_training(two_ranks, tiny_kit, demo_file_list, tmp_path):
+    """Micro-batch k of a step reads data rank r·A + k and draws that data rank's noise: 1 process × 2
+    accumulation steps reads and draws exactly what 2 ranks do, so the runs agree bit for bit here."""
+    r = subprocess.run(train_command(tiny_kit, demo_file_list, tmp_path / "acc", *STEPS, "--gradient_accumulation_steps",
+                                     "2"), capture_output=True, text=True, cwd=ROOT)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert "global batch = 4 per device × 1 rank(s) × 2 accumulation = 8" in log
+    curves = [re.findall(r" - loss: ([0-9.]+),", text) for text in (worker_log(two_ranks / "log", 0), log)]
+    assert len(curves[0]) == 20 and curves[0] == curves[1]
+    name = "unet/diffusion_paddle_model.safetensors"
+    a, b = load_file(tmp_path / "acc" / "checkpoint-20" / name), load_file(two_ranks / "out" / "checkpoint-20" / name)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_same_training_as_one_process_with_double_batch(two_ranks, tiny_kit, demo_file_list, tmp_path):
