@@ -88,7 +88,8 @@ class DataArguments:
     file_list: str = field(default="./data/filelist/train.filelist.list", metadata={"help": "the *.filelist.list to train on"})
     resolution: int = field(default=512, metadata={"help": "training image side in pixels"})
     line_format: str = field(default="laion400m", metadata={"help": "part-file line format: laion400m | laion_aes"})
-    interpolation: str = field(default="lanczos", metadata={"help": "resize filter: lanczos | bicubic | bilinear | box | nearest"})
+    interpolation: str = field(default="lanczos", metadata={"help": "resize filter: lanczos (Lanczos-3, fast) | lanczos_exact "
+                                                                                 "(Pillow's) | bicubic | bilinear | box | nearest"})
     center_crop: bool = field(default=False, metadata={"help": "centre crop instead of random crop"})
     drop_caption_prob: float = field(default=0.1, metadata={"help": "probability of an empty caption (for guidance)"})
     allow_upscale: bool = field(default=False, metadata={"help": "upscale images smaller than --resolution instead of skipping"})
