@@ -57,9 +57,10 @@ def main(argv=None) -> None:
     base = statistics.median(r["samples_per_s"] for r in runs[1])
     for n, rs in runs.items():
         sps = statistics.median(r["samples_per_s"] for r in rs)
+        each = ", ".join(f"{r['samples_per_s']:.1f}" for r in rs)
         print(f"| {n} | {a.batch_size} | {a.batch_size * n} | {sps:.1f} ({sps / base:.2f}×) | "
               f"{1000 * statistics.median(r['step_s'] for r in rs):.0f} | "
-              f"{', '.join(f'{r['samples_per_s']:.1f}' for r in rs)} |")
+              f"{each} |")
 
 
 if __name__ == "__main__":

@@ -158,6 +158,12 @@ def finalize(model_args: ModelArguments, data_args: DataArguments, training_args
             model_args.image_logging_steps = rounded
     import paddle
 
+    if data_args.precomputed_latents:
+        if model_args.train_text_encoder:
+            raise ValueError("--precomputed_latents stores the text encoder's outputs, so it cannot be trained: "
+                             "drop --train_text_encoder or train on images")
+        log("--precomputed_latents: crop, --interpolation and --center_crop were fixed when the latents were "
+            "written (sd.precompute_latents); --resolution must match them", changed=False)
     on_gpu = paddle.is_compiled_with_cuda() and "gpu" in paddle.device.get_device()
     if not on_gpu:
         if training_args.fp16:  # the CPU build's GradScaler crashes on fp16

@@ -171,3 +171,11 @@ def test_trains_through_the_trainer_without_running_the_encoders(latents, tiny_k
             model_max_length=16, flops=False)
     assert r["steps"] == 2 and r["latent_sample_s"] > 0
     assert r["vae_encode_s"] == 0 and r["text_encode_s"] == 0  # never called
+
+
+def test_precomputed_latents_refuse_a_trained_text_encoder():
+    from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
+
+    with pytest.raises(ValueError, match="--train_text_encoder"):
+        finalize(ModelArguments(train_text_encoder=True), DataArguments(precomputed_latents=True),
+                 SDTrainingArguments(output_dir="/tmp/unused"), lambda msg, changed=True: None, argv=[])
