@@ -333,7 +333,7 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     model = StableDiffusionModel(model_args, recompute=training_args.recompute)
     dataset = entry.build_dataset(model, model_args, data_args, training_args, rank=training_args.dataset_rank,
                                   world_size=training_args.dataset_world_size)
-    trainer_cls = StableDiffusionTrainer if _passes_batch_through(StableDiffusionTrainer) else _bridge(StableDiffusionTrainer)
+    trainer_cls = _bridge(StableDiffusionTrainer) if latents and _needs_bridge(StableDiffusionTrainer) else StableDiffusionTrainer
     trainer = trainer_cls(model=model, args=training_args, train_dataset=dataset, resolution=resolution)
     clock = _Clock()
     model.encode_images = clock.wrap("vae_encode", model.encode_images)
@@ -380,40 +380,28 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     return result
 
 
-def _passes_batch_through(trainer_cls) -> bool:
-    """Does the trainer hand the whole batch to the model (needed for precomputed latents)?"""
+def _needs_bridge(trainer_cls) -> bool:
+    """Does the trainer still hard-wire the image ``collate_fn`` (so precomputed latents cannot load)?"""
     import inspect
 
-    return "**inputs" in inspect.getsource(trainer_cls.compute_loss)
+    return "collate_fn=collate_fn" in inspect.getsource(trainer_cls.get_train_dataloader)
 
 
 def _bridge(trainer_cls):
-    """Until sd_trainer.py passes the batch through (``model(seed=seed, **inputs)``) and uses the
-    dataset's own ``collate_fn``: the same trainer with exactly those two changes."""
-    import paddle
-
-    from sd.sd_trainer import _TimedLoader, batch_seed
+    """Until sd_trainer.py uses the dataset's own collate function (``getattr(dataset, "collate_fn",
+    collate_fn)``): the same trainer with exactly that change."""
+    import sd.sd_trainer as trainer_module
 
     class Bridged(trainer_cls):
         def get_train_dataloader(self):
-            loader = super().get_train_dataloader()
-            collate = getattr(self.train_dataset, "collate_fn", None)
-            if collate is not None:
-                self._reader = _TimedLoader(paddle.io.DataLoader(
-                    self.train_dataset, batch_size=self.args.per_device_train_batch_size,
-                    num_workers=self.args.dataloader_num_workers, collate_fn=collate))
-                return self._reader
-            return loader
-
-        def compute_loss(self, model, inputs, return_outputs=False):
-            if "pixel_values" in inputs:
-                return super().compute_loss(model, inputs, return_outputs)
-            stream, position, skipped = inputs.pop("stream_state").numpy().tolist()
-            self.stream_positions[stream], self.skipped[stream] = position, skipped
-            seed = batch_seed(self.args.seed, self.args.process_index, self.batches_seen)
-            self.batches_seen += 1
-            loss = model(seed=seed, **inputs)
-            return (loss, None) if return_outputs else loss
+            own = getattr(self.train_dataset, "collate_fn", None)
+            if own is None:
+                return super().get_train_dataloader()
+            image_collate, trainer_module.collate_fn = trainer_module.collate_fn, own
+            try:
+                return super().get_train_dataloader()
+            finally:
+                trainer_module.collate_fn = image_collate
 
     return Bridged
 
