@@ -1,12 +1,12 @@
 """Export a training checkpoint to the Hugging Face diffusers layout (PyTorch safetensors).
 
     python -m sd.export --checkpoint ./laion400m_pretrain_output_trainer/checkpoint-1000 \\
-        --to diffusers --output_dir ./sd-diffusers [--variant ema]
+        --to diffusers --output_dir ./sd-diffusers [--variant auto|ema|none]
 
 The output folder is a whole ``StableDiffusionPipeline``: ``model_index.json``, ``unet/`` (the
-checkpoint's weights, or its EMA weights with ``--variant ema``), and the VAE, text encoder (the
-trained one when the checkpoint has it), tokenizer and noise schedule the checkpoint was trained
-with (from its ``sd_state.json``, as ``eval.py`` finds them), so that with PyTorch::
+checkpoint's EMA weights when it has them, as ``eval.py`` picks; ``--variant none`` for the raw
+ones), and the VAE, text encoder (the trained one when the checkpoint has it), tokenizer and noise
+schedule the checkpoint was trained with (from its ``sd_state.json``, as ``eval.py`` finds them), so that with PyTorch::
 
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained("./sd-diffusers")
@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a checkpoint folder (<output_dir>/checkpoint-N), its unet/ folder, or an output folder (its newest checkpoint)")
     p.add_argument("--to", default="diffusers", choices=["diffusers"], help="target format (only diffusers)")
     p.add_argument("--output_dir", required=True, help="folder to write; must not exist unless --overwrite")
-    p.add_argument("--variant", default=None, help="UNet weights variant to export, e.g. ema (trained with --use_ema)")
+    p.add_argument("--variant", default="auto",
+                   help="UNet weights to export: auto (the EMA weights when the checkpoint has them, as eval.py), ema, none (raw)")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="SD folder supplying vae/ text_encoder/ tokenizer/ scheduler/ (default: what the checkpoint was trained with)")
     p.add_argument("--scheduler", default="pndm", choices=list(SCHEDULERS),
@@ -46,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def export_to_diffusers(checkpoint: str, output_dir: str, variant=None, pretrained_model_name_or_path=None,
+def export_to_diffusers(checkpoint: str, output_dir: str, variant: str = "auto", pretrained_model_name_or_path=None,
                         scheduler: str = "pndm", overwrite: bool = False) -> dict:
     """Write the diffusers pipeline folder of ``checkpoint`` to ``output_dir``.
 
@@ -77,7 +78,7 @@ def export_to_diffusers(checkpoint: str, output_dir: str, variant=None, pretrain
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)
     os.replace(partial, output_dir)
-    return {"unet": models["unet"], "variant": variant, "vae": models["vae"], "text_encoder": models["text_encoder"],
+    return {"unet": models["unet"], "variant": args.variant, "vae": models["vae"], "text_encoder": models["text_encoder"],
             "tokenizer": models["tokenizer"], "scheduler": scheduler, "prediction_type": models["prediction_type"]}
 
 

@@ -213,8 +213,8 @@ def test_export_loads_in_diffusers_and_matches(trained_run, tiny_kit, tmp_path):
 
     out = tmp_path / "exported"
     log = run_paddle(["-m", "sd.export", "--checkpoint", str(trained_run / "checkpoint-2"), "--to", "diffusers",
-                      "--output_dir", str(out), "--variant", "ema"], "sd.export")
-    assert "diffusers pipeline written to" in log
+                      "--output_dir", str(out)], "sd.export")  # --variant auto: the EMA weights, as eval.py
+    assert "diffusers pipeline written to" in log and "(ema weights)" in log
     for f in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
               "text_encoder/model.safetensors", "tokenizer/vocab.json", "scheduler/scheduler_config.json"):
         assert (out / f).is_file(), f
