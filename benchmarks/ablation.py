@@ -129,8 +129,7 @@ def eval_row(row_dir: str, ema: bool, seed: int, a, out: str) -> dict:
            "--seed", str(seed), "--num_seeds", str(a.num_seeds), "--guidance_scale", *map(str, a.guidance),
            "--num_inference_steps", str(a.num_inference_steps), "--scheduler", a.scheduler,
            "--batch_size", "36", "--output_dir", out]
-    if ema:
-        cmd += ["--variant", "ema"]
+    cmd += ["--variant", "ema" if ema else "none"]
     proc = subprocess.run(["nice", "-n", str(a.nice), *cmd], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"eval failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
