@@ -110,6 +110,8 @@ def main():
             raise CheckpointWriteError(f"could not write the final model in {training_args.output_dir}: "
                                        f"{describe_os_error(e)}") from None
         logger.info(f"rank {training_args.process_index}: UNet parameter checksum {parameter_checksum(model.unet)}")
+        if training_args.world_size > 1:  # no rank leaves while another may still talk to it (clean gloo/NCCL exit)
+            paddle.distributed.barrier()
 
 
 def _exit_now_if_distributed(exc: BaseException) -> None:

@@ -177,7 +177,8 @@ class StableDiffusionTrainer(Trainer):
                 self.stream_positions[d] = positions
             logger.info(f"data streams fast-forwarded past {steps} batches per data rank "
                         f"(positions {self.stream_positions})")
-        loaders = [paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
+        loaders = [paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                        collate_fn=getattr(dataset, "collate_fn", collate_fn),  # latents: their own
                                         worker_init_fn=_die_with_parent) for dataset in self.micro_datasets]
         self._reader = _TimedLoader(loaders[0] if len(loaders) == 1 else _RoundRobin(loaders))
         return self._reader
@@ -224,7 +225,10 @@ class StableDiffusionTrainer(Trainer):
         self._nonfinite_loss = False
         if not bad:
             grads = [p.grad for _, params in self.sd_model.trainable_groups() for p in params if p.grad is not None]
-            bad = not all(bool(paddle.isfinite(g).all()) for g in grads)
+            if grads:  # one fused kernel (÷1 leaves finite gradients as they are; a non-finite step is skipped anyway)
+                _, found = paddle._C_ops.check_finite_and_unscale_(grads, paddle.ones([1]),
+                                                                   paddle.zeros([1], dtype="bool"))
+                bad = bool(found)
         if self.args.world_size > 1:  # gradients agree after the all-reduce, losses need not: agree on the decision
             flag = paddle.to_tensor([1.0 if bad else 0.0])
             paddle.distributed.all_reduce(flag, op=paddle.distributed.ReduceOp.MAX)
@@ -353,6 +357,9 @@ class StableDiffusionTrainer(Trainer):
         m = self.sd_model
         batch = self._image_batch
         if batch is None:
+            if not getattr(self, "_said_no_images", False):
+                logger.warning("image logging needs image batches: off with --precomputed_latents")
+                self._said_no_images = True
             return ""
         was_training = m.unet.training
         m.unet.eval()

@@ -1,5 +1,6 @@
 """Shared fixtures: a CLIP tokenizer folder, a test-preset kit, a tiny demo dataset (jsonl and packed)."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -9,6 +10,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(autouse=True)
+def _shut_down_dataloader_workers():
+    """paddle's multi-process DataLoader iterators sit in reference cycles (their reader thread refers to
+    them), so an abandoned one is shut down only when the cyclic garbage collector reaches it. Collect
+    right after each test, while its workers are fresh, rather than at a random point of a later test
+    (where paddle's unbounded join hung once in CI)."""
+    yield
+    gc.collect()
 
 
 def train_command(tiny_kit, file_list, output_dir, *extra, entry="train_txt2img_laion400m_trainer.py"):
