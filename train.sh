@@ -5,7 +5,7 @@
 #   MAX_STEPS=200 sh train.sh        # any setting below can be overridden from the environment
 #   sh train.sh --use_ema True       # extra arguments go to train_txt2img_laion400m_trainer.py (they win)
 #   GPUS=0,1,2,3,4,5,6,7 sh train.sh # 8 GPUs;  add IPS=10.0.0.1,10.0.0.2 for several machines
-#   NPROC=2 sh train.sh              # 2 data-parallel CPU processes (gloo), for testing
+#   NPROC=1 sh train.sh              # one CPU process (the CPU default runs 2, one per core, when it can)
 #
 # The CPU default needs no download: it builds the offline kit (./tiny-sd) and the demo shapes data
 # (./data, the seed's demo layout) once, then trains the kit's tiny UNet on the CPU.
@@ -24,7 +24,8 @@ OUTPUT_DIR=${OUTPUT_DIR:-./laion400m_pretrain_output_trainer}  # checkpoints, Vi
 # --- distribution -------------------------------------------------------------------------------
 GPUS=${GPUS:-}                                           # e.g. 0,1,2,3,4,5,6,7: run under paddle.distributed.launch
 IPS=${IPS:-}                                             # e.g. 10.0.0.1,10.0.0.2: several machines (with GPUS)
-NPROC=${NPROC:-1}                                        # CPU data-parallel processes (gloo) when no GPUS
+NPROC=${NPROC:-}                                         # CPU data-parallel processes (gloo) when no GPUS;
+                                                         #   default 1, the CPU default 2 on a machine with ≥ 2 cores
 # --- training: default for the GPU recipe | the CPU default ----------------------------------------
 # PRETRAINED         folder with vae/ text_encoder/ tokenizer/ scheduler/     SD_WEIGHTS | KIT_DIR
 # UNET_CONFIG        UNet config .json (random init) or a UNet folder         ./unet_config.json | KIT_DIR/unet/config.json
@@ -68,8 +69,11 @@ if [ "$MODE" = gpu ]; then
   export FLAGS_conv_workspace_size_limit=${FLAGS_conv_workspace_size_limit:-4096}  # cuDNN workspace, MB
 else
   # The embedded CPU default: the offline kit and the demo shapes, ≤ 10 minutes of training on 2 cores.
-  # One process uses about one core; NPROC=2 trains on both (twice the images in the same time):
-  # shape 66-69 % vs 49-51 %, all three 65-67 % vs 48 % (docs/ablation.md).
+  # Paddle's CPU kernels use about one core per process, so the default trains 2 data-parallel
+  # processes, one per core: twice the images in the same time (shape 66-69 % vs 49-51 %, all three
+  # 65-67 % vs 48 %, docs/ablation.md). NPROC=1 for one process.
+  cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")  # not nproc: it obeys OMP_NUM_THREADS
+  NPROC=${NPROC:-$(( cores >= 2 ? 2 : 1 ))}
   PRETRAINED=${PRETRAINED:-$KIT_DIR}
   UNET_CONFIG=${UNET_CONFIG:-$PRETRAINED/unet/config.json}
   RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-1000}
@@ -92,7 +96,7 @@ fi
 
 if [ -n "$GPUS" ]; then
   LAUNCH="python -u -m paddle.distributed.launch --gpus $GPUS ${IPS:+--ips $IPS} --log_dir $OUTPUT_DIR/launch_logs"
-elif [ "$NPROC" -gt 1 ]; then  # the CPU build takes --nproc_per_node, not --gpus/--devices
+elif [ "${NPROC:-1}" -gt 1 ]; then  # the CPU build takes --nproc_per_node, not --gpus/--devices
   LAUNCH="python -u -m paddle.distributed.launch --nproc_per_node $NPROC --log_dir $OUTPUT_DIR/launch_logs"
 else
   LAUNCH="python -u"

@@ -132,6 +132,10 @@ def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path)
     assert config["model"]["prediction_type"] == "v_prediction" and config["model"]["snr_gamma"] == 5.0
     assert config["model"]["ema_decay"] == 0.999 and config["model"]["noise_offset"] == 0.1
     assert config["data"]["resolution"] == 32 and not (tmp_path / "tiny-sd").exists()
+    # One data-parallel process per core (up to 2) by default: both ranks logged, both data streams saved.
+    ranks = 2 if len(os.sched_getaffinity(0)) >= 2 and os.cpu_count() >= 2 else 1
+    assert json.load(open(ckpt / "sd_state.json"))["data_world_size"] == ranks
+    assert (tmp_path / "out" / "launch_logs" / f"workerlog.{ranks - 1}").is_file() == (ranks == 2)
 
 
 def test_text_encoder_training_gets_its_own_learning_rate(tiny_kit, tmp_path):
