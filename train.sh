@@ -103,7 +103,8 @@ else
 fi
 
 # shellcheck disable=SC2086  # LAUNCH is a word list on purpose
-exec $LAUNCH train_txt2img_laion400m_trainer.py \
+set +e
+$LAUNCH train_txt2img_laion400m_trainer.py \
   --do_train \
   --output_dir "$OUTPUT_DIR" \
   --pretrained_model_name_or_path "$PRETRAINED" \
@@ -132,3 +133,12 @@ exec $LAUNCH train_txt2img_laion400m_trainer.py \
   --num_inference_steps "$NUM_INFERENCE_STEPS" \
   --ema_decay "$EMA_DECAY" \
   "$@"
+rc=$?
+if [ "$rc" -ne 0 ] && [ -d "$OUTPUT_DIR/launch_logs" ]; then
+  # The launcher reports whichever rank it saw fail first, often a peer that aborted because another
+  # rank was gone; each rank that failed by itself logged "rank N failed: <cause>".
+  echo "== training failed (exit $rc); ranks that failed by themselves:" >&2
+  grep -h "^rank [0-9]* failed: " "$OUTPUT_DIR"/launch_logs/workerlog.* >&2 \
+    || echo "   none logged a cause (killed?); see $OUTPUT_DIR/launch_logs/workerlog.*" >&2
+fi
+exit "$rc"
