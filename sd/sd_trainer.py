@@ -119,7 +119,7 @@ class StableDiffusionTrainer(Trainer):
         self.micro_datasets = micro_datasets or [train_dataset]
         if len(self.micro_datasets) != args.gradient_accumulation_steps:
             raise ValueError(f"{len(self.micro_datasets)} micro-batch datasets for gradient_accumulation_steps="
-                             f"{args.gradient_accumulation_steps}: build one per accumulation step (data_ranks())")
+                             f"{args.gradient_accumulation_steps}: build one per accumulation step (as the training script does)")
         self.run_config = run_config or {}
         self.sd_model = model
         self.resolution = resolution
@@ -130,7 +130,7 @@ class StableDiffusionTrainer(Trainer):
         self._image_batch = None
         self._reader: Optional[_TimedLoader] = None
         self._reader_logged = (0.0, 0)  # reader seconds and batches at the previous log
-        self._all_ranks_state: Dict[str, dict] = {}  # rank → its stream positions and skips, gathered at each save
+        self._all_ranks_state: Dict[str, dict] = {}  # data rank → stream positions and skips, gathered at each save
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0  # skipped updates (divergence guard)
         self.update_skipped = False  # the last optimizer step was skipped (the EMA skips it too)
         self._nonfinite_loss = False  # a micro-batch since the last optimizer step had a non-finite loss
