@@ -179,3 +179,20 @@ def test_precomputed_latents_refuse_a_trained_text_encoder():
     with pytest.raises(ValueError, match="--train_text_encoder"):
         finalize(ModelArguments(train_text_encoder=True), DataArguments(precomputed_latents=True),
                  SDTrainingArguments(output_dir="/tmp/unused"), lambda msg, changed=True: None, argv=[])
+
+
+def test_training_script_runs_on_precomputed_latents(latents, tiny_kit, tmp_path):
+    """The user's command: train_txt2img_laion400m_trainer.py --precomputed_latents true, with a resume."""
+    import subprocess
+
+    from conftest import ROOT, train_command
+
+    cmd = train_command(tiny_kit, latents, tmp_path / "out", "--precomputed_latents", "true", "--save_steps", "2",
+                        "--dataloader_num_workers", "1", "--report_to", "none", "--image_logging_steps", "1")
+    runs = [subprocess.run(cmd + ["--max_steps", n], capture_output=True, text=True, cwd=ROOT) for n in ("2", "3")]
+    for r in runs:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "image logging needs image batches: off with --precomputed_latents" in runs[0].stdout + runs[0].stderr
+    assert "the newest complete checkpoint" in runs[1].stdout + runs[1].stderr  # the second run resumed at step 2
+    state = json.load(open(tmp_path / "out" / "sd_state.json"))  # the final save, after step 3
+    assert state["steps_per_data_rank"] == 3 and state["data_ranks"]["0"]["stream_positions"]
