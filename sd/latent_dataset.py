@@ -21,7 +21,7 @@ import paddle
 from paddle.io import get_worker_info
 
 from sd.data_format import BadRecord, parse_latent_line
-from sd.text_image_pair_dataset import SKIP_REASONS, TextImagePairDataset
+from sd.text_image_pair_dataset import TextImagePairDataset, add_stream_fields
 
 INFO_SUFFIX = ".latents.json"
 
@@ -108,13 +108,9 @@ class LatentDataset(TextImagePairDataset):
         Returns ``latent_mean``/``latent_std`` (B, c, h, w), ``encoder_hidden_states`` (B, L, D), and
         ``input_ids``/``stream_state``/``skip_counts`` when present, as ``collate_fn`` of the image dataset.
         """
-        batch = {k: np.stack([s[k] for s in samples])
-                 for k in ("latent_mean", "latent_std", "encoder_hidden_states", "input_ids") if k in samples[0]}
-        last = samples[-1]
-        if "stream_state" in last:
-            batch["stream_state"] = last["stream_state"]
-        if "skipped" in last:
-            batch["skip_counts"] = np.array([last["skipped"].get(r, 0) for r in SKIP_REASONS], dtype=np.int64)
+        batch = add_stream_fields({k: np.stack([s[k] for s in samples]) for k in
+                                   ("latent_mean", "latent_std", "encoder_hidden_states", "input_ids") if k in samples[0]},
+                                  samples)
         if get_worker_info() is None:
             batch = {k: paddle.to_tensor(v) for k, v in batch.items()}
         return batch

@@ -63,7 +63,8 @@ FAST_LANCZOS_MAX_SCALE = 2.0  # above this many source pixels per output pixel, 
 # e.g. deleted mid-run), ``unreadable_file`` (no permission, a directory), ``truncated_file``
 # (truncated or corrupt gzip: the rest of that file is skipped). New reasons go at the end.
 SKIP_REASONS = ("empty_line", "not_text", "too_few_fields", "bad_json", "no_caption", "empty_image", "bad_base64",
-                "bad_image", "too_small", "missing_file", "truncated_file", "unreadable_file")
+                "bad_image", "too_small", "missing_file", "truncated_file", "unreadable_file",
+                "bad_latent")  # bad_latent: a record of precomputed latents (sd/latent_dataset.py) that does not parse
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
@@ -534,6 +535,16 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
+def add_stream_fields(batch: dict, samples: List[dict]) -> dict:
+    """Add ``stream_state`` and ``skip_counts`` of the batch's last sample (when present) to ``batch``."""
+    last = samples[-1]
+    if "stream_state" in last:
+        batch["stream_state"] = last["stream_state"]
+    if "skipped" in last:
+        batch["skip_counts"] = np.array([last["skipped"].get(r, 0) for r in SKIP_REASONS], dtype=np.int64)
+    return batch
+
+
 def collate_fn(samples: List[dict]) -> dict:
     """Stack a batch; pixels become float32 in [-1, 1] here, once per batch (not per sample).
 
@@ -546,12 +557,8 @@ def collate_fn(samples: List[dict]) -> dict:
     u8 = np.stack([s["pixel_values"] for s in samples])  # (B, 3, R, R) uint8
     flat = u8.reshape(-1, u8.shape[-1])  # 2-D for OpenCV: one vectorised pass, x · 2/255 - 1 in float32
     pixels = cv2.addWeighted(flat, 2.0 / 255.0, flat, 0.0, -1.0, dtype=cv2.CV_32F).reshape(u8.shape)
-    batch = {"pixel_values": pixels, "input_ids": np.stack([s["input_ids"] for s in samples])}  # ids (B, L)
-    last = samples[-1]
-    if "stream_state" in last:
-        batch["stream_state"] = last["stream_state"]
-    if "skipped" in last:
-        batch["skip_counts"] = np.array([last["skipped"].get(r, 0) for r in SKIP_REASONS], dtype=np.int64)
+    batch = add_stream_fields({"pixel_values": pixels, "input_ids": np.stack([s["input_ids"] for s in samples])},
+                              samples)  # ids (B, L)
     if get_worker_info() is None:
         # The pixels are handed over without a copy (DLPack): copying a fresh (B, 3, R, R) float
         # array costs about as much as computing it (page faults on new memory).
