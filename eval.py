@@ -381,7 +381,7 @@ def main(argv=None) -> int:
                                        args.num_inference_steps, args.height, args.width, args.output_dir,
                                        batch_size=args.batch_size, scheduler=args.scheduler)
         print(format_report(results))
-        print(f"written: {args.output_dir}/shapes_eval.json, shapes_eval.md, shapes_grid_g*.png")
+        print(f"written: {args.output_dir}/shapes_eval.json, shapes_eval.md, shapes_grid_g*.png, shapes_table_g*.png")
         return 0
     rows = generate_all(pipe, prompts, args)
     write_outputs(rows, prompts, models, args)
