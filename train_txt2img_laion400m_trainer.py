@@ -118,9 +118,9 @@ def _exit_now_if_distributed(exc: BaseException) -> None:
     """Under paddle.distributed.launch, a failing rank leaves at once with its rank and cause.
 
     Its peers' next collective then fails within seconds (gloo: the connection drops; the
-    launcher also stops the other ranks once one has exited) and the launcher's error report
-    shows this rank's log. A normal interpreter exit can take long enough in paddle's teardown
-    that the launcher first sees a peer's secondary failure and reports that instead.
+    launcher also stops the other ranks once one has exited). The line ``rank r failed: ...``
+    stays in this rank's log, which train.sh lists after a failed launch: the launcher's own
+    report shows whichever rank it saw fail first, often a peer that aborted because of this one.
     """
     if paddle.distributed.get_world_size() > 1:
         rank = paddle.distributed.get_rank()
