@@ -93,6 +93,7 @@ def train_row(name: str, row: Row, a, row_dir: str) -> dict:
     fill = {"random_text_encoder": os.path.join(a.output_dir, "random_text_encoder"), "warmup": str(steps // 20)}
     env = {**os.environ, "KIT_DIR": a.kit, "FILE_LIST": a.file_list, "OUTPUT_DIR": row_dir, "MODE": "cpu",
            "MAX_STEPS": str(steps), "SAVE_STEPS": str(steps), "IMAGE_LOGGING_STEPS": "0", "DISABLE_TQDM": "True",
+           "NPROC": "1",  # rows are one process unless they say otherwise (train.sh's CPU default now runs 2)
            **{k: v.format(**fill) for k, v in row.env.items()}}
     args = [x.format(**fill) for x in row.args] + ["--overwrite_output_dir", "True", "--report_to", "none",
                                                     "--save_total_limit", "1"]
