@@ -333,8 +333,7 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     model = StableDiffusionModel(model_args, recompute=training_args.recompute)
     dataset = entry.build_dataset(model, model_args, data_args, training_args, rank=training_args.dataset_rank,
                                   world_size=training_args.dataset_world_size)
-    trainer_cls = _bridge(StableDiffusionTrainer) if latents and _needs_bridge(StableDiffusionTrainer) else StableDiffusionTrainer
-    trainer = trainer_cls(model=model, args=training_args, train_dataset=dataset, resolution=resolution)
+    trainer = StableDiffusionTrainer(model=model, args=training_args, train_dataset=dataset, resolution=resolution)
     clock = _Clock()
     model.encode_images = clock.wrap("vae_encode", model.encode_images)
     model.encode_text = clock.wrap("text_encode", model.encode_text)
@@ -378,32 +377,6 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
             result["achieved_tflops"] = achieved
             result["mfu"] = achieved / peak if peak else None
     return result
-
-
-def _needs_bridge(trainer_cls) -> bool:
-    """Does the trainer still hard-wire the image ``collate_fn`` (so precomputed latents cannot load)?"""
-    import inspect
-
-    return "collate_fn=collate_fn" in inspect.getsource(trainer_cls.get_train_dataloader)
-
-
-def _bridge(trainer_cls):
-    """Until sd_trainer.py uses the dataset's own collate function (``getattr(dataset, "collate_fn",
-    collate_fn)``): the same trainer with exactly that change."""
-    import sd.sd_trainer as trainer_module
-
-    class Bridged(trainer_cls):
-        def get_train_dataloader(self):
-            own = getattr(self.train_dataset, "collate_fn", None)
-            if own is None:
-                return super().get_train_dataloader()
-            image_collate, trainer_module.collate_fn = trainer_module.collate_fn, own
-            try:
-                return super().get_train_dataloader()
-            finally:
-                trainer_module.collate_fn = image_collate
-
-    return Bridged
 
 
 def model_flops(model, resolution: int, batch_size: int, text_len: int, latents: bool) -> Dict[str, float]:
