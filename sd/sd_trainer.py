@@ -130,7 +130,7 @@ class StableDiffusionTrainer(Trainer):
         self._image_batch = None
         self._reader: Optional[_TimedLoader] = None
         self._reader_logged = (0.0, 0)  # reader seconds and batches at the previous log
-        self._all_ranks_state: Dict[str, dict] = {}  # data rank → stream positions and skips, gathered at each save
+        self._all_ranks_state: Dict[str, dict] = {}  # all processes' data ranks, gathered for a multi-process save
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0  # skipped updates (divergence guard)
         self.update_skipped = False  # the last optimizer step was skipped (the EMA skips it too)
         self._nonfinite_loss = False  # a micro-batch since the last optimizer step had a non-finite loss
@@ -296,13 +296,10 @@ class StableDiffusionTrainer(Trainer):
 
     def _save_checkpoint(self, model, metrics=None):
         """The stock checkpoint, written under ``.incomplete/`` and renamed into place once complete."""
-        mine = self._rank_state()
         if self.args.world_size > 1:  # every rank's data-stream position goes into rank 0's sd_state.json
             gathered = []
-            paddle.distributed.all_gather_object(gathered, mine)
+            paddle.distributed.all_gather_object(gathered, self._rank_state())
             self._all_ranks_state = {d: s for part in gathered for d, s in part.items()}
-        else:
-            self._all_ranks_state = mine
         final_root, name = self.args.output_dir, f"checkpoint-{self.state.global_step}"
         staging = staging_root(final_root)
         writer = self.args.should_save
