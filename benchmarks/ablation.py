@@ -1,13 +1,13 @@
 """Ablation of the CPU default's training options, scored by the demo shapes benchmark.
 
-    python benchmarks/ablation.py --output_dir ./ablation                        # every row, 1000 steps
-    python benchmarks/ablation.py --rows baseline default "no EMA" --steps 500  # some rows, smaller budget
+    python benchmarks/ablation.py --output_dir ./ablation                        # every row, train.sh's budget
+    python benchmarks/ablation.py --rows baseline default "no EMA" --steps 500 --nproc 1  # some rows, smaller budget
     python benchmarks/ablation.py --output_dir ./ablation --table                 # only rewrite the table
 
-Each row runs ``train.sh``'s CPU default (the kit, the demo data) with one change: environment
-overrides of train.sh's settings and/or extra trainer flags. Every row gets the same budget of
-optimizer steps at batch 32 (rows with another batch size get the same number of images, i.e.
-steps × 32 / batch). The final UNet (its EMA weights when the row keeps an EMA) is then scored with
+Each row runs ``train.sh``'s CPU default (the kit, the demo data, ``--nproc`` data-parallel
+processes: 2 like train.sh) with one change: environment overrides of train.sh's settings and/or
+extra trainer flags. Every row gets the same budget of optimizer steps at batch 32 per process
+(rows with another batch size get the same number of images, i.e. steps × 32 / batch). The final UNet (its EMA weights when the row keeps an EMA) is then scored with
 ``eval.py --evaluate shapes`` on two disjoint seed sets:
 
 * tuning seeds (``--tune_seed``, default 0..3): the ones looked at while choosing the default;
@@ -61,6 +61,7 @@ ROWS: Dict[str, Row] = {
     "batch 64": Row("batch 64, half the steps", env={"BATCH_SIZE": "64"}, batch=64),
     "2 processes": Row("NPROC=2: two data-parallel processes of batch 32 (global 64), one per core",
                        env={"NPROC": "2"}),
+    "1 process": Row("NPROC=1: one process of batch 32", env={"NPROC": "1"}),
     "v-prediction": Row("--prediction_type v_prediction", args=["--prediction_type", "v_prediction"]),
     "random text encoder": Row("the kit's text encoder replaced by a randomly initialised one (same config)",
                                args=["--text_encoder_name_or_path", "{random_text_encoder}"]),
@@ -93,7 +94,7 @@ def train_row(name: str, row: Row, a, row_dir: str) -> dict:
     fill = {"random_text_encoder": os.path.join(a.output_dir, "random_text_encoder"), "warmup": str(steps // 20)}
     env = {**os.environ, "KIT_DIR": a.kit, "FILE_LIST": a.file_list, "OUTPUT_DIR": row_dir, "MODE": "cpu",
            "MAX_STEPS": str(steps), "SAVE_STEPS": str(steps), "IMAGE_LOGGING_STEPS": "0", "DISABLE_TQDM": "True",
-           "NPROC": "1",  # rows are one process unless they say otherwise (train.sh's CPU default now runs 2)
+           "NPROC": str(a.nproc),  # unless the row says otherwise
            **{k: v.format(**fill) for k, v in row.env.items()}}
     args = [x.format(**fill) for x in row.args] + ["--overwrite_output_dir", "True", "--report_to", "none",
                                                     "--save_total_limit", "1"]
@@ -119,7 +120,7 @@ def train_row(name: str, row: Row, a, row_dir: str) -> dict:
     losses = [float(x) for x in re.findall(r"'loss': '?([\d.]+)", text)] or \
              [float(x) for x in re.findall(r"\bloss: ([\d.]+)", text)]
     train_loss = re.findall(r"train_loss\W+([\d.]+)", text)
-    return {"steps": steps, "batch": row.batch, "exit_code": proc.returncode, "processes": int(row.env.get("NPROC", 1)), "images": steps * row.batch * int(row.env.get("NPROC", 1)), "wall_seconds": round(wall, 1),
+    return {"steps": steps, "batch": row.batch, "exit_code": proc.returncode, "processes": int(env["NPROC"]), "images": steps * row.batch * int(env["NPROC"]), "wall_seconds": round(wall, 1),
             "train_loss": float(train_loss[-1]) if train_loss else None,
             "cpu_seconds": round(cpu, 1), "train_runtime": float(runtime[-1]) if runtime else None,
             "final_loss": losses[-1] if losses else None, "ema": row.env.get("FLAG_USE_EMA", "1") != "0"}
@@ -150,7 +151,8 @@ def write_table(results: dict, out_dir: str, guidance: str) -> str:
     """ablation.md: one line per row at guidance ``guidance`` (tuning seeds, then report seeds)."""
     lines = [f"Shapes benchmark at guidance {guidance} (% right; 36 prompts × {results['num_seeds']} seeds; "
              f"{results['scheduler']} {results['num_inference_steps']} steps). Budget: {results['steps']} steps of "
-             f"batch {BASE_BATCH} (other batch sizes: the same number of images).", "",
+             f"batch {BASE_BATCH} per process, {results.get('nproc', 1)} process(es) unless the row says otherwise "
+             "(other batch sizes: the same number of images).", "",
              "| row | change | steps × batch | colour | shape | background | all three | colour | shape | background "
              "| all three | wall min | CPU min | final loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -177,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--output_dir", default="./ablation", help="row folders, ablation.json, ablation.md")
     p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run, from: {', '.join(ROWS)}")
     p.add_argument("--steps", type=int, default=1000, help="budget: optimizer steps at batch 32 (the default's ~8.5 min on 2 idle cores)")
+    p.add_argument("--nproc", type=int, default=2,
+                   help="training processes per row unless the row sets NPROC (train.sh's CPU default is 2)")
     p.add_argument("--kit", default="./tiny-sd", help="the offline kit (python -m sd.kit)")
     p.add_argument("--file_list", default="./data/filelist/train.filelist.list", help="the demo data's filelist")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 5.0, 7.5], help="guidance scales scored")
@@ -196,7 +200,7 @@ def main(argv=None) -> int:
     a.output_dir, a.kit, a.file_list = (os.path.abspath(x) for x in (a.output_dir, a.kit, a.file_list))
     path = os.path.join(a.output_dir, "ablation.json")
     results = json.load(open(path)) if os.path.isfile(path) else {"rows": {}}
-    results.update(steps=a.steps, num_seeds=a.num_seeds, scheduler=a.scheduler, guidance=a.guidance,
+    results.update(steps=a.steps, nproc=a.nproc, num_seeds=a.num_seeds, scheduler=a.scheduler, guidance=a.guidance,
                    num_inference_steps=a.num_inference_steps, tune_seeds=[a.tune_seed + i for i in range(a.num_seeds)],
                    report_seeds=[a.report_seed + i for i in range(a.num_seeds)])
     if not a.table:
