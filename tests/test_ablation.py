@@ -44,12 +44,17 @@ def test_rows_are_trained_scored_and_tabled(tiny_kit, demo_file_list, tmp_path):
         assert f"| {name} |" in table
 
 
-def test_a_rerun_reuses_finished_training(tiny_kit, demo_file_list, tmp_path):
+def test_random_text_encoder_row_and_a_rerun_reusing_its_training(tiny_kit, demo_file_list, tmp_path):
     out = tmp_path / "ablation"
-    run_ablation(tiny_kit, demo_file_list, out, "no noise offset")
-    log = out / "no_noise_offset.train.log"
+    run_ablation(tiny_kit, demo_file_list, out, "random text encoder")
+    row = out / "random_text_encoder"
+    # trained (and therefore scored: eval.py follows the checkpoint's record) with the random encoder
+    state = json.load(open(row / "sd_state.json"))
+    assert state["model_paths"]["text_encoder"] == str(out / "text_encoder_random_init")
+    assert os.path.isdir(row / "unet") and not os.path.isfile(row / "config.json")
+    log = out / "random_text_encoder.train.log"
     first = log.stat().st_mtime_ns
     os.remove(out / "ablation.json")  # as if interrupted after training, before scoring
-    run_ablation(tiny_kit, demo_file_list, out, "no noise offset")
+    run_ablation(tiny_kit, demo_file_list, out, "random text encoder")
     assert log.stat().st_mtime_ns == first  # not trained again
-    assert "no noise offset" in json.load(open(out / "ablation.json"))["rows"]
+    assert "random text encoder" in json.load(open(out / "ablation.json"))["rows"]
