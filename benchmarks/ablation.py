@@ -142,33 +142,35 @@ def eval_row(row_dir: str, ema: bool, seed: int, a, out: str) -> dict:
 
 
 def fmt(s: Optional[dict]) -> str:
+    """colour / shape / background / all three, % right."""
     if not s:
-        return "– | – | – | –"
-    return " | ".join(f"{100 * s[m]:.1f}" for m in ("colour", "shape", "background", "all"))
+        return "– / – / – / –"
+    return " / ".join("100" if s[m] == 1 else f"{100 * s[m]:.1f}" for m in ("colour", "shape", "background", "all"))
 
 
 def write_table(results: dict, out_dir: str, guidance: str) -> str:
     """ablation.md: one line per row at guidance ``guidance`` (tuning seeds, then report seeds)."""
-    lines = [f"Shapes benchmark at guidance {guidance} (% right; 36 prompts × {results['num_seeds']} seeds; "
-             f"{results['scheduler']} {results['num_inference_steps']} steps). Budget: {results['steps']} steps of "
-             f"batch {BASE_BATCH} per process, {results.get('nproc', 1)} process(es) unless the row says otherwise "
-             "(other batch sizes: the same number of images).", "",
-             "| row | change | steps × batch | colour | shape | background | all three | colour | shape | background "
-             "| all three | wall min | CPU min | final loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-             "| | | | tuning seeds | | | | report seeds | | | | | | |"]
+    tune, report = results["tune_seeds"], results["report_seeds"]
+    lines = [f"Shapes benchmark at guidance {guidance}: % right, colour / shape / background / all three (36 prompts × "
+             f"{results['num_seeds']} seeds; {results['scheduler']} {results['num_inference_steps']} steps). Budget: "
+             f"{results['steps']} steps of batch {BASE_BATCH} per process, {results.get('nproc', 1)} process(es) unless "
+             "the row says otherwise (other batch sizes: the same number of images).", "",
+             f"| row | change | steps × batch × processes (images) | tuning seeds {tune[0]}–{tune[-1]} "
+             f"| report seeds {report[0]}–{report[-1]} | wall min | CPU min | final loss |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results["rows"].items():
         t = r.get("train", {})
-        lines.append(f"| {name} | {ROWS[name].what if name in ROWS else ''} | {t.get('steps')} × {t.get('batch')}{' × ' + str(t['processes']) + ' proc' if t.get('processes', 1) > 1 else ''} | "
-                     f"{fmt(r.get('tune', {}).get(guidance))} | {fmt(r.get('report', {}).get(guidance))} | "
-                     f"{t.get('wall_seconds', 0) / 60:.1f} | {t.get('cpu_seconds', 0) / 60:.1f} | {t.get('final_loss')} |")
+        images = t.get("images", 0)
+        lines.append(f"| {name} | {ROWS[name].what if name in ROWS else ''} | {t.get('steps')} × {t.get('batch')} × "
+                     f"{t.get('processes', 1)} ({images / 1000:g} k) | {fmt(r.get('tune', {}).get(guidance))} | "
+                     f"{fmt(r.get('report', {}).get(guidance))} | {t.get('wall_seconds', 0) / 60:.1f} | "
+                     f"{t.get('cpu_seconds', 0) / 60:.1f} | {t.get('final_loss')} |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "ablation.md"), "w") as f:
         f.write(table)
         for g in results["guidance"]:
             if f"{g:g}" != guidance:
-                f.write(f"\nAt guidance {g:g}:\n\n| row | tuning seeds: colour | shape | background | all three "
-                        f"| report seeds: colour | shape | background | all three |\n|---|---|---|---|---|---|---|---|---|\n")
+                f.write(f"\nAt guidance {g:g}:\n\n| row | tuning seeds | report seeds |\n|---|---|---|\n")
                 for name, r in results["rows"].items():
                     f.write(f"| {name} | {fmt(r.get('tune', {}).get(f'{g:g}'))} | {fmt(r.get('report', {}).get(f'{g:g}'))} |\n")
     return table
