@@ -3,7 +3,7 @@
 #
 #   sh train.sh                      # GPU + real weights: the seed's recipe; otherwise the CPU default
 #   MAX_STEPS=200 sh train.sh        # any setting below can be overridden from the environment
-#   PRESET=long sh train.sh          # CPU default, 2000 steps: learns the whole prompt (README, section 6)
+#   PRESET=long sh train.sh          # CPU default, 1500 steps: learns the whole prompt (README, section 6)
 #   sh train.sh --use_ema True       # extra arguments go to train_txt2img_laion400m_trainer.py (they win)
 #   GPUS=0,1,2,3,4,5,6,7 sh train.sh # 8 GPUs;  add IPS=10.0.0.1,10.0.0.2 for several machines
 #   NPROC=1 sh train.sh              # one CPU process (the CPU default runs 2, one per core, when it can)
@@ -18,7 +18,7 @@ cd "$(dirname "$0")"
 MODE=${MODE:-auto}                                       # auto | gpu | cpu; auto = gpu when a GPU and SD_WEIGHTS exist
 SD_WEIGHTS=${SD_WEIGHTS:-CompVis/stable-diffusion-v1-4}  # local folder of the real SD v1 weights (GPU recipe)
 KIT_DIR=${KIT_DIR:-./tiny-sd}                            # the offline kit (CPU default); built if missing
-PRESET=${PRESET:-}                                       # CPU default: "" (1000 steps, ~9 min) | long (2000 steps)
+PRESET=${PRESET:-}                                       # CPU default: "" (1000 steps, ~9 min) | long (1500 steps)
 # --- data and output ----------------------------------------------------------------------------
 FILE_LIST=${FILE_LIST:-./data/filelist/train.filelist.list}  # *.filelist.list to train on
 DEMO_IMAGES=${DEMO_IMAGES:-4000}                         # demo images made when FILE_LIST is the missing default
@@ -33,7 +33,7 @@ NPROC=${NPROC:-}                                         # CPU data-parallel pro
 # UNET_CONFIG        UNet config .json (random init) or a UNet folder         ./unet_config.json | KIT_DIR/unet/config.json
 # RESOLUTION         training image side, pixels                              256 | 32
 # BATCH_SIZE         images per device per step                               32 | 32
-# MAX_STEPS          optimizer steps                                          200000 | 1000 (PRESET=long: 2000)
+# MAX_STEPS          optimizer steps                                          200000 | 1000 (PRESET=long: 1500)
 # LR                 peak learning rate (AdamW)                               1e-4 | 1e-3
 # LR_SCHEDULER       constant | linear | cosine | ...                         constant | constant
 # WARMUP_STEPS       linear warm-up steps                                     0 | 0
@@ -80,7 +80,7 @@ else
   UNET_CONFIG=${UNET_CONFIG:-$PRETRAINED/unet/config.json}
   case "$PRESET" in
     "") DEFAULT_STEPS=1000 ;;
-    long) DEFAULT_STEPS=2000 ;;  # colour, shape and background all learned (README section 6); ~17 min on 2 cores
+    long) DEFAULT_STEPS=1500 ;;  # the smallest measured budget that learns the whole prompt (README section 6); ~13 min on 2 cores
     *) echo "PRESET=$PRESET: unknown (use long, or leave it unset)" >&2; exit 2 ;;
   esac
   RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-$DEFAULT_STEPS}
