@@ -7,8 +7,9 @@
 Each row runs ``train.sh``'s CPU default (the kit, the demo data, ``--nproc`` data-parallel
 processes: 2 like train.sh) with one change: environment overrides of train.sh's settings and/or
 extra trainer flags. Every row gets the same budget of optimizer steps at batch 32 per process
-(rows with another batch size get the same number of images, i.e. steps × 32 / batch). The final UNet (its EMA weights when the row keeps an EMA) is then scored with
-``eval.py --evaluate shapes`` on two disjoint seed sets:
+(rows with another batch size get the same number of images, i.e. steps × 32 / batch). The final
+UNet (its EMA weights when the row keeps an EMA) is then scored with ``eval.py --evaluate shapes``
+on two disjoint seed sets:
 
 * tuning seeds (``--tune_seed``, default 0..3): the ones looked at while choosing the default;
 * report seeds (``--report_seed``, default 1000..1003): never looked at while choosing; the figures
@@ -59,9 +60,7 @@ ROWS: Dict[str, Row] = {
     "cosine": Row("cosine LR decay to 0 with 5 % warm-up", env={"LR_SCHEDULER": "cosine", "WARMUP_STEPS": "{warmup}"}),
     "batch 16": Row("batch 16, twice the steps", env={"BATCH_SIZE": "16"}, batch=16),
     "batch 64": Row("batch 64, half the steps", env={"BATCH_SIZE": "64"}, batch=64),
-    "2 processes": Row("NPROC=2: two data-parallel processes of batch 32 (global 64), one per core",
-                       env={"NPROC": "2"}),
-    "1 process": Row("NPROC=1: one process of batch 32", env={"NPROC": "1"}),
+    "1 process": Row("NPROC=1: one process of batch 32 (half the images)", env={"NPROC": "1"}),
     "v-prediction": Row("--prediction_type v_prediction", args=["--prediction_type", "v_prediction"]),
     "random text encoder": Row("the kit's text encoder replaced by a randomly initialised one (same config)",
                                args=["--text_encoder_name_or_path", "{random_text_encoder}"]),
@@ -180,7 +179,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Ablation of train.sh's CPU default on the shapes benchmark (see the docstring).")
     p.add_argument("--output_dir", default="./ablation", help="row folders, ablation.json, ablation.md")
     p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run, from: {', '.join(ROWS)}")
-    p.add_argument("--steps", type=int, default=1000, help="budget: optimizer steps at batch 32 (the default's ~8.5 min on 2 idle cores)")
+    p.add_argument("--steps", type=int, default=1000, help="budget: optimizer steps at batch 32 per process (train.sh's CPU default: 1000)")
     p.add_argument("--nproc", type=int, default=2,
                    help="training processes per row unless the row sets NPROC (train.sh's CPU default is 2)")
     p.add_argument("--kit", default="./tiny-sd", help="the offline kit (python -m sd.kit)")
