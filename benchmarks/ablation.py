@@ -184,7 +184,7 @@ def main(argv=None) -> int:
                    help="training processes per row unless the row sets NPROC (train.sh's CPU default is 2)")
     p.add_argument("--kit", default="./tiny-sd", help="the offline kit (python -m sd.kit)")
     p.add_argument("--file_list", default="./data/filelist/train.filelist.list", help="the demo data's filelist")
-    p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 5.0, 7.5], help="guidance scales scored")
+    p.add_argument("--guidance", type=float, nargs="+", default=[5.0], help="guidance scales scored (e.g. 3 5 7.5)")
     p.add_argument("--table_guidance", type=float, default=5.0, help="guidance scale of the main table")
     p.add_argument("--tune_seed", type=int, default=0, help="first tuning seed")
     p.add_argument("--report_seed", type=int, default=1000, help="first report seed (held out while tuning)")
