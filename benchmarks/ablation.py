@@ -56,6 +56,7 @@ ROWS: Dict[str, Row] = {
     "no noise offset": Row("--noise_offset 0", env={"NOISE_OFFSET": "0"}),
     "no EMA": Row("the default's raw UNet weights instead of its EMA (same training run)", raw_weights_of="default"),
     "lr 3e-4": Row("--learning_rate 3e-4", env={"LR": "3e-4"}),
+    "lr 1e-3": Row("--learning_rate 1e-3 (the default until the ablation showed 3e-3 better)", env={"LR": "1e-3"}),
     "lr 3e-3": Row("--learning_rate 3e-3", env={"LR": "3e-3"}),
     "cosine": Row("cosine LR decay to 0 with 5 % warm-up", env={"LR_SCHEDULER": "cosine", "WARMUP_STEPS": "{warmup}"}),
     "batch 16": Row("batch 16, twice the steps", env={"BATCH_SIZE": "16"}, batch=16),
