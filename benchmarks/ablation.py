@@ -49,7 +49,7 @@ class Row:
 
 # Every row is the default of train.sh with one change, except "baseline" (the seed's options all off).
 ROWS: Dict[str, Row] = {
-    "baseline": Row("no min-SNR, no offset noise, no EMA (plain ε-MSE, constant LR 1e-3)",
+    "baseline": Row("no min-SNR, no offset noise, no EMA (plain ε-MSE)",
                     env={"SNR_GAMMA": "", "NOISE_OFFSET": "0", "FLAG_USE_EMA": "0"}),
     "default": Row("sh train.sh as shipped"),
     "no min-SNR": Row("--snr_gamma off", env={"SNR_GAMMA": ""}),
