@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RANDOM_TEXT_ENCODER = "text_encoder_random_init"  # folder in --output_dir (not a row's name: eval would read it as one)
 BASE_BATCH = 32  # the CPU default's batch size: the budget is counted in its steps
 
 
@@ -91,7 +92,7 @@ def child_cpu_seconds() -> float:
 def train_row(name: str, row: Row, a, row_dir: str) -> dict:
     """Run train.sh for one row; returns steps, wall and CPU seconds and the trainer's own figures."""
     steps = a.steps * BASE_BATCH // row.batch
-    fill = {"random_text_encoder": os.path.join(a.output_dir, "text_encoder_random_init"), "warmup": str(steps // 20)}
+    fill = {"random_text_encoder": os.path.join(a.output_dir, RANDOM_TEXT_ENCODER), "warmup": str(steps // 20)}
     env = {**os.environ, "KIT_DIR": a.kit, "FILE_LIST": a.file_list, "OUTPUT_DIR": row_dir, "MODE": "cpu",
            "MAX_STEPS": str(steps), "SAVE_STEPS": str(steps), "IMAGE_LOGGING_STEPS": "0", "DISABLE_TQDM": "True",
            "NPROC": str(a.nproc),  # unless the row says otherwise
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
         if not os.path.isfile(a.file_list):
             p.error(f"no data at {a.file_list}: run `sh train.sh` once (it makes the demo data), or pass --file_list")
         if "random text encoder" in a.rows:
-            make_random_text_encoder(a.kit, os.path.join(a.output_dir, "text_encoder_random_init"))
+            make_random_text_encoder(a.kit, os.path.join(a.output_dir, RANDOM_TEXT_ENCODER))
         for name in a.rows:
             row_dir = os.path.join(a.output_dir, re.sub(r"\W+", "_", name))
             print(f"== {name}: {ROWS[name].what}", flush=True)
