@@ -131,3 +131,18 @@ def test_failing_rank_ends_the_job_and_resume_continues_exactly(two_ranks, tiny_
     name = "unet/diffusion_paddle_model.safetensors"
     a, b = load_file(out / "checkpoint-20" / name), load_file(two_ranks / "out" / "checkpoint-20" / name)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_finished_rank_runs_exit_handlers_then_leaves_with_0(tmp_path):
+    """A finished rank skips the C++ teardown (where rank 0 sometimes aborted) but not Python's exit handlers,
+    which hold Paddle's own clean-up (data-loader shared memory, process groups)."""
+    marker = tmp_path / "handler-ran"
+    code = ("import atexit, sys, runpy\n"
+            f"sys.path.insert(0, {ROOT!r})\n"
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ok'))\n"
+            f"trainer = runpy.run_path({os.path.join(ROOT, 'train_txt2img_laion400m_trainer.py')!r})\n"
+            "trainer['_leave_distributed_run']()\n"
+            "sys.exit(3)  # not reached\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert marker.read_text() == "ok"
