@@ -9,7 +9,6 @@ Run it under ``python -m paddle.distributed.launch`` for several devices; see RE
 
 
 import atexit
-import logging
 import os
 import sys
 import traceback
@@ -125,8 +124,7 @@ def _leave_distributed_run() -> None:
     function). The exit handlers (Paddle's own: data-loader shared memory, process groups) still run
     here; only the interpreter's final teardown is skipped.
     """
-    atexit._run_exitfuncs()  # noqa: SLF001 - what interpreter exit would run first, in the same order
-    logging.shutdown()
+    atexit._run_exitfuncs()  # noqa: SLF001 - what interpreter exit runs first (logging.shutdown among them)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
