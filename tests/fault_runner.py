@@ -65,7 +65,7 @@ if os.environ.get("SD_FAULT_RANK_DIES"):
     compute_loss = StableDiffusionTrainer.compute_loss
 
     def dying_compute_loss(self, *args, **kwargs):
-        if self.args.process_index == int(rank) and self.batches_seen == int(batch):
+        if self.args.process_index == int(rank) and self.streams.batches - 1 == int(batch):  # this batch's index
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise FileNotFoundError(errno.ENOENT, "injected: part file missing on this node", "part-00001.gz")
