@@ -75,7 +75,9 @@ def stop_children_and_clean(timeout: float = 3.0, shm_dir: str = SHM_DIR) -> int
     DataLoader files of every dead process. Returns how many files were removed.
 
     The children are killed but not reaped: Paddle's own shutdown of its workers still finds them.
+    Paddle's SIGCHLD handler (which raises when a worker dies) is removed first: this process is ending.
     """
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     kids = children()
     for pid in kids:
         try:

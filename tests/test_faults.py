@@ -165,3 +165,51 @@ def test_unwritable_output_dir_fails_at_start(tiny_kit, demo_file_list, tmp_path
     assert r.returncode == 1
     assert f"cannot write to --output_dir {blocker / 'out'}: " in log and "choose another --output_dir" in log
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("victim", ["trainer_sigterm", "worker_sigkill"])
+def test_stopped_run_leaves_no_shared_memory(tiny_kit, demo_file_list, tmp_path, victim):
+    """SIGTERM of the trainer, or kill -9 of its loader worker: the run ends, non-zero, and removes the
+    DataLoader files of its processes from /dev/shm."""
+    out = tmp_path / "out"
+    cmd = train_command(tiny_kit, demo_file_list, out, *COMMON)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while not ("global_step: 2," in log.read_text() and _children(proc.pid)):
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            workers = _children(proc.pid)
+            assert [name for name, pid in shm.segments() if pid in workers]  # batches in flight
+            if victim == "trainer_sigterm":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                os.kill(workers[0], signal.SIGKILL)
+            code = proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    text = log.read_text()
+    if victim == "trainer_sigterm":
+        assert code == 128 + signal.SIGTERM and "training stopped by SIGTERM" in text, text[-3000:]
+    else:
+        assert code == 1, text[-3000:]
+    assert not [w for w in workers if _alive(w)]
+    left = [name for name, pid in shm.segments() if pid in workers + [proc.pid]]
+    assert left == [], left
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_all_finite(fused):
+    import paddle
+
+    from sd.sd_trainer import all_finite
+
+    good = [paddle.ones([3, 2]), paddle.full([4], 1e30)]
+    assert all_finite(good, fused=fused) and all_finite([], fused=fused)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = paddle.ones([5])
+        t[3] = bad
+        assert not all_finite(good + [t], fused=fused)
+    assert good[1].numpy()[0] == np.float32(1e30)  # the check leaves the values as they are
