@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pretrain the Stable Diffusion UNet (frozen VAE and text encoder, randomly initialised UNet).
 #
-#   sh train.sh                      # GPU + real weights: the seed's recipe; otherwise the CPU default
+#   sh train.sh                      # GPU + real weights: PaddleMIX's recipe; otherwise the CPU default
 #   MAX_STEPS=200 sh train.sh        # any setting below can be overridden from the environment
 #   PRESET=long sh train.sh          # CPU default, 1500 steps instead of 1000 (README, section 6)
 #   sh train.sh --use_ema True       # extra arguments go to train_txt2img_laion400m_trainer.py (they win)
@@ -9,7 +9,7 @@
 #   NPROC=1 sh train.sh              # one CPU process (the CPU default runs 2, one per core, when it can)
 #
 # The CPU default needs no download: it builds the offline kit (./tiny-sd) and the demo shapes data
-# (./data, the seed's demo layout) once, then trains the kit's tiny UNet on the CPU.
+# (./data, PaddleMIX's demo layout) once, then trains the kit's tiny UNet on the CPU.
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi  # `sh train.sh` (dash) → bash
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -46,8 +46,8 @@ NPROC=${NPROC:-}                                         # CPU data-parallel pro
 # NUM_INFERENCE_STEPS  DDIM steps of the logged samples                       50 | 25
 # EMA_DECAY          decay of the UNet's EMA (used when EMA is on)            0.9999 | 0.999
 # BF16               bf16 mixed precision (A100/3090-class GPUs)              False | (CPU: no effect)
-# FLAG_USE_EMA, FLAG_RECOMPUTE, FLAG_XFORMERS, FLAG_FUSED_LINEAR: the seed's switches (0/1). The GPU
-#   recipe exports the seed's values (0, 1, 1, 0) unless set, the CPU default FLAG_USE_EMA=1 (the EMA
+# FLAG_USE_EMA, FLAG_RECOMPUTE, FLAG_XFORMERS, FLAG_FUSED_LINEAR: PaddleMIX's switches (0/1). The GPU
+#   recipe exports PaddleMIX's values (0, 1, 1, 0) unless set, the CPU default FLAG_USE_EMA=1 (the EMA
 #   UNet, unet/*.ema.safetensors, samples better after 1000 steps); a --flag on the command line beats them.
 # Also: GRAD_ACCUM (1), WEIGHT_DECAY (0.01), SAVE_TOTAL_LIMIT (20), SEED (23), MODEL_MAX_LENGTH (77),
 #   MAX_GRAD_NORM (-1 = no clipping), DISABLE_TQDM (True | False).
@@ -58,7 +58,7 @@ if [ "$MODE" = auto ]; then
 fi
 
 if [ "$MODE" = gpu ]; then
-  # The seed's single-GPU recipe (section 4.2): 256 px, batch 32 per GPU, 200 000 steps.
+  # PaddleMIX's single-GPU recipe (section 4.2): 256 px, batch 32 per GPU, 200 000 steps.
   PRETRAINED=${PRETRAINED:-$SD_WEIGHTS}
   UNET_CONFIG=${UNET_CONFIG:-./unet_config.json}
   RESOLUTION=${RESOLUTION:-256}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-200000}
@@ -72,9 +72,8 @@ if [ "$MODE" = gpu ]; then
 else
   # The embedded CPU default: the offline kit and the demo shapes, ≤ 10 minutes of training on 2 cores.
   # Paddle's CPU kernels use about one core per process, so the default trains 2 data-parallel
-  # processes, one per core: twice the images in the same time (shape 66-69 % vs 49-51 %, all three
-  # 65-67 % vs 48 % at LR 1e-3, docs/ablation.md). NPROC=1 for one process. A high LR is what learns
-  # shape within the 10 minutes (shape at LR 1e-3 / 3e-3 / 6e-3: 66-69 / 83-86 / 89-90 %).
+  # processes, one per core: twice the images in the same time (docs/ablation.md). NPROC=1 for one
+  # process. A high LR is what learns shape within the 10 minutes (docs/ablation.md: the LR series).
   cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")  # not nproc: it obeys OMP_NUM_THREADS
   NPROC=${NPROC:-$(( cores >= 2 ? 2 : 1 ))}
   PRETRAINED=${PRETRAINED:-$KIT_DIR}

@@ -7,11 +7,7 @@
 Run it under ``python -m paddle.distributed.launch`` for several devices; see README.md.
 """
 
-
-import atexit
 import os
-import sys
-import traceback
 from dataclasses import asdict
 
 import numpy as np
@@ -19,34 +15,13 @@ import paddle
 from paddlenlp.trainer import PdArgumentParser, set_seed
 from paddlenlp.utils.log import logger
 
+from sd import preflight
 from sd.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
+from sd.distributed import UserError, run
 from sd.model import StableDiffusionModel
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
 from sd.sd_trainer import NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint
-from sd.text_image_pair_dataset import TextImagePairDataset
-
-
-def build_dataset(model, model_args, data_args, training_args, rank: int, world_size: int):
-    """The training stream of data rank ``rank`` of ``world_size``: images (VAE and text encoder run every
-    step) or precomputed latents."""
-    if data_args.precomputed_latents:  # written by sd/precompute_latents.py for this VAE, text encoder, resolution
-        from sd.latent_dataset import LatentDataset
-
-        f = model.latent_factor
-        expect = {"resolution": data_args.resolution, "model_max_length": model_args.model_max_length,
-                  "latent_shape": [model.vae.config.latent_channels, data_args.resolution // f, data_args.resolution // f],
-                  "hidden_shape": [model_args.model_max_length, model.text_encoder.config.hidden_size]}
-        return LatentDataset(data_args.file_list, model.tokenizer, drop_caption_prob=data_args.drop_caption_prob,
-                             max_bad_fraction=data_args.max_bad_fraction, seed=training_args.seed,
-                             rank=rank, world_size=world_size,
-                             shuffle_buffer=data_args.shuffle_buffer, expect=expect)
-    return TextImagePairDataset(
-        data_args.file_list, model.tokenizer, resolution=data_args.resolution, line_format=data_args.line_format,
-        interpolation=data_args.interpolation, center_crop=data_args.center_crop,
-        drop_caption_prob=data_args.drop_caption_prob, allow_upscale=data_args.allow_upscale,
-        max_bad_fraction=data_args.max_bad_fraction, seed=training_args.seed,
-        rank=rank, world_size=world_size,
-        model_max_length=model_args.model_max_length, shuffle_buffer=data_args.shuffle_buffer)
+from sd.train_loader import build_dataset
 
 
 def parameter_checksum(layer: paddle.nn.Layer) -> str:
@@ -64,97 +39,75 @@ def checkpoint_bytes(model: StableDiffusionModel) -> int:
     return 4 * n * (3 + (model.ema is not None))
 
 
-def main():
-    # 1. arguments
+def _log(level: str, message: str) -> None:
+    (logger.warning if level == "warn" else logger.info)(message)
+
+
+def parse_arguments():
+    """The three argument dataclasses, resolved (switches, device fallbacks) and checked against the machine."""
+    preflight.report(preflight.check_port(), _log)  # before the arguments start the process group
     parser = PdArgumentParser((ModelArguments, DataArguments, SDTrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    except ValueError as e:  # an impossible flag value or combination (paddlenlp's checks among them)
+        raise UserError(str(e)) from None
     finalize(model_args, data_args, training_args, lambda msg, changed=True: (logger.warning if changed else logger.info)(msg))
     if training_args.should_save:
         check_output_dir(training_args.output_dir)
+    ranks_here = int(os.environ.get("PADDLE_LOCAL_SIZE", "1"))  # processes of this job on this machine
+    workers = training_args.dataloader_num_workers
+    preflight.report(
+        preflight.check_model_paths(model_args) + preflight.check_file_list(data_args.file_list)
+        + preflight.check_env_flags()
+        + preflight.check_shm(0 if data_args.precomputed_latents else preflight.shm_bytes_needed(
+            training_args.per_device_train_batch_size, data_args.resolution, workers,
+            training_args.gradient_accumulation_steps, ranks_here)), _log)
+    return model_args, data_args, training_args
+
+
+def build_model(model_args, data_args, training_args) -> StableDiffusionModel:
     if model_args.fused_linear:  # GPU only (finalize switched it off elsewhere); before any model is built
         paddle.nn.Linear = paddle.incubate.nn.FusedLinear
     set_seed(training_args.seed)
-
-    # 2. model
     model = StableDiffusionModel(model_args, recompute=training_args.recompute)
     if data_args.resolution % model.latent_factor:
-        raise ValueError(f"--resolution {data_args.resolution} is not a multiple of the VAE's downsampling factor "
-                         f"{model.latent_factor}")
+        raise UserError(f"--resolution {data_args.resolution} is not a multiple of the VAE's downsampling factor "
+                        f"{model.latent_factor}")
+    if training_args.should_save:
+        preflight.report(preflight.check_disk(training_args.output_dir, checkpoint_bytes(model), free_bytes), _log)
+    return model
 
-    # 3. data
-    # One stream per accumulation micro-batch: data rank r·A + k of R·A (see sd/sd_trainer.py), so that
-    # R ranks × A accumulation steps see the same data and noise for any split of R·A.
-    accumulation = training_args.gradient_accumulation_steps
-    datasets = [build_dataset(model, model_args, data_args, training_args,
-                              rank=training_args.dataset_rank * accumulation + k,
-                              world_size=training_args.dataset_world_size * accumulation)
-                for k in range(accumulation)]
-    world = training_args.dataset_world_size
-    if training_args.should_save and free_bytes(training_args.output_dir) < 2 * checkpoint_bytes(model):
-        logger.warning(f"only {free_bytes(training_args.output_dir) / 2**30:.1f} GiB free in {training_args.output_dir}; "
-                       f"one checkpoint takes about {checkpoint_bytes(model) / 2**30:.1f} GiB")
+
+def build_data(model, model_args, data_args, training_args) -> list:
+    """One stream per accumulation micro-batch: data rank r·A + k of R·A (see sd/train_loader.py), so that
+    R ranks × A accumulation steps see the same data and noise for any split of R·A."""
+    accumulation, world = training_args.gradient_accumulation_steps, training_args.dataset_world_size
     logger.info(f"global batch = {training_args.per_device_train_batch_size} per device × {world} rank(s) × "
-                f"{training_args.gradient_accumulation_steps} accumulation = "
-                f"{training_args.per_device_train_batch_size * world * training_args.gradient_accumulation_steps}")
+                f"{accumulation} accumulation = {training_args.per_device_train_batch_size * world * accumulation}")
+    return [build_dataset(model, model_args, data_args, training_args, rank=training_args.dataset_rank * accumulation + k,
+                          world_size=world * accumulation) for k in range(accumulation)]
 
-    # 4. train
+
+def main():
+    model_args, data_args, training_args = parse_arguments()
+    model = build_model(model_args, data_args, training_args)
+    datasets = build_data(model, model_args, data_args, training_args)
     trainer = StableDiffusionTrainer(model=model, args=training_args, train_dataset=datasets[0], micro_datasets=datasets,
                                      resolution=data_args.resolution,
                                      run_config={"model": asdict(model_args), "data": asdict(data_args)})
-    if training_args.do_train:
-        trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
-        # 5. save the final trained modules (rank 0 only, inside save_model)
-        try:
-            trainer.save_model()
-            trainer.save_state()
-        except OSError as e:
-            raise CheckpointWriteError(f"could not write the final model in {training_args.output_dir}: "
-                                       f"{describe_os_error(e)}") from None
-        logger.info(f"rank {training_args.process_index}: UNet parameter checksum {parameter_checksum(model.unet)}")
-        if training_args.world_size > 1:  # no rank leaves while another may still talk to it (clean gloo/NCCL exit)
-            paddle.distributed.barrier()
-
-
-def _leave_distributed_run() -> None:
-    """A rank whose work is done and saved leaves without Paddle's C++ teardown.
-
-    With 2 CPU ranks (gloo), about one run in fifteen ended with rank 0 aborting (SIGABRT, no message)
-    after every Python exit handler had run, so the launcher reported a failed job although the model
-    was saved (4 of 62 runs of tests/test_distributed.py's job on a loaded machine; 0 of 30 with this
-    function). The exit handlers (Paddle's own: data-loader shared memory, process groups) still run
-    here; only the interpreter's final teardown is skipped.
-    """
-    atexit._run_exitfuncs()  # noqa: SLF001 - what interpreter exit runs first (logging.shutdown among them)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _exit_now_if_distributed(exc: BaseException) -> None:
-    """Under paddle.distributed.launch, a failing rank leaves at once with its rank and cause.
-
-    Its peers' next collective then fails within seconds (gloo: the connection drops; the
-    launcher also stops the other ranks once one has exited). The line ``rank r failed: ...``
-    stays in this rank's log, which train.sh lists after a failed launch: the launcher's own
-    report shows whichever rank it saw fail first, often a peer that aborted because of this one.
-    """
-    if paddle.distributed.get_world_size() > 1:
-        rank = paddle.distributed.get_rank()
-        print(f"rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
+    if not training_args.do_train:
+        return
+    trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+    try:  # the final trained modules (rank 0 only, inside save_model)
+        trainer.save_model()
+        trainer.save_state()
+    except OSError as e:
+        raise CheckpointWriteError(f"could not write the final model in {training_args.output_dir}: "
+                                   f"{describe_os_error(e)}") from None
+    logger.info(f"rank {training_args.process_index}: UNet parameter checksum {parameter_checksum(model.unet)}")
+    if training_args.world_size > 1:  # no rank leaves while another may still talk to it (clean gloo/NCCL exit)
+        paddle.distributed.barrier()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        if paddle.distributed.get_world_size() > 1:
-            _leave_distributed_run()
-    except (CheckpointWriteError, NonFiniteLossError) as e:
-        logger.error(str(e))
-        _exit_now_if_distributed(e)
-        sys.exit(1)
-    except Exception as e:  # noqa: BLE001 - reported with its traceback, then the process exits non-zero
-        traceback.print_exc()
-        _exit_now_if_distributed(e)
-        raise
+    run(main, user_errors=(CheckpointWriteError, NonFiniteLossError))

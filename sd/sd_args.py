@@ -1,6 +1,6 @@
 """Command-line arguments: three dataclasses parsed by paddlenlp's ``PdArgumentParser``.
 
-The dataclass fields are the single source of truth (flag names, defaults, help). The seed's
+The dataclass fields are the single source of truth (flag names, defaults, help). PaddleMIX's
 ``FLAG_*`` environment switches are resolved in ``resolve_switches`` with the precedence
 **command line > environment > default**; the effective values and their sources are logged.
 """
@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 
 from paddlenlp.trainer import TrainingArguments
 
-# switch field → legacy environment variable (the seed's train.sh exports these)
+# switch field → legacy environment variable (PaddleMIX's train.sh exports these)
 ENV_SWITCHES = {
     "use_ema": "FLAG_USE_EMA",
     "recompute": "FLAG_RECOMPUTE",

@@ -7,6 +7,10 @@ Faults are chosen by environment variables:
                                 is multiplied by NaN, so the loss and every gradient are non-finite;
   SD_FAULT_FAIL_SAVE_STEP=4     saving checkpoint-4 fails with "No space left on device" after the
                                 UNet weights were written (a disk filling up mid-save);
+  SD_FAULT_KILL_SAVE_STEP=4     the process kills itself (SIGKILL) while saving checkpoint-4, after the UNet
+                                weights were written;
+  SD_FAULT_KILL_FAST_FORWARD=1  the process kills itself (SIGKILL) while fast-forwarding its data streams
+                                on resume;
   SD_FAULT_RANK_DIES="1:2:raise"  rank 1 fails at its batch index 2 with a FileNotFoundError (as for a
                                 part file missing on one node); ":kill" instead kills it with SIGKILL.
 and one spy:
@@ -60,12 +64,32 @@ if os.environ.get("SD_FAULT_FAIL_SAVE_STEP"):
 
     StableDiffusionTrainer._save = failing_save
 
+if os.environ.get("SD_FAULT_KILL_SAVE_STEP"):
+    kill_dir = f"checkpoint-{int(os.environ['SD_FAULT_KILL_SAVE_STEP'])}"
+    save_before_kill = StableDiffusionTrainer._save
+
+    def killed_save(self, output_dir=None, *args, **kwargs):
+        if output_dir and os.path.basename(os.path.normpath(output_dir)) == kill_dir:
+            self.sd_model.save_trained(output_dir)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save_before_kill(self, output_dir, *args, **kwargs)
+
+    StableDiffusionTrainer._save = killed_save
+
+if os.environ.get("SD_FAULT_KILL_FAST_FORWARD"):
+    from sd.text_image_pair_dataset import TextImagePairDataset
+
+    def killed_fast_forward(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    TextImagePairDataset.fast_forward = killed_fast_forward
+
 if os.environ.get("SD_FAULT_RANK_DIES"):
     rank, batch, how = os.environ["SD_FAULT_RANK_DIES"].split(":")
     compute_loss = StableDiffusionTrainer.compute_loss
 
     def dying_compute_loss(self, *args, **kwargs):
-        if self.args.process_index == int(rank) and self.batches_seen == int(batch):
+        if self.args.process_index == int(rank) and self.streams.batches - 1 == int(batch):  # this batch's index
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise FileNotFoundError(errno.ENOENT, "injected: part file missing on this node", "part-00001.gz")

@@ -137,12 +137,63 @@ def test_finished_rank_runs_exit_handlers_then_leaves_with_0(tmp_path):
     """A finished rank skips the C++ teardown (where rank 0 sometimes aborted) but not Python's exit handlers,
     which hold Paddle's own clean-up (data-loader shared memory, process groups)."""
     marker = tmp_path / "handler-ran"
-    code = ("import atexit, sys, runpy\n"
+    code = ("import atexit, sys\n"
             f"sys.path.insert(0, {ROOT!r})\n"
+            "from sd.distributed import leave_finished_rank\n"
             f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ok'))\n"
-            f"trainer = runpy.run_path({os.path.join(ROOT, 'train_txt2img_laion400m_trainer.py')!r})\n"
-            "trainer['_leave_distributed_run']()\n"
+            "leave_finished_rank()\n"
             "sys.exit(3)  # not reached\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert marker.read_text() == "ok"
+
+
+def _descendants(pid):
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(c) for c in f.read().split()]
+        except OSError:
+            kids = []
+        found += kids
+        todo += kids
+    return found
+
+
+def test_ranks_end_with_their_launcher(tiny_kit, demo_file_list, tmp_path):
+    """kill -9 of paddle.distributed.launch: both ranks and their loader workers end at once, and no
+    checkpoint is written after it."""
+    from sd import shm
+
+    out = tmp_path / "out"
+    args = train_command(tiny_kit, demo_file_list, out, "--max_steps", "400", "--save_steps", "2",
+                         "--dataloader_num_workers", "1", "--report_to", "none", "--image_logging_steps", "0")[2:]
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(tmp_path / "log"), *args]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes = []
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoint-2").exists():
+            assert launcher.poll() is None and time.time() < deadline, "the job ended before its first checkpoint"
+            time.sleep(0.05)
+        processes = _descendants(launcher.pid)
+        ranks = [p for p in processes if shm.pid_alive(p) and
+                 int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]) == launcher.pid]
+        assert len(ranks) == 2 and len(processes) >= 4, processes  # 2 ranks, each with its loader worker
+        launcher.kill()
+        launcher.wait(timeout=60)
+        deadline = time.time() + 5
+        while [p for p in processes if shm.pid_alive(p)] and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in processes if shm.pid_alive(p)], "a rank or loader worker outlived its launcher"
+        written = sorted(os.listdir(out))
+        time.sleep(3)
+        assert sorted(os.listdir(out)) == written  # nothing written after the launcher died
+    finally:
+        for p in _descendants(launcher.pid) if launcher.poll() is None else []:
+            os.kill(p, 9)
+        launcher.kill()
+    shm.remove_dead_segments(pids=processes)  # what the next run's start-up would remove

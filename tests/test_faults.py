@@ -11,6 +11,8 @@ import pytest
 from conftest import ROOT, train_command
 from safetensors.numpy import load_file
 
+from sd import shm
+
 RUNNER = os.path.join(ROOT, "tests", "fault_runner.py")
 COMMON = ["--max_steps", "8", "--save_steps", "2", "--dataloader_num_workers", "1", "--use_ema", "True",
           "--ema_decay", "0.9", "--report_to", "none", "--image_logging_steps", "0"]
@@ -20,7 +22,8 @@ def run(tiny_kit, file_list, out, *extra, faults=None):
     cmd = train_command(tiny_kit, file_list, out, *COMMON, *extra)
     if faults:
         cmd = [sys.executable, RUNNER] + cmd[2:]  # same arguments, through the fault injector
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(faults or {})})
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(faults or {})},
+                          timeout=600)
 
 
 def ok(r):
@@ -66,31 +69,51 @@ def uninterrupted(tiny_kit, demo_file_list, tmp_path_factory):
     return out, ok(run(tiny_kit, demo_file_list, out))
 
 
-def test_kill_9_then_resume_equals_uninterrupted(tiny_kit, demo_file_list, uninterrupted, tmp_path):
+def watch(tiny_kit, file_list, out, faults=None):
+    """Run training until it ends by itself; returns (exit status, log, pids of it and its loader workers)."""
+    cmd = train_command(tiny_kit, file_list, out, *COMMON)
+    if faults:
+        cmd = [sys.executable, RUNNER] + cmd[2:]
+    log = out.parent / f"{out.name}-{len(list(out.parent.glob(out.name + '-*.log')))}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(faults or {})})
+        pids, deadline = {proc.pid}, time.time() + 300
+        while proc.poll() is None:
+            assert time.time() < deadline, "training did not end"
+            pids.update(_children(proc.pid) if _alive(proc.pid) else [])
+            time.sleep(0.05)
+    return proc.returncode, log.read_text(), pids
+
+
+def test_repeated_kills_then_resumes_equal_uninterrupted(tiny_kit, demo_file_list, uninterrupted, tmp_path):
+    """Killed mid-step, then while fast-forwarding the data on resume, then mid-save; each time the same
+    command resumes. The end equals one uninterrupted run, EMA included, and no process or shared memory
+    of the killed runs is left."""
     full, full_log = uninterrupted
-    out = tmp_path / "killed"
-    cmd = train_command(tiny_kit, demo_file_list, out, *COMMON)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoint-2").exists():  # visible only once complete (staged, then renamed)
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    workers = _children(proc.pid)  # the data-loader worker
-    assert workers
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    deadline = time.time() + 20
-    while [w for w in workers if _alive(w)] and time.time() < deadline:
-        time.sleep(0.1)
-    assert not [w for w in workers if _alive(w)]  # no orphaned loader worker left behind
-    assert not (out / "checkpoint-8").exists()  # killed mid-run
-    resumed = ok(run(tiny_kit, demo_file_list, out))  # the same command
-    start = int(resumed.split("the newest complete checkpoint")[0].rsplit("checkpoint-", 1)[1].split(",")[0])
-    assert 2 <= start < 8
-    expected = {s: l for s, l in losses(full_log).items() if s > start}
-    assert losses(resumed) == expected and len(expected) == 8 - start
+    out, every_pid = tmp_path / "killed", set()
+    for faults, processes in (({"SD_FAULT_RANK_DIES": "0:4:kill"}, 2),  # mid-step 5: the trainer, its loader worker
+                              ({"SD_FAULT_KILL_FAST_FORWARD": "1"}, 1),  # resuming from checkpoint-4 (no worker yet)
+                              ({"SD_FAULT_KILL_SAVE_STEP": "6"}, 2)):  # once unet/ of checkpoint-6 is written
+        code, log, pids = watch(tiny_kit, demo_file_list, out, faults)
+        assert code == -signal.SIGKILL, log[-3000:]
+        assert len(pids) == processes, pids
+        every_pid |= pids
+        deadline = time.time() + 20
+        while [p for p in pids if _alive(p)] and time.time() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids if _alive(p)]  # no orphaned loader worker left behind
+        assert sorted(p.name for p in out.glob("checkpoint-*"))[-1] == "checkpoint-4"
+    assert (out / ".incomplete" / "checkpoint-6" / "unet").is_dir()  # the killed save, out of the way
+    code, resumed, pids = watch(tiny_kit, demo_file_list, out)
+    assert code == 0, resumed[-3000:]
+    assert f"found {out / 'checkpoint-4'}, the newest complete checkpoint" in resumed
+    expected = {s: l for s, l in losses(full_log).items() if s > 4}
+    assert losses(resumed) == expected and len(expected) == 4
     for variant in ("", "ema"):
         assert same(weights(full / "checkpoint-8", variant), weights(out / "checkpoint-8", variant)), variant
+    # The killed runs' DataLoader files were removed when the next run started; the last run removed its own.
+    left = [name for name, pid in shm.segments() if pid in every_pid | pids]
+    assert left == [], left
 
 
 def test_save_failing_midway_keeps_previous_checkpoint(tiny_kit, demo_file_list, uninterrupted, tmp_path):
@@ -142,3 +165,51 @@ def test_unwritable_output_dir_fails_at_start(tiny_kit, demo_file_list, tmp_path
     assert r.returncode == 1
     assert f"cannot write to --output_dir {blocker / 'out'}: " in log and "choose another --output_dir" in log
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("victim", ["trainer_sigterm", "worker_sigkill"])
+def test_stopped_run_leaves_no_shared_memory(tiny_kit, demo_file_list, tmp_path, victim):
+    """SIGTERM of the trainer, or kill -9 of its loader worker: the run ends, non-zero, and removes the
+    DataLoader files of its processes from /dev/shm."""
+    out = tmp_path / "out"
+    cmd = train_command(tiny_kit, demo_file_list, out, *COMMON)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while not ("global_step: 2," in log.read_text() and _children(proc.pid)):
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            workers = _children(proc.pid)
+            assert [name for name, pid in shm.segments() if pid in workers]  # batches in flight
+            if victim == "trainer_sigterm":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                os.kill(workers[0], signal.SIGKILL)
+            code = proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    text = log.read_text()
+    if victim == "trainer_sigterm":
+        assert code == 128 + signal.SIGTERM and "training stopped by SIGTERM" in text, text[-3000:]
+    else:
+        assert code == 1, text[-3000:]
+    assert not [w for w in workers if _alive(w)]
+    left = [name for name, pid in shm.segments() if pid in workers + [proc.pid]]
+    assert left == [], left
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_all_finite(fused):
+    import paddle
+
+    from sd.sd_trainer import all_finite
+
+    good = [paddle.ones([3, 2]), paddle.full([4], 1e30)]
+    assert all_finite(good, fused=fused) and all_finite([], fused=fused)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = paddle.ones([5])
+        t[3] = bad
+        assert not all_finite(good + [t], fused=fused)
+    assert good[1].numpy()[0] == np.float32(1e30)  # the check leaves the values as they are
