@@ -13,11 +13,11 @@ from dataclasses import asdict
 import numpy as np
 import paddle
 from paddlenlp.trainer import PdArgumentParser, set_seed
-from paddlenlp.utils.log import logger
 
 from sd import preflight
 from sd.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
 from sd.distributed import UserError, run
+from sd.log import logger
 from sd.model import StableDiffusionModel
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
 from sd.sd_trainer import NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint

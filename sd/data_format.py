@@ -63,7 +63,7 @@ def encode_part_line(caption: str, image_bytes: bytes) -> str:
 
 
 def decode_line_bytes(raw: bytes) -> str:
-    """Decode one raw line: UTF-8 first, then GB18030 (as the seed's loader does).
+    """Decode one raw line: UTF-8 first, then GB18030 (as PaddleMIX's loader does).
 
     Raises:
         BadRecord("not_text"): neither encoding decodes it.
@@ -132,6 +132,19 @@ def decode_image_b64(b64: str) -> bytes:
         return base64.b64decode(b64, validate=False)
     except (binascii.Error, ValueError) as err:
         raise BadRecord("bad_base64", str(err)) from None
+
+
+def decode_part_record(raw: bytes, line_format: str = "laion400m") -> Tuple[str, bytes]:
+    """One raw part-file line → ``(caption, image bytes)``: the record decoder of part files.
+
+    Raises:
+        BadRecord("empty_line" | "not_text" | "too_few_fields" | "bad_json" | "no_caption" | "empty_image"
+        | "bad_base64")
+    """
+    if not raw.strip():
+        raise BadRecord("empty_line")
+    caption, b64 = parse_part_line_bytes(raw, line_format)
+    return caption, decode_image_b64(b64)
 
 
 def iter_part_file(path: str) -> Iterator[bytes]:

@@ -25,11 +25,11 @@ from typing import Dict, Optional
 import numpy as np
 import paddle
 from paddlenlp.trainer import Trainer
-from paddlenlp.utils.log import logger
 
 from sd import sampling
 from sd.checkpoints import (CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
                             staging_root)
+from sd.log import logger
 from sd.train_loader import MicroBatchStreams
 
 STATE_FILE = "sd_state.json"
