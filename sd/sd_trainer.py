@@ -35,11 +35,9 @@ from paddlenlp.trainer import Trainer, TrainerCallback
 from paddlenlp.utils.log import logger
 
 from sd import sampling
-from sd.checkpoints import (CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
+from sd.checkpoints import (STATE_FILE, CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
                             staging_root)
 from sd.text_image_pair_dataset import collate_fn
-
-STATE_FILE = "sd_state.json"
 
 
 class NonFiniteLossError(RuntimeError):
