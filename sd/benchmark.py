@@ -62,11 +62,11 @@ def build_reference_kit(output_dir: str, seed: int = 0) -> str:
     """Write the reference config's components (random weights) in ``from_pretrained`` layout; returns the folder."""
     import paddle
     from paddlenlp.transformers import CLIPTokenizer
-    from ppdiffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from ppdiffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
 
     from sd import demo_data
-    from sd.kit import SD_SCHEDULER
+    from sd.components import sd_scheduler
     from sd.kit_tokenizer import learn_bpe, save_tokenizer
 
     if os.path.isfile(os.path.join(output_dir, "model_index.json")):
@@ -80,7 +80,7 @@ def build_reference_kit(output_dir: str, seed: int = 0) -> str:
                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **REFERENCE_TEXT))
     vae = AutoencoderKL(**REFERENCE_VAE)
     unet = UNet2DConditionModel(**REFERENCE_UNET)
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=PNDMScheduler(**SD_SCHEDULER),
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sd_scheduler(),
                             safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(work)
     os.replace(work, output_dir)
     return output_dir

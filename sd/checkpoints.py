@@ -18,7 +18,8 @@ from typing import Optional
 
 STAGING_DIR = ".incomplete"  # under output_dir; not matched by the checkpoint-N pattern
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-MARKER = "sd_state.json"  # written last by the trainer's _save; a checkpoint without it is not ours
+STATE_FILE = "sd_state.json"  # written last by the trainer's _save: a checkpoint without it is incomplete
+MARKER = STATE_FILE
 
 
 class CheckpointWriteError(RuntimeError):
@@ -73,8 +74,29 @@ def complete_checkpoints(output_dir: str) -> list:
 
 
 def newest_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The complete ``checkpoint-N`` of ``output_dir`` with the highest N (what resume starts from), or None."""
     done = complete_checkpoints(output_dir)
     return done[-1] if done else None
+
+
+def newest_model_folder(output_dir: str) -> Optional[str]:
+    """The newest complete trained model under ``output_dir``: its newest complete checkpoint, or the
+    final save in ``output_dir`` itself (complete by the same rule) when that is of a later step; None
+    when there is neither. ``output_dir`` may itself be a checkpoint."""
+    import json
+
+    found = []
+    newest = newest_complete_checkpoint(output_dir)
+    if newest is not None:
+        found.append((int(_CHECKPOINT.match(os.path.basename(newest)).group(1)), 1, newest))
+    final = os.path.join(output_dir, "trainer_state.json")
+    if os.path.isfile(os.path.join(output_dir, MARKER)):
+        step = 0
+        if os.path.isfile(final):
+            with open(final, encoding="utf-8") as f:
+                step = json.load(f).get("global_step", 0)
+        found.append((step, 0, output_dir))
+    return max(found)[2] if found else None
 
 
 def describe_os_error(exc: OSError) -> str:

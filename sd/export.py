@@ -6,7 +6,8 @@
 The output folder is a whole ``StableDiffusionPipeline``: ``model_index.json``, ``unet/`` (the
 checkpoint's EMA weights when it has them, as ``eval.py`` picks; ``--variant none`` for the raw
 ones), and the VAE, text encoder (the trained one when the checkpoint has it), tokenizer and noise
-schedule the checkpoint was trained with (from its ``sd_state.json``, as ``eval.py`` finds them), so that with PyTorch::
+schedule the checkpoint was trained with (from its ``sd_state.json``, found by ``sd/components.py`` as for
+``eval.py``), so that with PyTorch::
 
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained("./sd-diffusers")
@@ -23,13 +24,13 @@ import json
 import os
 import shutil
 import sys
-from types import SimpleNamespace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sd import components
+from sd.components import ComponentError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from sd.sampling import SCHEDULERS
+    from sd.components import SCHEDULERS
 
     p = argparse.ArgumentParser(description="Export a training checkpoint as a diffusers (PyTorch) pipeline folder.")
     p.add_argument("--checkpoint", required=True,
@@ -52,22 +53,15 @@ def export_to_diffusers(checkpoint: str, output_dir: str, variant: str = "auto",
     """Write the diffusers pipeline folder of ``checkpoint`` to ``output_dir``.
 
     Returns what went in: {unet, variant, vae, text_encoder, tokenizer, scheduler, prediction_type}.
-    Raises ``eval.InputError`` (a ``ValueError``) for a wrong checkpoint or an existing output folder.
+    Raises ``ComponentError`` (a ``ValueError``) for a wrong checkpoint or an existing output folder.
     """
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    import eval as sd_eval  # the one place that knows which VAE/text encoder/tokenizer go with a checkpoint
-
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise sd_eval.InputError(f"--output_dir {output_dir} exists and is not empty; pass --overwrite or another folder")
+        raise ComponentError(f"--output_dir {output_dir} exists and is not empty; pass --overwrite or another folder")
     if not os.path.isdir(checkpoint):
-        raise sd_eval.InputError(f"--checkpoint {checkpoint} is not a folder; pass <output_dir>/checkpoint-N")
-    args = SimpleNamespace(unet_model_name_or_path=checkpoint, pretrained_model_name_or_path=pretrained_model_name_or_path,
-                           text_encoder_model_name_or_path=None, variant=variant, height=None, width=None,
-                           scheduler=scheduler)
-    models = sd_eval.resolve_models(args)
-    pipe = sd_eval.build(models, args)
+        raise ComponentError(f"--checkpoint {checkpoint} is not a folder; pass <output_dir>/checkpoint-N")
+    models = components.resolve_for_sampling(checkpoint, pretrained_model_name_or_path, variant=variant)
+    pipe = components.load_for_sampling(models, scheduler)
 
     partial = output_dir + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -78,15 +72,17 @@ def export_to_diffusers(checkpoint: str, output_dir: str, variant: str = "auto",
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)
     os.replace(partial, output_dir)
-    return {"unet": models["unet"], "variant": args.variant, "vae": models["vae"], "text_encoder": models["text_encoder"],
-            "tokenizer": models["tokenizer"], "scheduler": scheduler, "prediction_type": models["prediction_type"]}
+    name = components.source_name
+    return {"unet": name(models["unet"]), "variant": models["variant"], "vae": name(models["vae"]),
+            "text_encoder": name(models["text_encoder"]), "tokenizer": name(models["tokenizer"]), "scheduler": scheduler,
+            "prediction_type": models["prediction_type"]}
 
 
 def keep_sd_sampler_settings(config_file: str) -> None:
     """Add SD v1's sampler settings the scheduler class did not store (e.g. ``clip_sample: false``
     for PNDM), as the hub's SD v1 folders do: a sampler swapped in with ``XScheduler.from_config``
     then samples like this repository's instead of taking diffusers' defaults (DDIM would clip)."""
-    from sd.sampling import SD_SCHEDULER_CONFIG
+    from sd.components import SD_SCHEDULER_CONFIG
 
     with open(config_file, encoding="utf-8") as f:
         config = json.load(f)
@@ -99,15 +95,11 @@ def keep_sd_sampler_settings(config_file: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    import eval as sd_eval
-
     try:
         info = export_to_diffusers(args.checkpoint, args.output_dir, variant=args.variant,
                                    pretrained_model_name_or_path=args.pretrained_model_name_or_path,
                                    scheduler=args.scheduler, overwrite=args.overwrite)
-    except sd_eval.InputError as e:
+    except ComponentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"UNet {info['unet']}" + (f" ({info['variant']} weights)" if info["variant"] else "")

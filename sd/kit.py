@@ -12,15 +12,14 @@ writes the ``from_pretrained`` layout of ``CompVis/stable-diffusion-v1-4`` (``mo
   ``scaling_factor`` is 1 / std of its latents, measured;
 * UNet: a tiny ``UNet2DConditionModel`` config (cross-attention width = text encoder width) and its
   fresh initial weights: the part that training learns;
-* scheduler: SD v1's noise schedule.
+* scheduler: SD v1's noise schedule and sampler settings.
+
+Every config has the fields of ``CompVis/stable-diffusion-v1-4``'s own files (e.g. the scheduler's
+``clip_sample: false``), so a scheduler built with ``from_config`` from the kit samples as with SD v1.
 
 ``kit_report.json`` records the measured figures (retrieval accuracy, token separation, PSNR, checker
 agreement, sizes, build time). Options: ``--seed``, ``--resolution`` (default 32), ``--max_length``
 (default 77), ``--captions FILE`` (extra tokenizer captions), ``--preset test`` (seconds, for tests).
-
-Loading: ``check_local_or_explain(name_or_path, what)`` turns a folder (or a hub name already in the
-ppdiffusers cache) into a local path and fails fast, with how to get weights, for anything else; the
-trainer and eval call it before any ``from_pretrained``, so nothing reaches for a hub.
 """
 
 from __future__ import annotations
@@ -37,11 +36,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from sd import demo_data
+from sd.components import latent_factor, sd_scheduler
 from sd.kit_tokenizer import learn_bpe, save_tokenizer
-
-# SD v1's noise schedule (CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json).
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
 
 
 @dataclass
@@ -72,43 +68,6 @@ class KitConfig:
         """Seconds to build; figures are not expected to meet the targets."""
         return cls(resolution=32, vae_channels=(32, 32), clip_steps=20, vae_steps=20, vae_batch=4,
                    unet_channels=(32, 32), eval_images=36, max_length=16)
-
-
-# ---------------------------------------------------------------------------------------------
-# Local loading (no hub)
-# ---------------------------------------------------------------------------------------------
-def load_error_hint(name: str, what: str = "model") -> str:
-    """The message for a model ``name`` that is neither a local folder nor in the local cache."""
-    return (f"{what} '{name}' is not a local file or folder (nor in the ppdiffusers cache), and no model hub is "
-            f"reachable from here. Either download it on a connected machine (e.g. `huggingface-cli download "
-            f"CompVis/stable-diffusion-v1-4 --local-dir DIR`, or run its from_pretrained there once and copy "
-            f"~/.cache/paddlenlp/ppdiffusers/) and pass the folder, or build the offline kit with "
-            f"`python -m sd.kit --output_dir ./tiny-sd` and pass ./tiny-sd (its parts: ./tiny-sd/vae, "
-            f"./tiny-sd/text_encoder, ./tiny-sd/tokenizer, ./tiny-sd/unet)")
-
-
-def check_local_or_explain(name_or_path: str, what: str = "model") -> str:
-    """Return a local path for ``name_or_path``, or raise ``FileNotFoundError`` with what to do.
-
-    Accepted: an existing file or folder, or a hub name (e.g. ``CompVis/stable-diffusion-v1-4/vae``)
-    whose folder is already in the ppdiffusers cache (``$PPNLP_HOME/ppdiffusers/<name>``, filled by a
-    ``from_pretrained`` on a connected machine); the cache folder is returned. Nothing here touches the
-    network, and the caller then loads from a local folder, so ``from_pretrained`` does not either.
-    """
-    if os.path.exists(name_or_path):
-        return name_or_path
-    from ppdiffusers.utils import PPDIFFUSERS_CACHE
-
-    cached = os.path.join(PPDIFFUSERS_CACHE, name_or_path)
-    if not os.path.isabs(name_or_path) and os.path.isdir(cached) and os.listdir(cached):
-        return cached
-    raise FileNotFoundError(load_error_hint(name_or_path, what))
-
-
-def latent_factor(vae_config) -> int:
-    """Spatial downsampling of an AutoencoderKL: 2 ** (number of blocks - 1)."""
-    channels = vae_config["block_out_channels"] if isinstance(vae_config, dict) else vae_config.block_out_channels
-    return 2 ** (len(channels) - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +306,18 @@ def read_captions(path: str) -> List[str]:
     return captions
 
 
+def _update_json(path: str, defaults: Dict, drop=()) -> None:
+    """Add ``defaults`` the file does not state yet, remove the keys in ``drop``."""
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    for key in drop:
+        config.pop(key, None)
+    for key, value in defaults.items():
+        config.setdefault(key, value)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+
+
 def _disk_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
@@ -368,7 +339,7 @@ def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0
 
     import paddle
     from paddlenlp.transformers import CLIPTokenizer
-    from ppdiffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from ppdiffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     cfg = config or KitConfig()
     output_dir = os.path.normpath(output_dir)
@@ -396,15 +367,17 @@ def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0
     _seed_everything(seed)
     unet = UNet2DConditionModel(**unet_config(cfg, latent_factor(vae.config)))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   scheduler=sd_scheduler("PNDMScheduler"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(work)
-    tok_config = os.path.join(work, "tokenizer", "tokenizer_config.json")
-    with open(tok_config, encoding="utf-8") as f:
-        tok_cfg = json.load(f)
-    tok_cfg.pop("special_tokens_map_file", None)  # a build-time path; the file sits beside it anyway
-    with open(tok_config, "w", encoding="utf-8") as f:
-        json.dump(tok_cfg, f, indent=2)
+    # the fields of SD v1's files that the libraries do not write themselves; special_tokens_map_file
+    # is a build-time path (the file sits beside it anyway)
+    _update_json(os.path.join(work, "tokenizer", "tokenizer_config.json"), {"add_prefix_space": False},
+                 drop=("special_tokens_map_file",))
+    _update_json(os.path.join(work, "text_encoder", "config.json"), {"dropout": 0.0, "torch_dtype": "float32"})
+    # and no more: a field SD v1 leaves to each class's default (timestep spacing: leading for DDIM/PNDM,
+    # linspace for Euler/LMS/DPM-solver) would otherwise reach every scheduler built with from_config
+    _update_json(os.path.join(work, "scheduler", "scheduler_config.json"), {}, drop=("timestep_spacing", "prediction_type"))
     report = {"seed": seed, "config": asdict(cfg), "captions_file": captions_file, "vocab_size": vocab_size,
               "num_merges": len(merges), **text_figures, **vae_figures,
               "unet_parameters": int(sum(int(np.prod(p.shape)) for p in unet.parameters())),

@@ -17,45 +17,9 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from sd import diffusion
-from sd.kit import check_local_or_explain, latent_factor
-from sd.sampling import from_pretrained_kwargs
+from sd import components, diffusion
+from sd.components import init_unet_from_config  # noqa: F401 - part of this module's interface (tests, benchmark)
 from sd.sd_args import ModelArguments
-
-# SD v1's training noise schedule, used when no scheduler folder is given.
-SD_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-
-
-def _require(path: Optional[str], what: str, flag: str) -> str:
-    if not path:
-        raise ValueError(f"no {what} given: pass --{flag} or --pretrained_model_name_or_path")
-    return check_local_or_explain(path, what)
-
-
-def init_unet_from_config(config_file: str):
-    """A randomly initialised UNet2DConditionModel with zero-initialised output layers.
-
-    Zeroing conv_out, every resnet's second conv and every transformer's proj_out makes each
-    residual branch start as the identity and the first prediction zero (as in LDM/SD).
-    """
-    from ppdiffusers import UNet2DConditionModel
-    from ppdiffusers.models.resnet import ResnetBlock2D
-    from ppdiffusers.models.transformer_2d import Transformer2DModel
-
-    with open(config_file) as f:
-        config = json.load(f)
-    unet = UNet2DConditionModel.from_config(config)
-    zero = nn.initializer.Constant(0.0)
-    targets = [unet.conv_out]
-    for layer in unet.sublayers():
-        if isinstance(layer, ResnetBlock2D):
-            targets.append(layer.conv2)
-        elif isinstance(layer, Transformer2DModel):
-            targets.append(layer.proj_out)
-    for t in targets:
-        for p in t.parameters():
-            zero(p)
-    return unet
 
 
 def _float32(x: paddle.Tensor) -> paddle.Tensor:
@@ -120,33 +84,23 @@ class EMA:
 class StableDiffusionModel(nn.Layer):
     def __init__(self, args: ModelArguments, recompute: bool = False):
         super().__init__()
-        from ppdiffusers.transformers import AutoTokenizer, CLIPTextModel
-        from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
         self.args = args
-        paths = args.component_paths()
-        self.paths = paths
-        self.tokenizer = AutoTokenizer.from_pretrained(_require(paths["tokenizer"], "tokenizer", "tokenizer_name"))
-        # folders of PyTorch weights (diffusers layout) are converted on load by ppdiffusers itself
-        vae_path = _require(paths["vae"], "VAE", "vae_name_or_path")
-        self.vae = AutoencoderKL.from_pretrained(vae_path, **from_pretrained_kwargs(vae_path))
-        text_encoder_path = _require(paths["text_encoder"], "text encoder", "text_encoder_name_or_path")
-        self.text_encoder = CLIPTextModel.from_pretrained(text_encoder_path, **from_pretrained_kwargs(text_encoder_path))
-        unet_path = _require(paths["unet"], "UNet", "unet_name_or_path")
-        if os.path.isfile(unet_path):  # a config file: random init (pretraining)
-            self.unet = init_unet_from_config(unet_path)
+        self.paths = args.component_paths()
+        sources = components.training_sources(args)  # hub names checked here, before anything is built
+        self.tokenizer = components.load_tokenizer(sources["tokenizer"])
+        self.vae = components.load_vae(sources["vae"])
+        self.text_encoder = components.load_text_encoder(sources["text_encoder"])
+        if isinstance(sources["unet"], str) and os.path.isfile(sources["unet"]):  # a config file: random init (pretraining)
+            self.unet = init_unet_from_config(sources["unet"])
         else:
-            self.unet = UNet2DConditionModel.from_pretrained(unet_path, **from_pretrained_kwargs(unet_path))
+            self.unet = components.load_unet(sources["unet"])
         if self.unet.config.cross_attention_dim != self.text_encoder.config.hidden_size:
             raise ValueError(f"UNet cross_attention_dim {self.unet.config.cross_attention_dim} ≠ text encoder width "
                              f"{self.text_encoder.config.hidden_size}: use a UNet config that matches the text encoder")
-        if paths["scheduler"] and os.path.isdir(paths["scheduler"]):
-            self.noise_scheduler = DDPMScheduler.from_pretrained(paths["scheduler"], prediction_type=args.prediction_type)
-        else:
-            self.noise_scheduler = DDPMScheduler(**SD_NOISE_SCHEDULE, prediction_type=args.prediction_type)
+        self.noise_scheduler = components.load_noise_scheduler(sources["scheduler"], args.prediction_type)
         self.register_buffer("alphas_cumprod", paddle.to_tensor(np.asarray(self.noise_scheduler.alphas_cumprod, np.float32)),
                              persistable=False)
-        self.latent_factor = latent_factor(self.vae.config)
+        self.latent_factor = components.latent_factor(self.vae.config)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         if "gpu" not in paddle.device.get_device():  # CPU: same numbers, faster conv bias (see use_dense_conv_bias)
             use_dense_conv_bias(self.vae)
@@ -263,14 +217,11 @@ class StableDiffusionModel(nn.Layer):
 
     def load_trained(self, checkpoint_dir: str) -> None:
         """Inverse of ``save_trained`` (used on resume)."""
-        from ppdiffusers import UNet2DConditionModel
-        from ppdiffusers.transformers import CLIPTextModel
-
         unet_dir = os.path.join(checkpoint_dir, "unet")
-        self.unet.set_state_dict(UNet2DConditionModel.from_pretrained(unet_dir).state_dict())
+        self.unet.set_state_dict(components.load_unet(unet_dir).state_dict())
         if self.ema is not None:
-            ema = UNet2DConditionModel.from_pretrained(unet_dir, variant="ema")
+            ema = components.load_unet(unet_dir, variant="ema")
             self.ema.shadow = {k: v.detach().clone() for k, v in ema.state_dict().items() if k in self.ema.shadow}
         if self.args.train_text_encoder:
             self.text_encoder.set_state_dict(
-                CLIPTextModel.from_pretrained(os.path.join(checkpoint_dir, "text_encoder")).state_dict())
+                components.load_text_encoder(os.path.join(checkpoint_dir, "text_encoder")).state_dict())

@@ -43,19 +43,15 @@ from sd.record_stream import source_for
 
 def load_encoders(pretrained: str, vae: Optional[str] = None, text_encoder: Optional[str] = None,
                   tokenizer: Optional[str] = None):
-    """(tokenizer, vae, text_encoder, paths) from local folders, frozen and in eval mode."""
-    from ppdiffusers import AutoencoderKL
-    from ppdiffusers.transformers import AutoTokenizer, CLIPTextModel
-
-    from sd.kit import check_local_or_explain
-    from sd.sampling import from_pretrained_kwargs
+    """(tokenizer, vae, text_encoder, paths) from folders or hub names (sd/components.py), frozen and in eval mode."""
+    from sd import components
 
     paths = {"vae": vae or os.path.join(pretrained, "vae"), "text_encoder": text_encoder or os.path.join(pretrained, "text_encoder"),
              "tokenizer": tokenizer or os.path.join(pretrained, "tokenizer")}
-    paths = {k: check_local_or_explain(v, k) for k, v in paths.items()}
-    tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
-    v = AutoencoderKL.from_pretrained(paths["vae"], **from_pretrained_kwargs(paths["vae"]))
-    t = CLIPTextModel.from_pretrained(paths["text_encoder"], **from_pretrained_kwargs(paths["text_encoder"]))
+    sources = {k: components.locate(v, k.replace("_", " "), k) for k, v in paths.items()}
+    tok = components.load_tokenizer(sources["tokenizer"])
+    v = components.load_vae(sources["vae"])
+    t = components.load_text_encoder(sources["text_encoder"])
     v.eval()
     t.eval()
     return tok, v, t, paths
@@ -142,8 +138,8 @@ def precompute(file_list: str, output_path: str, pretrained: str, resolution: in
     """Write the latent dataset of ``file_list`` (see the module docstring); returns its ``.filelist.list``."""
     import paddle
 
+    from sd.components import latent_factor
     from sd.image_codec import ImageCodec
-    from sd.kit import latent_factor
 
     if dtype not in ("float16", "float32"):
         raise ValueError(f"--dtype must be float16 or float32, got {dtype!r}")

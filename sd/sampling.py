@@ -17,44 +17,29 @@ Seeding rule (what makes an image reproducible and independent of its batch):
 from __future__ import annotations
 
 import inspect
-import json
-import os
-import struct
 from typing import List, Optional, Sequence
 
 import numpy as np
 import paddle
 from PIL import Image, ImageDraw
 
-from sd.kit import latent_factor
+from sd.components import SCHEDULERS, SD_SCHEDULER_CONFIG, latent_factor
 
-# name → ppdiffusers scheduler class (all exist in ppdiffusers 0.29)
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler-ancestral": "EulerAncestralDiscreteScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "dpm-solver++": "DPMSolverMultistepScheduler",
-}
 STOCHASTIC = {"euler-ancestral"}  # draw noise inside scheduler.step
-# SD v1's noise schedule and sampler settings: latents are not in [-1, 1] (no clipping), the final
-# step uses alpha_0 rather than 1, timesteps are offset by one ("leading"), PNDM runs as PLMS.
-SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                           set_alpha_to_one=False, steps_offset=1, clip_sample=False, skip_prk_steps=True,
-                           timestep_spacing="leading", prediction_type="epsilon")
 FORCED = {"dpm-solver++": {"algorithm_type": "dpmsolver++"}}  # what the name promises
 
 
 def make_scheduler(name: str, config: Optional[dict] = None):
-    """A scheduler of kind ``name``: SD v1's settings, overridden by ``config`` (e.g. the training
-    schedule with its ``prediction_type``). Keys the class does not take are dropped quietly."""
+    """A scheduler of kind ``name`` built from ``config`` as ``from_config`` would (e.g. a pipeline's
+    scheduler config, or the training schedule with its ``prediction_type``), else from SD v1's
+    settings. Keys the class does not take are dropped quietly."""
     import ppdiffusers
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls = getattr(ppdiffusers, SCHEDULERS[name])
-    given = {k: v for k, v in (config or {}).items() if not k.startswith("_")}
-    cfg = {**SD_SCHEDULER_CONFIG, **given, **FORCED.get(name, {})}
+    given = SD_SCHEDULER_CONFIG if config is None else {k: v for k, v in config.items() if not k.startswith("_")}
+    cfg = {**given, **FORCED.get(name, {})}
     accepted = set(inspect.signature(cls.__init__).parameters)
     return cls.from_config({k: v for k, v in cfg.items() if k in accepted})
 
@@ -66,49 +51,6 @@ def scheduler_name(pipe) -> str:
         if class_name == cls:
             return name
     raise ValueError(f"{cls} is not one of the supported schedulers ({', '.join(SCHEDULERS.values())})")
-
-
-def saved_by_pytorch(folder: str) -> bool:
-    """True when ``folder`` holds PyTorch weights (the diffusers / transformers layout:
-    ``diffusion_pytorch_model*.safetensors|.bin``, ``pytorch_model*.bin``, or a ``*.safetensors``
-    whose header says ``format: pt``) that ppdiffusers must convert on load (``from_diffusers=True``).
-
-    Paddle weights (``diffusion_paddle_model*``, ``*.pdparams``, safetensors tagged ``pd``/``np``)
-    win over ``.bin`` files, so a folder paddlenlp has already converted loads its Paddle copy.
-    A file (e.g. a UNet config.json for random init) or a hub name is not a folder: False.
-    """
-    if not os.path.isdir(folder):
-        return False
-    names = os.listdir(folder)
-    paddle_files = [n for n in names if n.startswith("diffusion_paddle_model") or n.endswith(".pdparams")]
-    torch_bins = [n for n in names if n.endswith(".bin") and n.startswith(("diffusion_pytorch_model", "pytorch_model"))]
-    torch_safetensors = [n for n in names if n.endswith(".safetensors") and _safetensors_format(os.path.join(folder, n)) == "pt"]
-    return bool(torch_safetensors) or (bool(torch_bins) and not paddle_files)
-
-
-def _safetensors_format(path: str) -> Optional[str]:
-    """The ``format`` entry of a safetensors header's ``__metadata__`` (8-byte length, then JSON)."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return (header.get("__metadata__") or {}).get("format")
-
-
-def from_pretrained_kwargs(path: str) -> dict:
-    """``{"from_diffusers": True}`` for a folder of PyTorch weights (ppdiffusers' own conversion on
-    load: transposed linear weights, renamed keys), else ``{}``.
-
-    Raises ``ValueError`` for PyTorch ``.bin`` weights without a safetensors copy: the pickle readers
-    of ppdiffusers 0.29 and paddlenlp 2.8.1 use ``np.cfloat``, which numpy 2 removed.
-    """
-    if not saved_by_pytorch(path):
-        return {}
-    names = os.listdir(path)
-    if not any(n.endswith(".safetensors") for n in names):
-        raise ValueError(f"{path} holds PyTorch .bin weights only, which ppdiffusers 0.29 / paddlenlp 2.8.1 cannot read "
-                         "under numpy 2; re-save it as safetensors with PyTorch (diffusers' save_pretrained writes "
-                         "safetensors by default), e.g. StableDiffusionPipeline.from_pretrained(SRC).save_pretrained(DST)")
-    return {"from_diffusers": True}
 
 
 def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler: str = "ddim", scheduler_config: Optional[dict] = None):
@@ -125,33 +67,6 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler: str = "ddim", 
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=make_scheduler(scheduler, scheduler_config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-
-
-def load_pipeline(pretrained_model_name_or_path: str, unet=None, text_encoder=None, variant: Optional[str] = None,
-                  scheduler: str = "ddim", scheduler_config: Optional[dict] = None):
-    """Load a pipeline folder (``model_index.json`` layout); ``unet``/``text_encoder`` (a folder or a
-    loaded module) replace its own. ``variant`` (e.g. ``"ema"``) selects the UNet weights file.
-    ``scheduler_config`` overrides the folder's scheduler settings (e.g. ``prediction_type``)."""
-    from ppdiffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from ppdiffusers.transformers import CLIPTextModel
-
-    kwargs = {}
-    if unet is not None:
-        kwargs["unet"] = (UNet2DConditionModel.from_pretrained(unet, variant=variant, **from_pretrained_kwargs(unet))
-                          if isinstance(unet, str) else unet)
-    elif variant:
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(pretrained_model_name_or_path, subfolder="unet", variant=variant,
-                                                              **from_pretrained_kwargs(os.path.join(pretrained_model_name_or_path, "unet")))
-    if text_encoder is not None:
-        kwargs["text_encoder"] = (CLIPTextModel.from_pretrained(text_encoder, **from_pretrained_kwargs(text_encoder))
-                                  if isinstance(text_encoder, str) else text_encoder)
-    # a diffusers-layout pipeline folder (PyTorch weights): ppdiffusers converts every component on load
-    if any(from_pretrained_kwargs(os.path.join(pretrained_model_name_or_path, c)) for c in ("unet", "vae", "text_encoder")):
-        kwargs["from_diffusers"] = True
-    pipe = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False, **kwargs)
-    pipe.scheduler = make_scheduler(scheduler, {**dict(pipe.scheduler.config), **(scheduler_config or {})})
-    return pipe
 
 
 def initial_latents(pipe, seed: int, height: int, width: int) -> paddle.Tensor:

@@ -27,12 +27,10 @@ import paddle
 from paddlenlp.trainer import Trainer
 
 from sd import sampling
-from sd.checkpoints import (CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
+from sd.checkpoints import (STATE_FILE, CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
                             staging_root)
 from sd.log import logger
 from sd.train_loader import MicroBatchStreams
-
-STATE_FILE = "sd_state.json"
 
 
 class NonFiniteLossError(RuntimeError):

@@ -132,7 +132,7 @@ def paddle_outputs(model, inputs):
 
 
 def test_diffusers_folder_loads_in_the_trainer_and_matches_pytorch(diffusers_folder):
-    from sd.sampling import saved_by_pytorch
+    from sd.components import saved_by_pytorch
 
     folder = diffusers_folder["safetensors"]
     assert all(saved_by_pytorch(os.path.join(folder, c)) for c in ("unet", "vae", "text_encoder"))
@@ -176,7 +176,7 @@ def test_bin_only_folder_is_refused_with_the_fix(diffusers_folder):
 
 
 def test_kit_is_not_taken_for_pytorch_weights(tiny_kit, tmp_path):
-    from sd.sampling import saved_by_pytorch
+    from sd.components import saved_by_pytorch
 
     assert not any(saved_by_pytorch(os.path.join(tiny_kit, c)) for c in ("unet", "vae", "text_encoder", "tokenizer"))
     assert not saved_by_pytorch(os.path.join(tiny_kit, "unet", "config.json"))  # a file: random init

@@ -1,4 +1,5 @@
-"""The offline kit: layout, stock loaders, tokenizer behaviour, figures, determinism, offline errors."""
+"""The offline kit: layout, SD v1's config fields, stock loaders and schedulers, tokenizer behaviour,
+figures, determinism."""
 
 import json
 import os
@@ -11,8 +12,8 @@ from safetensors.numpy import load_file
 
 from sd import demo_data
 from sd.demo_data import COLOURS, SHAPES, all_prompts
-from sd.kit import (KitConfig, build_kit, check_local_or_explain, latent_factor, main, read_captions,
-                    token_separation)
+from sd.components import latent_factor
+from sd.kit import KitConfig, build_kit, main, read_captions, token_separation
 from sd.kit_tokenizer import learn_bpe, save_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,19 +144,71 @@ def test_cli_build_is_deterministic(tiny_kit, tmp_path):
     assert json.load(open(os.path.join(again, "kit_report.json")))["seed"] == 1
 
 
-def test_unavailable_model_name_fails_fast_with_a_hint(tmp_path, monkeypatch):
-    import ppdiffusers.utils
+# The fields of CompVis/stable-diffusion-v1-4's own config files (paths and library versions left out).
+SD_V1_4_FIELDS = {
+    "model_index.json": {"_class_name", "feature_extractor", "safety_checker", "scheduler", "text_encoder", "tokenizer",
+                         "unet", "vae"},
+    "scheduler/scheduler_config.json": {"_class_name", "beta_end", "beta_schedule", "beta_start", "clip_sample",
+                                        "num_train_timesteps", "set_alpha_to_one", "skip_prk_steps", "steps_offset",
+                                        "trained_betas"},
+    "vae/config.json": {"_class_name", "act_fn", "block_out_channels", "down_block_types", "in_channels",
+                        "latent_channels", "layers_per_block", "norm_num_groups", "out_channels", "sample_size",
+                        "up_block_types"},
+    "unet/config.json": {"_class_name", "act_fn", "attention_head_dim", "block_out_channels", "center_input_sample",
+                         "cross_attention_dim", "down_block_types", "downsample_padding", "flip_sin_to_cos", "freq_shift",
+                         "in_channels", "layers_per_block", "mid_block_scale_factor", "norm_eps", "norm_num_groups",
+                         "out_channels", "sample_size", "up_block_types"},
+    "text_encoder/config.json": {"architectures", "attention_dropout", "bos_token_id", "dropout", "eos_token_id",
+                                 "hidden_act", "hidden_size", "initializer_factor", "initializer_range",
+                                 "intermediate_size", "layer_norm_eps", "max_position_embeddings", "model_type",
+                                 "num_attention_heads", "num_hidden_layers", "pad_token_id", "projection_dim",
+                                 "torch_dtype", "vocab_size"},
+    "tokenizer/tokenizer_config.json": {"add_prefix_space", "bos_token", "do_lower_case", "eos_token", "errors",
+                                        "model_max_length", "pad_token", "tokenizer_class", "unk_token"},
+    "tokenizer/special_tokens_map.json": {"bos_token", "eos_token", "pad_token", "unk_token"},
+}
 
-    monkeypatch.setattr(ppdiffusers.utils, "PPDIFFUSERS_CACHE", str(tmp_path / "cache"))
-    start = time.time()
-    with pytest.raises(FileNotFoundError, match="python -m sd.kit --output_dir ./tiny-sd") as err:
-        check_local_or_explain("CompVis/stable-diffusion-v1-4/vae", "VAE")
-    assert "download it on a connected machine" in str(err.value) and time.time() - start < 5
-    cached = tmp_path / "cache" / "CompVis" / "stable-diffusion-v1-4" / "vae"
-    cached.mkdir(parents=True)
-    (cached / "config.json").write_text("{}")
-    assert check_local_or_explain("CompVis/stable-diffusion-v1-4/vae") == str(cached)  # downloaded earlier
-    assert check_local_or_explain(str(tmp_path)) == str(tmp_path)
+
+def test_configs_have_the_fields_of_sd_v1(tiny_kit):
+    for name, fields in SD_V1_4_FIELDS.items():
+        missing = fields - set(json.load(open(os.path.join(tiny_kit, name))))
+        assert not missing, f"{name} lacks {sorted(missing)}"
+    sched = json.load(open(os.path.join(tiny_kit, "scheduler", "scheduler_config.json")))
+    assert (sched["_class_name"], sched["clip_sample"], sched["set_alpha_to_one"], sched["steps_offset"],
+            sched["skip_prk_steps"]) == ("PNDMScheduler", False, False, 1, True)  # SD v1's values
+
+
+# CompVis/stable-diffusion-v1-4's scheduler/scheduler_config.json (without its library version)
+SD_V1_4_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                     "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                     "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "PNDMScheduler", "EulerAncestralDiscreteScheduler",
+                                  "LMSDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_a_scheduler_swapped_in_with_from_config_samples_as_sd_v1(tiny_kit, name):
+    """`pipe.scheduler = X.from_config(pipe.scheduler.config)` on the stock pipeline gives the scheduler
+    SD v1's own files give: the same settings and timesteps; DDIM does not clip latents."""
+    import paddle
+    import ppdiffusers
+
+    cls = getattr(ppdiffusers, name)
+    pipe = ppdiffusers.StableDiffusionPipeline.from_pretrained(tiny_kit, safety_checker=None)
+    ours = cls.from_config(pipe.scheduler.config)
+    real = cls.from_config(ppdiffusers.PNDMScheduler.from_config(SD_V1_4_SCHEDULER).config)
+    for key, value in real.config.items():
+        if not key.startswith("_"):
+            assert ours.config[key] == value, (key, ours.config[key], value)
+    if "clip_sample" in real.config:
+        assert ours.config["clip_sample"] is False
+    ours.set_timesteps(50)
+    real.set_timesteps(50)
+    assert ours.timesteps.numpy().tolist() == real.timesteps.numpy().tolist()
+    if name == "DDIMScheduler":  # a latent far outside [-1, 1] stays there (clip_sample true would cut x0 to 1)
+        x = paddle.full([1, 4, 2, 2], 3.0)
+        out = ours.step(paddle.zeros_like(x), int(ours.timesteps[-1]), x)
+        assert float(out.pred_original_sample.max()) > 2.9
+        assert int(ours.timesteps[0]) == 981  # leading spacing, offset by one
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_KIT, "kit_report.json")),

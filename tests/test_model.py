@@ -25,6 +25,20 @@ def batch(model, n=2):
     return paddle.to_tensor(ids, dtype="int64"), paddle.to_tensor(pixels)
 
 
+def perturb_zero_initialised(unet, seed=0):
+    """Seeded small weights in the layers init zeroes (conv_out, resnets' conv2, transformers' proj_out):
+    with them at zero every prediction is 0 and a comparison of predictions could not fail."""
+    from ppdiffusers.models.resnet import ResnetBlock2D
+    from ppdiffusers.models.transformer_2d import Transformer2DModel
+
+    rng = np.random.default_rng(seed)
+    layers = [unet.conv_out] + [l.conv2 if isinstance(l, ResnetBlock2D) else l.proj_out for l in unet.sublayers()
+                                if isinstance(l, (ResnetBlock2D, Transformer2DModel))]
+    for layer in layers:
+        for p in layer.parameters():
+            p.set_value(paddle.to_tensor(0.05 * rng.standard_normal(p.shape, dtype=np.float32)))
+
+
 def snapshot(layer):
     return {k: v.numpy().copy() for k, v in layer.state_dict().items()}
 
@@ -59,6 +73,7 @@ def test_one_step_changes_only_trainable_parameters(tiny_kit):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_loss_equals_hand_computation(tiny_kit, prediction_type):
     m = make(tiny_kit, prediction_type=prediction_type, snr_gamma=5.0)
+    perturb_zero_initialised(m.unet)
     ids, px = batch(m)
     loss = float(m(ids, px, seed=7))
     # Replay the documented draw order by hand.
@@ -72,6 +87,7 @@ def test_loss_equals_hand_computation(tiny_kit, prediction_type):
     noisy = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
     pred = m.unet(paddle.to_tensor(noisy.astype(np.float32)), paddle.to_tensor(t),
                   encoder_hidden_states=m.encode_text(ids)).sample.numpy()
+    assert np.abs(pred).mean() > 1e-2  # a real prediction, not the zero of a fresh UNet
     target = noise if prediction_type == "epsilon" else np.sqrt(a) * noise - np.sqrt(1 - a) * x0
     snr = (a / (1 - a)).reshape(-1)
     w = np.minimum(snr, 5.0) / (snr if prediction_type == "epsilon" else snr + 1)
@@ -153,6 +169,7 @@ def test_recompute_gives_the_same_loss_and_gradients(tiny_kit):
                               unet_name_or_path=os.path.join(tiny_kit, "unet", "config.json"))
         paddle.seed(0)
         m = StableDiffusionModel(args, recompute=recompute)
+        perturb_zero_initialised(m.unet)  # else the UNet predicts 0 and most gradients vanish
         m.train()
         ids, px = batch(m)
         loss = m(ids, px, seed=2)
@@ -160,6 +177,8 @@ def test_recompute_gives_the_same_loss_and_gradients(tiny_kit):
         grads.append((float(loss), {n: p.grad.numpy().copy() for n, p in m.unet.named_parameters() if p.grad is not None}))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert grads[0][1].keys() == grads[1][1].keys() and grads[0][1]
+    inner = [n for n in grads[0][1] if "down_blocks" in n and "conv1" in n]  # behind a zero-initialised layer at init
+    assert inner and all(np.abs(grads[0][1][n]).max() > 0 for n in inner)
     for n in grads[0][1]:
         np.testing.assert_allclose(grads[0][1][n], grads[1][1][n], rtol=1e-4, atol=1e-6, err_msg=n)
 

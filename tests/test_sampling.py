@@ -6,7 +6,8 @@ import paddle
 import pytest
 from PIL import Image
 
-from sd.sampling import SCHEDULERS, generate, initial_latents, load_pipeline, make_grid, make_scheduler
+from sd.components import load_pipeline
+from sd.sampling import SCHEDULERS, generate, initial_latents, make_grid, make_scheduler
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background", "a green triangle on a white background"]
 
