@@ -6,7 +6,7 @@ interleaved rounds so that load from other processes affects all alike; the tabl
 pipeline's median rate, then the ratios taken within each round (median over rounds):
 
 * ``straightforward``: read line → base64 → full decode → Lanczos resize of the whole image (shorter
-  side R/0.9) → random crop → ToTensor → Normalize, with ``paddle.vision.transforms`` (the seed's way);
+  side R/0.9) → random crop → ToTensor → Normalize, with ``paddle.vision.transforms`` (PaddleMIX's way);
 * ``ours (<filter>)``: ``TextImagePairDataset`` (reduced-size JPEG decode, resample of the crop
   window only, uint8 per sample, cached tokenization) + ``collate_fn`` per batch of 8 (float
   [-1, 1], paddle tensors); ``lanczos`` is the default (fast Lanczos-3), ``lanczos_exact`` Pillow's;

@@ -63,7 +63,7 @@ def encode_part_line(caption: str, image_bytes: bytes) -> str:
 
 
 def decode_line_bytes(raw: bytes) -> str:
-    """Decode one raw line: UTF-8 first, then GB18030 (as the seed's loader does).
+    """Decode one raw line: UTF-8 first, then GB18030 (as PaddleMIX's loader does).
 
     Raises:
         BadRecord("not_text"): neither encoding decodes it.
