@@ -230,6 +230,7 @@ def iter_tar(path: str) -> Iterator[Sample]:
                         yield _group(path, key, members)
                     key, members = k, {}
                 members[ext] = tar.extractfile(member).read()
+                tar.members = []  # tarfile keeps every header it read: memory would grow with the shard
             end = tar.offset
         except tarfile.ReadError as err:
             raise EOFError(f"{path}: truncated or corrupt tar at key {key or '(first)'} ({err})") from None
