@@ -134,6 +134,19 @@ def decode_image_b64(b64: str) -> bytes:
         raise BadRecord("bad_base64", str(err)) from None
 
 
+def decode_part_record(raw: bytes, line_format: str = "laion400m") -> Tuple[str, bytes]:
+    """One raw part-file line → ``(caption, image bytes)``: the record decoder of part files.
+
+    Raises:
+        BadRecord("empty_line" | "not_text" | "too_few_fields" | "bad_json" | "no_caption" | "empty_image"
+        | "bad_base64")
+    """
+    if not raw.strip():
+        raise BadRecord("empty_line")
+    caption, b64 = parse_part_line_bytes(raw, line_format)
+    return caption, decode_image_b64(b64)
+
+
 def iter_part_file(path: str) -> Iterator[bytes]:
     """Yield the raw lines (bytes, newline kept) of a part file; ``.gz`` is decompressed on the fly.
 

@@ -1,8 +1,8 @@
 """Streaming precomputed latents (written by ``sd/precompute_latents.py``): the image stream's rules, no VAE.
 
-``LatentDataset`` is ``TextImagePairDataset`` with another per-record step: the streaming, sharding
-over (rank, loader worker), shuffle buffer, skip counters and ``fast_forward`` are the parent's,
-unchanged, so a latent dataset streams, shards and resumes exactly like the images it was made from.
+``LatentDataset`` is ``TextImagePairDataset`` with another per-record step: the record stream
+(``sd/record_stream.py``: sharding over (rank, loader worker), shuffle buffer, skip counters,
+``fast_forward``) is the parent's, unchanged, so a latent dataset streams, shards and resumes exactly like the images it was made from.
 Each record gives the VAE posterior's mean and std (the model samples ``μ + σ·ε`` every step, as in
 the faithful mode) and the caption's text-encoder hidden states; with probability
 ``drop_caption_prob`` the hidden states of the empty caption are used instead (classifier-free
@@ -85,13 +85,20 @@ class LatentDataset(TextImagePairDataset):
         self.latent_shape, self.hidden_shape = tuple(first["latent_shape"]), tuple(first["hidden_shape"])
         self.empty_hidden = decode_array(first["empty_caption_hidden_states"])  # (L, D)
 
-    def _make_sample(self, raw: bytes, rng: Optional[np.random.Generator]) -> dict:
-        """One latent line → sample; ``rng=None``: classify only (the same checks, no caption draw)."""
-        caption, mean, std, hidden = parse_latent_line(raw)
+    def _decode(self, record):
+        """One latent record → ``(caption, mean, std, hidden)``. Raises BadRecord."""
+        caption, mean, std, hidden = parse_latent_line(record)
         if mean.shape != self.latent_shape or hidden.shape != self.hidden_shape:
             raise BadRecord("bad_latent", f"shapes {mean.shape}, {hidden.shape} ≠ {self.latent_shape}, {self.hidden_shape}")
-        if rng is None:
-            return {}
+        return caption, mean, std, hidden
+
+    def _check_record(self, source, record) -> None:
+        """The same checks as ``_make_sample`` (there is no image to skip decoding here)."""
+        self._decode(record)
+
+    def _make_sample(self, source, record, rng: np.random.Generator) -> dict:
+        """One latent line → sample (latent part files are read as part files; their lines are not images)."""
+        caption, mean, std, hidden = self._decode(record)
         if rng.random() < self.drop_caption_prob:  # the same draw, at the same place, as the image dataset's
             caption, hidden = "", self.empty_hidden
         sample = {"latent_mean": mean, "latent_std": std, "encoder_hidden_states": hidden}

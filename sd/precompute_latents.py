@@ -37,8 +37,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from sd.data_format import (LINE_FORMATS, BadRecord, decode_image_b64, encode_latent_line, iter_part_file,
-                            parse_part_line_bytes, read_filelist, read_filelist_list)
+from sd.data_format import LINE_FORMATS, BadRecord, encode_latent_line, read_filelist, read_filelist_list
+from sd.record_stream import source_for
 
 
 def load_encoders(pretrained: str, vae: Optional[str] = None, text_encoder: Optional[str] = None,
@@ -94,8 +94,14 @@ class Encoder:
         return dist.mean.numpy().astype(self.dtype), dist.std.numpy().astype(self.dtype)
 
 
-def _write_part(records, out_path: str, encoder: Encoder, loader, batch_size: int, counters) -> int:
-    """Encode the records of one input part into ``out_path`` (atomically); returns lines written."""
+def _write_part(part: str, out_path: str, encoder: Encoder, images, line_format: str, batch_size: int,
+                counters) -> int:
+    """Encode the usable records of input file ``part`` into ``out_path`` (atomically); returns lines written.
+
+    ``part`` is read and its records decoded as the training stream does (``sd.record_stream.source_for``);
+    ``images`` is the ``sd.image_codec.ImageCodec`` of training, with a centre crop.
+    """
+    source = source_for(part)
     opener = gzip.open if out_path.endswith(".gz") else open
     tmp = out_path + ".partial"
     written = 0
@@ -113,14 +119,10 @@ def _write_part(records, out_path: str, encoder: Encoder, loader, batch_size: in
             written += len(batch)
             batch.clear()
 
-        for raw in records:
+        for record in source.read(part):
             try:
-                if not raw.strip():
-                    raise BadRecord("empty_line")
-                caption, b64 = parse_part_line_bytes(raw, loader.line_format)
-                pixels = loader.load_image(decode_image_b64(b64), np.random.default_rng(0))
-                if pixels is None:
-                    raise BadRecord("too_small")
+                caption, data = source.decode(record, line_format)
+                pixels = images.decode(data, rng=None)  # centre crop: no randomness
             except BadRecord as err:
                 counters[err.reason] += 1
                 continue
@@ -140,8 +142,8 @@ def precompute(file_list: str, output_path: str, pretrained: str, resolution: in
     """Write the latent dataset of ``file_list`` (see the module docstring); returns its ``.filelist.list``."""
     import paddle
 
+    from sd.image_codec import ImageCodec
     from sd.kit import latent_factor
-    from sd.text_image_pair_dataset import TextImagePairDataset
 
     if dtype not in ("float16", "float32"):
         raise ValueError(f"--dtype must be float16 or float32, got {dtype!r}")
@@ -150,9 +152,9 @@ def precompute(file_list: str, output_path: str, pretrained: str, resolution: in
     if resolution % factor:
         raise ValueError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}")
     # The image side exactly as training does it (resize shorter side to R/0.9, then crop), centre crop.
-    loader = TextImagePairDataset(file_list, tok, resolution=resolution, line_format=line_format,
-                                  interpolation=interpolation, center_crop=True, allow_upscale=allow_upscale,
-                                  model_max_length=model_max_length, rank=0, world_size=1)
+    if line_format not in LINE_FORMATS:
+        raise ValueError(f"--line_format must be one of {LINE_FORMATS}, got {line_format!r}")
+    images = ImageCodec(resolution, interpolation, center_crop=True, allow_upscale=allow_upscale)
     encoder = Encoder(tok, vae_model, text_model, model_max_length, dtype)
     data_dir, list_dir = os.path.join(output_path, "latents_data"), os.path.join(output_path, "filelist")
     os.makedirs(data_dir, exist_ok=True)
@@ -174,7 +176,7 @@ def precompute(file_list: str, output_path: str, pretrained: str, resolution: in
                 log(f"{out}: already written, kept (pass --overwrite to redo)")
                 continue
             try:
-                records += _write_part(iter_part_file(part), out, encoder, loader, batch_size, counters)
+                records += _write_part(part, out, encoder, images, line_format, batch_size, counters)
             except FileNotFoundError:
                 counters["missing_file"] += 1
                 log(f"{part}: missing, skipped")

@@ -17,12 +17,25 @@ import paddle
 import pytest
 from PIL import Image
 
+import sd.image_codec as codec
 import sd.text_image_pair_dataset as tipd
 from sd.data_format import encode_part_line, write_filelists
+from sd.log import logger
 from sd.text_image_pair_dataset import TextImagePairDataset, collate_fn
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                        "shared", "fixtures", "paddlemix")
+
+
+@pytest.fixture
+def log_records():
+    """The records logged through the project's logger (``sd.log``) during the test."""
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger.logger.addHandler(handler)
+    yield records
+    logger.logger.removeHandler(handler)
 
 
 def png(i, size=40, mode="RGB"):
@@ -214,19 +227,6 @@ def test_fast_forward_rejects_other_loader_settings(tmp_path, tokenizer):
     assert d.state_dict()["fast_forward"]["samples_consumed"] == 8
 
 
-def test_fast_forward_older_call_form(tmp_path, tokenizer):
-    """fast_forward(positions, batches_consumed), as sd_trainer.py calls it, resumes exactly."""
-    fl = mixed_dataset(str(tmp_path))
-    b, workers, consumed = 2, 2, 5
-    full = [{k: v.numpy() for k, v in x.items()}
-            for x in itertools.islice(_loader(ds(fl, tokenizer), b, workers), consumed + 4)]
-    positions = {int(x["stream_state"][0]): int(x["stream_state"][1]) for x in full[:consumed]}
-    resumed = ds(fl, tokenizer)
-    resumed.fast_forward(positions, consumed)
-    rest = [x["input_ids"].numpy() for x in itertools.islice(_loader(resumed, b, workers), 4)]
-    assert all(np.array_equal(x, y["input_ids"]) for x, y in zip(rest, full[consumed:]))
-
-
 def test_bad_data_skipped_and_counted(tmp_path, tokenizer):
     good = encode_part_line("good", png(1)).encode()
     lines = [good,
@@ -282,18 +282,17 @@ def test_laion_aes_bad_records(tmp_path, tokenizer):
     assert samples[-1]["skipped"] == {"bad_json": 5, "no_caption": 5, "too_few_fields": 4}  # 5 passes, in order
 
 
-def test_skip_summary_logged_every_n_and_at_the_end(tmp_path, tokenizer, caplog):
+def test_skip_summary_logged_every_n_and_at_the_end(tmp_path, tokenizer, log_records):
     good = encode_part_line("good", png(1)).encode()
     (tmp_path / "p").write_bytes((good + b"x\ty\n" * 2) * 10)
     write_filelists(str(tmp_path), "x", [str(tmp_path / "p")])
     d = ds(str(tmp_path / "filelist" / "x.filelist.list"), tokenizer, report_every=5, shuffle_buffer=1)
     stream = iter(d)
-    with caplog.at_level(logging.INFO, logger="sd.dataset"):
-        for _ in range(10):
-            next(stream)
-        stream.close()
-    periodic = [r for r in caplog.records if "so far" in r.getMessage()]
-    final = [r for r in caplog.records if "stream ended" in r.getMessage()]
+    for _ in range(10):
+        next(stream)
+    stream.close()
+    periodic = [r for r in log_records if "so far" in r.getMessage()]
+    final = [r for r in log_records if "stream ended" in r.getMessage()]
     assert len(periodic) == 3 and "too_few_fields" in periodic[0].getMessage()  # 18 skips, every 5
     assert len(final) == 1 and "18 skipped" in final[0].getMessage()
     assert d.state_dict()["skipped"] == {0: {"too_few_fields": 18}}
@@ -464,12 +463,12 @@ def test_fast_lanczos_keeps_channel_order_and_falls_back_outside_its_range():
 
 def test_lanczos_window_kernel():
     for start, s in [(0.0, 1.0), (13.7, 1.35), (5.2, 2.0)]:
-        kernel, anchor, (a, b), j0 = tipd._window_axis(start, s, 50, 400)
+        kernel, anchor, (a, b), j0 = codec._window_axis(start, s, 50, 400)
         assert abs(float(kernel.sum()) - 1) < 1e-6 and 0 <= anchor < len(kernel)
         assert len(kernel) <= 2 * int(np.ceil(3 * s)) + 1
         d = start - a - j0 * s
         assert 0 <= d < s and a <= start and b >= start + 50 * s
-    kernel, anchor, _, _ = tipd._window_axis(10.0, 1.0, 50, 400)  # unit scale, no offset: the identity
+    kernel, anchor, _, _ = codec._window_axis(10.0, 1.0, 50, 400)  # unit scale, no offset: the identity
     assert kernel[anchor] == pytest.approx(1.0) and np.abs(np.delete(kernel, anchor)).max() < 1e-6
 
 
@@ -479,21 +478,21 @@ def test_opencv_reduced_decode_equals_pillows_draft(mode):
     data = jpeg_bytes(arr if mode == "RGB" else arr[:, :, 1])
     for wanted in [(300, 240), (140, 110), (70, 50), (600, 500)]:  # 1/1 .. 1/8
         im = Image.open(io.BytesIO(data))
-        bgr, extent = tipd._decode_jpeg_reduced(data, im, wanted)
+        bgr, extent = codec.decode_jpeg_reduced(data, im, wanted)
         ref = Image.open(io.BytesIO(data))
         _, box = ref.draft("RGB", wanted)
         ref = np.asarray(ref.convert("RGB"))
         assert np.array_equal(bgr[:, :, ::-1], ref), wanted
         assert extent == pytest.approx(box[2:])
     cut = data[: len(data) // 2]  # no EOI marker: Pillow decides (and raises), as before
-    assert tipd._decode_jpeg_reduced(cut, Image.open(io.BytesIO(cut)), (300, 240)) is None
+    assert codec.decode_jpeg_reduced(cut, Image.open(io.BytesIO(cut)), (300, 240)) is None
     png = io.BytesIO()
     Image.fromarray(arr).save(png, "PNG")
-    assert tipd._decode_jpeg_reduced(png.getvalue(), Image.open(png), (300, 240)) is None
+    assert codec.decode_jpeg_reduced(png.getvalue(), Image.open(png), (300, 240)) is None
 
 
 def reference_crop(data, r, x0, y0):
-    """The seed's pipeline at a known window: full decode, Lanczos resize of the whole image, crop."""
+    """PaddleMIX's pipeline at a known window: full decode, Lanczos resize of the whole image, crop."""
     im = Image.open(io.BytesIO(data)).convert("RGB")
     scale = r / 0.9 / min(im.size)
     nw, nh = max(r, round(im.width * scale)), max(r, round(im.height * scale))
@@ -501,7 +500,7 @@ def reference_crop(data, r, x0, y0):
 
 
 @pytest.mark.parametrize("size", [(1024, 768), (700, 500), (333, 300)])
-def test_load_image_matches_the_seeds_pipeline(tokenizer, tmp_path, size):
+def test_load_image_matches_paddlemix_pipeline(tokenizer, tmp_path, size):
     """Same crop window as full decode → Lanczos resize → crop, pixels within the documented tolerance."""
     (tmp_path / "p").write_text(encode_part_line("x", png(1)))
     write_filelists(str(tmp_path), "x", [str(tmp_path / "p")])
@@ -518,7 +517,7 @@ def test_load_image_matches_the_seeds_pipeline(tokenizer, tmp_path, size):
             y0 = int(rng.integers(0, max(r, round(size[1] * scale)) - r + 1))
             near = {(dx, dy): np.abs(got - reference_crop(data, r, x0 + dx, y0 + dy)).mean()
                     for dx in (-1, 0, 1) for dy in (-1, 0, 1) if 0 <= x0 + dx and 0 <= y0 + dy}
-            assert min(near, key=near.get) == (0, 0), near  # the seed's window, not a neighbour
+            assert min(near, key=near.get) == (0, 0), near  # PaddleMIX's window, not a neighbour
             errors.setdefault(interpolation, []).append(near[(0, 0)])
     # Most of the difference is the reduced-size JPEG decode (1/4 here), which both filters share;
     # the fast filter adds little to it.
@@ -538,9 +537,9 @@ def test_jpeg_stream_deterministic(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
-# Part files that vanish or become unreadable mid-run (issue 8, item 4)
+# Part files that vanish or become unreadable mid-run
 # ---------------------------------------------------------------------------------------------
-def test_part_files_vanishing_mid_run_are_skipped_and_counted(tmp_path, tokenizer, caplog):
+def test_part_files_vanishing_mid_run_are_skipped_and_counted(tmp_path, tokenizer, log_records):
     a = open(make_dataset(str(tmp_path), 30, 3, name="a", gz=False, prefix="a")).read().strip()
     b = open(make_dataset(str(tmp_path), 10, 1, name="b", prefix="b")).read().strip()
     (tmp_path / "ab.filelist.list").write_text(f"{a}\n{b}\n")
@@ -548,27 +547,26 @@ def test_part_files_vanishing_mid_run_are_skipped_and_counted(tmp_path, tokenize
     b_part = open(b).read().strip()
     d = ds(str(tmp_path / "ab.filelist.list"), tokenizer, shuffle_buffer=1)
     stream = iter(d)
-    with caplog.at_level(logging.WARNING, logger="sd.dataset"):
-        first = [next(stream) for _ in range(20)]
-        os.remove(a_parts[0])  # deleted mid-run
-        os.remove(a_parts[1])
-        os.mkdir(a_parts[1])  # replaced by something unreadable
-        later = [next(stream) for _ in range(200)]
-        gone = {f"a {i}" for i in range(20)}  # the records of the two parts
-        last_pass = max(s["epoch"] for s in later if s["caption"].startswith("a"))
-        assert not gone & {s["caption"] for s in later if s["caption"].startswith("a") and s["epoch"] >= 2}
-        assert {s["caption"] for s in later if s["epoch"] == last_pass} & {f"a {i}" for i in range(20, 30)}
-        skipped = later[-1]["skipped"]
-        assert skipped["missing_file"] >= 2 and skipped["unreadable_file"] >= 2  # once per pass
-        assert sum("is missing" in r.getMessage() for r in caplog.records) == 1  # logged once, counted each pass
-        os.remove(a_parts[2])  # all of list a gone: list b alone carries on
-        tail = [next(stream) for _ in range(60)]
-        assert all(s["caption"].startswith("b") for s in tail[-30:])
-        assert any("drawing from the other lists only" in r.getMessage() for r in caplog.records)
-        os.remove(b_part)  # nothing left anywhere: a clear error, not an endless loop
-        with pytest.raises(RuntimeError, match="no file list has any record left.*missing_file"):
-            for _ in range(1000):
-                next(stream)
+    first = [next(stream) for _ in range(20)]
+    os.remove(a_parts[0])  # deleted mid-run
+    os.remove(a_parts[1])
+    os.mkdir(a_parts[1])  # replaced by something unreadable
+    later = [next(stream) for _ in range(200)]
+    gone = {f"a {i}" for i in range(20)}  # the records of the two parts
+    last_pass = max(s["epoch"] for s in later if s["caption"].startswith("a"))
+    assert not gone & {s["caption"] for s in later if s["caption"].startswith("a") and s["epoch"] >= 2}
+    assert {s["caption"] for s in later if s["epoch"] == last_pass} & {f"a {i}" for i in range(20, 30)}
+    skipped = later[-1]["skipped"]
+    assert skipped["missing_file"] >= 2 and skipped["unreadable_file"] >= 2  # once per pass
+    assert sum("is missing" in r.getMessage() for r in log_records) == 1  # logged once, counted each pass
+    os.remove(a_parts[2])  # all of list a gone: list b alone carries on
+    tail = [next(stream) for _ in range(60)]
+    assert all(s["caption"].startswith("b") for s in tail[-30:])
+    assert any("drawing from the other lists only" in r.getMessage() for r in log_records)
+    os.remove(b_part)  # nothing left anywhere: a clear error, not an endless loop
+    with pytest.raises(RuntimeError, match="no file list has any record left.*missing_file"):
+        for _ in range(1000):
+            next(stream)
     assert first and all(s["pixel_values"].shape == (3, 32, 32) for s in first + later + tail)
 
 
