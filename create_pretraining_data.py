@@ -1,7 +1,9 @@
-"""Pack a coco_karpathy-style jsonl + images into the part files that training streams.
+"""Pack a coco_karpathy-style jsonl + images, or an img2dataset output folder, into the part files that training streams.
 
     python create_pretraining_data.py --input_path ./coco_data/coco_data.jsonl \\
         --output_path ./processed_data --per_part_file_num 1000 --num_repeat 100 --save_gzip_file
+    python create_pretraining_data.py --input_path ./laion_shards --output_path ./processed_data \\
+        --where "pwatermark < 0.5" --min_original_size 256 [--num_shards N --shard_index i] [--link_only]
 
 Input: one JSON object per line, ``{"caption": "...", "image": "val2014/x.jpg", ...}``; the image path
 is relative to the jsonl's folder (or absolute); a list of captions gives one record per caption.
@@ -21,6 +23,17 @@ image (so a broken image is caught here, not in training), base64-encodes it and
 deflates each line on its own. The main process takes the results in input order and appends them
 to the current part, so the output is byte-identical for any ``--num_workers``. Parts are written
 as ``*.tmp`` and renamed when complete; the file lists are written last.
+
+img2dataset input (``--input_path`` a folder written with ``--output_format webdataset``, ``parquet`` or
+``files``, detected; ``sd/img2dataset.py`` reads it): the shards are streamed in name order (a tar
+member by member, a parquet batch by batch), the image bytes are verified and copied unchanged, and
+each shard gets its own parts, ``part-<shard>-000001[.gz]`` ...; samples without caption or image,
+with a caption that is not UTF-8, failing ``--min_original_size``/``--where``, or truncated tars are
+skipped and counted by reason with shard and key, beside img2dataset's own failures from its
+``*_stats.json``. ``--num_shards N --shard_index i`` takes the i-th of N contiguous runs of shards:
+its parts are the very files a single run writes for those shards, and the N ``.filelist``s
+concatenated in index order are the single run's ``.filelist``. ``--link_only`` converts nothing and
+lists the ``.tar``/``.parquet`` shards themselves, which training reads in place.
 """
 
 from __future__ import annotations
@@ -43,11 +56,13 @@ from typing import Counter, Dict, Iterable, Iterator, List, Optional, Tuple
 from PIL import Image
 from tqdm import tqdm
 
-from sd.data_format import encode_part_line, write_filelists
+from sd import img2dataset as i2d
+from sd.data_format import BadRecord, encode_part_line, write_filelists
 
 PART_DIR = "laion400m_format_data"
 CHUNK_LINES = 16  # jsonl lines per worker task: small, so ~400 KB images keep memory low
-SHOW_LINES = 5  # offending jsonl line numbers shown per skip reason
+SHOW_LINES = 5  # offending jsonl line numbers (or shard:key) shown per skip reason
+INPUT_FORMATS = ("auto", "jsonl", "img2dataset")
 GZIP_LEVEL = 9  # PaddleMIX's level; base64 of JPEG gains ~1 % over level 1, and costs ~1.3x the time
 # Exceptions PIL raises for bytes that are not a usable image (truncated, corrupt, unknown format).
 # UnidentifiedImageError is an OSError.
@@ -60,10 +75,15 @@ def usable_cores() -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input_path", required=True, help="jsonl file, one JSON object per line")
+    p.add_argument("--input_path", required=True,
+                   help="jsonl file (one JSON object per line), or an img2dataset output folder")
+    p.add_argument("--input_format", choices=INPUT_FORMATS, default="auto",
+                   help="auto: a folder is img2dataset output (webdataset, parquet or files), a file is jsonl")
     p.add_argument("--output_path", required=True, help="output folder (must be empty unless --overwrite)")
     p.add_argument("--output_name", default="custom_dataset", help="name of the .filelist(.list) files")
-    p.add_argument("--caption_key", default="caption", help="JSON key of the caption (a string or a list of strings)")
+    p.add_argument("--caption_key", default=None,
+                   help="jsonl: JSON key of the caption (a string or a list of strings; default 'caption'); "
+                        "img2dataset: a field of KEY.json / a parquet column (default: KEY.txt / 'caption')")
     p.add_argument("--image_key", default="image", help="JSON key of the image path (relative to the jsonl's folder)")
     p.add_argument("--per_part_file_num", type=int, default=1000, help="records per part file")
     p.add_argument("--save_gzip_file", action="store_true", help="gzip the part files (part-000001.gz)")
@@ -76,16 +96,59 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="re-encode images whose shorter side exceeds N pixels to JPEG with shorter side N "
                         "(smaller data, faster training decode); default: off, images are copied unchanged")
     p.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality 1-100 for --max_image_size")
+    g = p.add_argument_group("img2dataset input")
+    g.add_argument("--min_original_size", type=int, default=0,
+                   help="skip samples whose original_width or original_height is below N pixels (counted as filtered)")
+    g.add_argument("--where", action="append", default=[], metavar="'COLUMN OP NUMBER'",
+                   help="keep samples whose numeric metadata passes, e.g. --where 'pwatermark < 0.5' --where "
+                        "'aesthetic >= 5' (OP: < <= > >= == !=; others counted as filtered); repeatable")
+    g.add_argument("--link_only", action="store_true",
+                   help="write only the .filelist/.filelist.list naming the .tar/.parquet shards (train on them in place)")
+    g.add_argument("--num_shards", type=int, default=1, help="split the input shards over N machines (runs)")
+    g.add_argument("--shard_index", type=int, default=0, help="which of the --num_shards runs this is, 0..N-1")
     args = p.parse_args(argv)
     args.output_path = os.path.normpath(args.output_path)  # "./x" is listed as "x", as PaddleMIX does
-    for name in ("per_part_file_num", "num_repeat", "num_workers", "max_image_size"):
+    for name in ("per_part_file_num", "num_repeat", "num_workers", "max_image_size", "num_shards"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be at least 1, got {value}")
     if not 1 <= args.jpeg_quality <= 100:
         p.error(f"--jpeg_quality must be in 1..100, got {args.jpeg_quality}")
-    if not os.path.isfile(args.input_path):
+    if not os.path.exists(args.input_path):
         p.error(f"--input_path {args.input_path}: no such file")
+    if args.input_format == "auto":
+        args.input_format = "img2dataset" if os.path.isdir(args.input_path) else "jsonl"
+    if args.input_format == "jsonl":
+        if not os.path.isfile(args.input_path):
+            p.error(f"--input_path {args.input_path} is a folder, not a jsonl file (an img2dataset folder needs "
+                    "--input_format img2dataset or auto)")
+        for flag, value in (("--where", args.where), ("--min_original_size", args.min_original_size),
+                            ("--link_only", args.link_only), ("--num_shards", args.num_shards != 1)):
+            if value:
+                p.error(f"{flag} applies to img2dataset input only; --input_path {args.input_path} is a jsonl file")
+        args.caption_key = args.caption_key or "caption"
+    else:
+        try:
+            args.shard_options = i2d.ShardOptions(args.caption_key, args.min_original_size,
+                                                  tuple(i2d.Where.parse(w) for w in args.where))
+            if not os.path.isdir(args.input_path):
+                raise ValueError(f"--input_path {args.input_path} is a file; img2dataset input is its output folder")
+            args.format, args.shards = i2d.find_shards(args.input_path)
+        except ValueError as err:
+            p.error(str(err))
+        if args.min_original_size < 0:
+            p.error(f"--min_original_size must be at least 0, got {args.min_original_size}")
+        if not 0 <= args.shard_index < args.num_shards:
+            p.error(f"--shard_index must be in 0..{args.num_shards - 1} (--num_shards {args.num_shards}), "
+                    f"got {args.shard_index}")
+        if args.num_shards > len(args.shards):
+            p.error(f"--num_shards {args.num_shards} exceeds the {len(args.shards)} shards of {args.input_path}")
+        if args.link_only and args.format == "files":
+            p.error(f"--link_only needs .tar or .parquet shards; {args.input_path} is a 'files' folder: "
+                    "convert it (drop --link_only)")
+        if args.link_only and (args.where or args.min_original_size or args.caption_key or args.max_image_size):
+            p.error("--link_only converts nothing, so --where, --min_original_size, --caption_key and "
+                    "--max_image_size cannot apply; drop them or drop --link_only")
     if os.path.exists(args.output_path) and not os.path.isdir(args.output_path):
         p.error(f"--output_path {args.output_path} is a file, not a folder")
     return args
@@ -102,6 +165,7 @@ class Options:
     gzip: bool
     max_image_size: Optional[int]
     jpeg_quality: int
+    shard_options: Optional[i2d.ShardOptions] = None  # img2dataset input: caption source and filters
 
 
 # One part-file line, ready to append: (data, crc32 of the line, length of the line), where data is
@@ -112,8 +176,9 @@ Packed = Tuple[bytes, int, int]
 @dataclass
 class ChunkResult:
     records: List[Packed] = field(default_factory=list)  # in input order
-    skipped: List[Tuple[int, str]] = field(default_factory=list)  # (jsonl line number, reason)
+    skipped: List[Tuple[object, str]] = field(default_factory=list)  # (jsonl line number or shard:key, reason)
     keys: Counter = field(default_factory=collections.Counter)  # keys of the JSON objects seen
+    shard: int = 0  # img2dataset input: index of the shard the chunk belongs to
 
 
 class Skip(ValueError):
@@ -161,6 +226,14 @@ def read_image(path: str, opts: Options) -> bytes:
         raise Skip("image file missing") from None
     except OSError:
         raise Skip("image file unreadable") from None
+    return verify_image(data, opts)
+
+
+def verify_image(data: bytes, opts: Options) -> bytes:
+    """Image bytes, verified by a full decode; unchanged unless --max_image_size re-encodes them.
+
+    Raises Skip for bytes that do not decode, or decode to more pixels than PIL allows.
+    """
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # a full decode: a truncated file fails here, not in training
@@ -200,6 +273,25 @@ def pack_chunk(chunk: List[Tuple[int, bytes]], opts: Options) -> ChunkResult:
             out.skipped.append((line_no, str(err)))
             continue
         out.records.extend(pack_line(encode_part_line(c, image).encode("utf-8"), opts.gzip) for c in captions)
+    return out
+
+
+def pack_samples(chunk: Tuple[int, List[i2d.Sample]], opts: Options) -> ChunkResult:
+    """Worker task: img2dataset samples of one shard → packed records and skips (reasons as the dataset's)."""
+    shard, samples = chunk
+    out = ChunkResult(shard=shard)
+    for sample in samples:
+        try:
+            caption, image = i2d.decode_sample(sample, options=opts.shard_options)
+            image = verify_image(image, opts)
+        except BadRecord as err:
+            out.skipped.append((f"{os.path.basename(sample.shard)}:{sample.key}", err.reason))
+            continue
+        except Skip as err:
+            reason = "bad_image" if str(err) == "image does not decode" else "image_too_large"
+            out.skipped.append((f"{os.path.basename(sample.shard)}:{sample.key}", reason))
+            continue
+        out.records.append(pack_line(encode_part_line(caption, image).encode("utf-8"), opts.gzip))
     return out
 
 
@@ -252,15 +344,15 @@ class PartWriter:
     an end block, and the CRC-32 and length of all the lines (readable by any gzip reader).
     """
 
-    def __init__(self, folder: str, per_part: int, gzip_output: bool):
-        self.folder, self.per_part, self.gzip_output = folder, per_part, gzip_output
+    def __init__(self, folder: str, per_part: int, gzip_output: bool, prefix: str = "part-"):
+        self.folder, self.per_part, self.gzip_output, self.prefix = folder, per_part, gzip_output, prefix
         self.paths: List[str] = []  # completed parts, in order
         self._file = None
 
     def write(self, packed: Packed) -> None:
         data, crc, size = packed
         if self._file is None:
-            name = f"part-{len(self.paths) + 1:06d}" + (".gz" if self.gzip_output else "")
+            name = f"{self.prefix}{len(self.paths) + 1:06d}" + (".gz" if self.gzip_output else "")
             self._path = os.path.join(self.folder, name)
             self._file = open(self._path + ".tmp", "wb")
             self._file.write(GZIP_HEADER if self.gzip_output else b"")
@@ -352,6 +444,8 @@ def nothing_written_error(args, lines: int, keys: Counter) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.input_format == "img2dataset":
+        return convert_img2dataset(args)
     prepare_output(args.output_path, args.overwrite)
     opts = Options(os.path.dirname(os.path.abspath(args.input_path)), args.caption_key, args.image_key,
                    args.save_gzip_file, args.max_image_size, args.jpeg_quality)
@@ -405,6 +499,158 @@ def main(argv=None) -> int:
         print(f"error: nothing was written: {nothing_written_error(args, lines, keys)}", file=sys.stderr)
         return 1
     _, filelist_list = write_filelists(args.output_path, args.output_name, writer.paths, args.num_repeat)
+    print(f"file list for training: {filelist_list}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# img2dataset input
+# ---------------------------------------------------------------------------------------------
+def my_shards(shards: List[str], num_shards: int, shard_index: int) -> List[str]:
+    """The shard_index-th of num_shards contiguous runs of ``shards`` (sizes differ by at most one)."""
+    n = len(shards)
+    return shards[shard_index * n // num_shards:(shard_index + 1) * n // num_shards]
+
+
+def shard_stem(shard: str) -> str:
+    """``.../00003.tar`` → ``00003``: the name part files of this shard carry."""
+    return os.path.basename(shard.rstrip("/")).split(".")[0]
+
+
+def list_name(args) -> str:
+    """The .filelist name of this run: ``<output_name>`` or, split, ``<output_name>-i-of-N``."""
+    if args.num_shards == 1:
+        return args.output_name
+    return f"{args.output_name}-{args.shard_index:05d}-of-{args.num_shards:05d}"
+
+
+def prepare_split_output(args, shards: List[str]) -> None:
+    """Split runs may share one output folder: only this run's own files count as taken (or are replaced)."""
+    folder = os.path.join(args.output_path, PART_DIR)
+    os.makedirs(folder, exist_ok=True)
+    prefixes = tuple(f"part-{shard_stem(s)}-" for s in shards)
+    mine = [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(prefixes)]
+    listing = os.path.join(args.output_path, "filelist", list_name(args) + ".filelist")
+    mine += [p for p in (listing, listing + ".list") if os.path.exists(p)]
+    if mine and not args.overwrite:
+        raise SystemExit(f"error: {len(mine)} output file(s) of shard_index {args.shard_index} already exist in "
+                         f"{args.output_path} (e.g. {mine[0]}); pass --overwrite to replace them")
+    for path in mine:
+        os.remove(path)
+
+
+def sample_chunks(shards: List[str], file_skips: List[Tuple[str, str]], counts: Counter):
+    """(shard index, CHUNK_LINES samples) in shard order; a truncated shard is noted in ``file_skips``."""
+    for index, shard in enumerate(shards):
+        chunk = []
+        try:
+            for sample in i2d.iter_shard(shard):
+                counts["samples"] += 1
+                chunk.append(sample)
+                if len(chunk) == CHUNK_LINES:
+                    yield index, chunk
+                    chunk = []
+        except (EOFError, OSError) as err:
+            file_skips.append((str(err), "truncated_file"))
+        if chunk:
+            yield index, chunk
+
+
+def print_stats(args, shards: List[str]) -> i2d.Stats:
+    stats = i2d.read_stats(shards)
+    split = f"; this run: shard_index {args.shard_index} of {args.num_shards}" if args.num_shards > 1 else ""
+    print(f"img2dataset folder: {args.input_path} ({args.format}, {len(shards)} of {len(args.shards)} shards{split})")
+    failed = ", ".join(f"{r}: {n}" for r, n in sorted(stats.failures.items(), key=lambda x: -x[1])) or "none"
+    print(f"img2dataset stats:  {stats.count} URLs, {stats.successes} downloaded, "
+          f"{stats.count - stats.successes} failed ({failed})"
+          + (f"; {stats.missing} shard(s) without *_stats.json" if stats.missing else ""))
+    return stats
+
+
+def convert_img2dataset(args) -> int:
+    """img2dataset output → part files and file lists (or, --link_only, file lists of the shards)."""
+    shards = my_shards(args.shards, args.num_shards, args.shard_index)
+    stats = print_stats(args, shards)
+    if args.link_only:
+        if args.num_shards == 1:
+            prepare_output(args.output_path, args.overwrite)
+        else:
+            prepare_split_output(args, shards)
+        os.rmdir(os.path.join(args.output_path, PART_DIR))
+        _, filelist_list = write_filelists(args.output_path, list_name(args), shards, args.num_repeat)
+        print(f"shards listed:      {len(shards)} (converted nothing; training reads them in place)")
+        print(f"file list for training: {filelist_list}")
+        return 0
+    if args.num_shards == 1:
+        prepare_output(args.output_path, args.overwrite)
+    else:
+        prepare_split_output(args, shards)
+    opts = Options("", args.caption_key, "", args.save_gzip_file, args.max_image_size, args.jpeg_quality,
+                   args.shard_options)
+    folder = os.path.join(args.output_path, PART_DIR)
+    skip_count: Counter = collections.Counter()
+    skip_where: Dict[str, List[str]] = collections.defaultdict(list)  # reason → first SHOW_LINES shard:key
+    file_skips: List[Tuple[str, str]] = []
+    counts: Counter = collections.Counter()
+    part_paths: List[str] = []
+    written, writer, current = 0, None, None
+
+    def note(where: str, reason: str) -> None:
+        skip_count[reason] += 1
+        if len(skip_where[reason]) < SHOW_LINES:
+            skip_where[reason].append(where)
+
+    start = time.time()
+    bar = tqdm(desc="packing", unit=" images", dynamic_ncols=True, mininterval=1.0)
+    results = ordered_map(functools.partial(pack_samples, opts=opts), sample_chunks(shards, file_skips, counts),
+                          args.num_workers, max_pending=2 * args.num_workers + 2)
+    try:
+        for result in results:
+            if result.shard != current:  # a new shard: its own parts
+                if writer is not None:
+                    writer.close()
+                    part_paths += writer.paths
+                current = result.shard
+                writer = PartWriter(folder, args.per_part_file_num, args.save_gzip_file,
+                                    prefix=f"part-{shard_stem(shards[current])}-")
+            for packed in result.records:
+                writer.write(packed)
+            for where, reason in result.skipped:
+                note(where, reason)
+            written += len(result.records)
+            bar.update(len(result.records))
+        if writer is not None:
+            writer.close()
+            part_paths += writer.paths
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        results.close()
+        bar.close()
+    elapsed = time.time() - start
+    for where, reason in file_skips:
+        note(where, reason)
+
+    print(f"samples read:       {counts['samples']}")
+    print(f"records written:    {written} in {len(part_paths)} part file(s), "
+          f"{written / max(elapsed, 1e-9):.1f} images/s")
+    print(f"records skipped:    {sum(skip_count.values())}"
+          + (f" (filters: {args.shard_options.describe_filters()})" if skip_count["filtered"] else ""))
+    for reason, count in skip_count.most_common():
+        more = ", ..." if count > SHOW_LINES else ""
+        print(f"  {reason}: {count} ({', '.join(skip_where[reason])}{more})")
+    # img2dataset's rows: webdataset/files hold its successes, parquet every URL it tried.
+    expected = stats.count if args.format == "parquet" else stats.successes
+    if stats.missing == 0 and counts["samples"] != expected:
+        print(f"warning: read {counts['samples']} samples, img2dataset's stats say {expected} "
+              f"({'URLs' if args.format == 'parquet' else 'successes'}); see the skips above", file=sys.stderr)
+    if written == 0:
+        print(f"error: nothing was written: all {counts['samples']} samples of {args.input_path} were skipped "
+              "(reasons above)", file=sys.stderr)
+        return 1
+    _, filelist_list = write_filelists(args.output_path, list_name(args), part_paths, args.num_repeat)
     print(f"file list for training: {filelist_list}")
     return 0
 

@@ -9,6 +9,12 @@ shared with other jobs, images/s with all workers is bounded by the free cores; 
 shows what the tool itself costs: with k free cores expect about k × 1000 / (CPU ms per image).
 
     python benchmarks/bench_create_pretraining_data.py --num_images 96 --rounds 3
+
+``--img2dataset_rss 1000 100000`` instead measures memory when converting img2dataset webdataset
+shards: it writes that many tiny samples (16×16 JPEG, caption, metadata; 10 000 per ``.tar``, as
+img2dataset does) with ``tarfile`` and converts each set in a fresh process (gzip parts, all workers),
+reporting the peak RSS of the main process and of the largest worker: flat in the number of samples
+when nothing is held per sample.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -77,11 +85,71 @@ def run_once(folder: str, n: int, workers: int, flags: tuple) -> tuple:
     return n / wall, 1000 * cpu / n
 
 
+def write_shards(folder: str, n: int, per_shard: int = 10000) -> None:
+    """n img2dataset-like webdataset samples (16×16 JPEG, .txt, .json) in shards of per_shard, with stats."""
+    rng = np.random.default_rng(0)
+    os.makedirs(folder)
+    jpegs = []
+    for _ in range(64):  # a few distinct tiny images, reused
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    for shard in range(-(-n // per_shard)):
+        count = min(per_shard, n - shard * per_shard)
+        with tarfile.open(os.path.join(folder, f"{shard:05d}.tar"), "w") as tar:
+            for i in range(count):
+                key = f"{shard:05d}{i:04d}"
+                meta = {"key": key, "status": "success", "caption": f"sample {key}", "width": 16, "height": 16,
+                        "original_width": 16, "original_height": 16, "pwatermark": float(rng.random())}
+                for ext, data in (("jpg", jpegs[i % 64]), ("txt", meta["caption"].encode()),
+                                  ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        with open(os.path.join(folder, f"{shard:05d}_stats.json"), "w") as f:
+            json.dump({"count": count, "successes": count, "status_dict": {"success": count}}, f)
+
+
+RSS_RUN = """
+import resource, sys
+sys.path.insert(0, {root!r})
+import create_pretraining_data
+rc = create_pretraining_data.main({argv!r})
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print("RSS", rc, me.ru_maxrss, kids.ru_maxrss)
+"""
+
+
+def rss_main(sizes) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print("| samples | shards | seconds | samples/s | peak RSS main MB | peak RSS largest worker MB |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as folder:
+            write_shards(os.path.join(folder, "shards"), n)
+            argv = ["--input_path", os.path.join(folder, "shards"), "--output_path", os.path.join(folder, "out"),
+                    "--save_gzip_file", "--where", "pwatermark < 2"]
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", RSS_RUN.format(root=root, argv=argv)], capture_output=True,
+                               text=True, timeout=3600)
+            elapsed = time.perf_counter() - t
+            line = [l for l in r.stdout.splitlines() if l.startswith("RSS")]
+            assert r.returncode == 0 and line, r.stdout[-2000:] + r.stderr[-2000:]
+            _, rc, main_kb, worker_kb = line[0].split()
+            assert rc == "0" and f"records written:    {n} " in r.stdout, r.stdout[-2000:]
+            print(f"| {n} | {-(-n // 10000)} | {elapsed:.1f} | {n / elapsed:.0f} | {int(main_kb) / 1024:.0f} | "
+                  f"{int(worker_kb) / 1024:.0f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num_images", type=int, default=96)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--img2dataset_rss", type=int, nargs="+", default=None, metavar="N",
+                   help="measure peak RSS converting N synthetic webdataset samples, for each N")
     args = p.parse_args()
+    if args.img2dataset_rss:
+        return rss_main(args.img2dataset_rss)
     cores = len(os.sched_getaffinity(0))
     settings = [(f"{w} worker{'s' * (w > 1)}", w, fmt, flags)
                 for fmt, flags in (("plain", ()), (".gz", ("--save_gzip_file",)))

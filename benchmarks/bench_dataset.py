@@ -6,7 +6,7 @@ interleaved rounds so that load from other processes affects all alike; the tabl
 pipeline's median rate, then the ratios taken within each round (median over rounds):
 
 * ``straightforward``: read line → base64 → full decode → Lanczos resize of the whole image (shorter
-  side R/0.9) → random crop → ToTensor → Normalize, with ``paddle.vision.transforms`` (the seed's way);
+  side R/0.9) → random crop → ToTensor → Normalize, with ``paddle.vision.transforms`` (PaddleMIX's way);
 * ``ours (<filter>)``: ``TextImagePairDataset`` (reduced-size JPEG decode, resample of the crop
   window only, uint8 per sample, cached tokenization) + ``collate_fn`` per batch of 8 (float
   [-1, 1], paddle tensors); ``lanczos`` is the default (fast Lanczos-3), ``lanczos_exact`` Pillow's;
@@ -15,7 +15,15 @@ pipeline's median rate, then the ratios taken within each round (median over rou
   reduced size ``ours`` asks for (the same request) — nothing else. Timed with OpenCV's decoder
   (the one ``ours`` uses) and Pillow's ``draft``; the faster of the two is the reference.
 
+``--shards`` compares instead the two ways the same images reach the same ``TextImagePairDataset``
+(default filter, batches of 8 through ``collate_fn``): ``part file`` (lines ``caption \t NONE \t
+base64``, ``.gz`` with ``--gzip`` as PaddleMIX writes them) and ``tar shard`` (an img2dataset
+webdataset ``.tar``: ``KEY.jpg`` + ``KEY.txt`` + ``KEY.json``, listed in the ``.filelist`` itself), in
+interleaved rounds; the ratio is taken within each round (median over rounds). ``--size`` sets the
+images' size (img2dataset writes ``--image_size`` 256 by default).
+
     python benchmarks/bench_dataset.py --resolution 256 --num_images 48 --rounds 7 [--content detailed]
+    python benchmarks/bench_dataset.py --shards [--gzip] --size 1024 768 --resolution 256 --rounds 9
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import json
 import os
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -39,8 +49,8 @@ from sd.data_format import (decode_image_b64, decode_line_bytes, encode_part_lin
                             parse_part_line, parse_part_line_bytes, write_filelists)
 from sd.text_image_pair_dataset import INTERPOLATIONS, TextImagePairDataset, collate_fn, load_tokenizer  # noqa: E402
 
-COCO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
-                    "fixtures", "paddlemix", "coco_data", "val2014", "COCO_val2014_000000522418.jpg")
+COCO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "paddlemix",
+                    "coco_data", "val2014", "COCO_val2014_000000522418.jpg")
 
 
 def photo_like_jpegs(n: int, size=(1024, 768), seed: int = 0) -> list:
@@ -88,6 +98,71 @@ def detailed_jpegs(n: int, size=(1024, 768), seed: int = 0) -> list:
     return out
 
 
+def write_tar_shard(path: str, captions: list, jpegs: list) -> None:
+    """An img2dataset-like webdataset shard: KEY.jpg, KEY.txt, KEY.json per sample."""
+    with tarfile.open(path, "w") as tar:
+        for i, (caption, data) in enumerate(zip(captions, jpegs)):
+            w, h = Image.open(io.BytesIO(data)).size
+            meta = {"key": f"{i:09d}", "status": "success", "caption": caption, "width": w, "height": h,
+                    "original_width": w, "original_height": h}
+            for ext, member in (("jpg", data), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(member)
+                tar.addfile(info, io.BytesIO(member))
+
+
+def shards_main(a) -> None:
+    """Part file vs tar shard of the same images, one process, interleaved rounds."""
+    import gzip
+
+    import paddle
+
+    paddle.set_device("cpu")
+    data_dir = a.data_dir or tempfile.mkdtemp(prefix="bench-shards-")
+    os.makedirs(data_dir, exist_ok=True)
+    size = tuple(a.size)
+    jpegs = photo_like_jpegs(a.num_images, size) if a.content == "coco" else detailed_jpegs(a.num_images, size)
+    captions = [f"a photo number {i % 7}" for i in range(len(jpegs))]
+    part = os.path.join(data_dir, "part-000000" + (".gz" if a.gzip else ""))
+    with (gzip.open(part, "wt", compresslevel=9, encoding="utf-8") if a.gzip else open(part, "w", encoding="utf-8")) as f:
+        for caption, data in zip(captions, jpegs):
+            f.write(encode_part_line(caption, data))
+    shard = os.path.join(data_dir, "00000.tar")
+    write_tar_shard(shard, captions, jpegs)
+    lists = {"part file": write_filelists(data_dir, "parts", [part])[1],
+             "tar shard": write_filelists(data_dir, "shards", [shard])[1]}
+    print(f"{len(jpegs)} {a.content} JPEGs {size[0]}×{size[1]}, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB; "
+          f"part file {'gzip' if a.gzip else 'plain'} {os.path.getsize(part) / 2 ** 20:.1f} MiB, tar "
+          f"{os.path.getsize(shard) / 2 ** 20:.1f} MiB; resolution {a.resolution}, batch {a.batch_size}, "
+          f"{a.rounds} rounds; load average {os.getloadavg()[0]:.1f}")
+    tokenizer = load_tokenizer(None)
+    streams = {name: iter(TextImagePairDataset(fl, tokenizer, a.resolution, rank=0, world_size=1, shuffle_buffer=16,
+                                               allow_upscale=True))
+               for name, fl in lists.items()}
+
+    def run(name):
+        it, n = streams[name], 0
+        while n < len(jpegs):
+            collate_fn([next(it) for _ in range(min(a.batch_size, len(jpegs) - n))])
+            n += a.batch_size
+        return len(jpegs)
+
+    for name in streams:  # warm-up: caches, the shuffle buffer
+        run(name)
+    rates = {name: [] for name in streams}
+    for _ in range(a.rounds):
+        for name in streams:
+            t = time.perf_counter()
+            rates[name].append(run(name) / (time.perf_counter() - t))
+    print("| source | samples/s (median of rounds) |")
+    print("|---|---:|")
+    for name, rs in rates.items():
+        print(f"| {name} | {statistics.median(rs):.1f} |")
+    ratio = statistics.median(t / p for t, p in zip(rates["tar shard"], rates["part file"]))
+    print(f"tar shard / part file: per-round median {ratio:.2f}× (min {min(t / p for t, p in zip(rates['tar shard'], rates['part file'])):.2f}, "
+          f"max {max(t / p for t, p in zip(rates['tar shard'], rates['part file'])):.2f})")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, default=256)
@@ -100,7 +175,12 @@ def main(argv=None) -> None:
     p.add_argument("--content", choices=["coco", "detailed"], default="coco",
                    help="coco: jittered, upscaled crops of a COCO photo (softer); detailed: synthetic full-detail photos")
     p.add_argument("--data_dir", default=None, help="where to write the part file (default: a temp folder)")
+    p.add_argument("--shards", action="store_true", help="part file vs img2dataset tar shard of the same images")
+    p.add_argument("--gzip", action="store_true", help="--shards: gzip the part file (PaddleMIX's --save_gzip_file)")
+    p.add_argument("--size", type=int, nargs=2, default=[1024, 768], metavar=("W", "H"), help="image size")
     a = p.parse_args(argv)
+    if a.shards:
+        return shards_main(a)
     import paddle
     from paddle.vision import transforms
 

@@ -49,6 +49,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from sd import img2dataset
 from sd.data_format import BadRecord, decode_part_record, iter_part_file
 from sd.log import logger
 
@@ -58,7 +59,8 @@ from sd.log import logger
 # the rest of that file is skipped). New reasons go at the end.
 SKIP_REASONS = ("empty_line", "not_text", "too_few_fields", "bad_json", "no_caption", "empty_image", "bad_base64",
                 "bad_image", "too_small", "missing_file", "truncated_file", "unreadable_file",
-                "bad_latent")  # bad_latent: a record of precomputed latents (sd/latent_dataset.py) that does not parse
+                "bad_latent",  # bad_latent: a record of precomputed latents (sd/latent_dataset.py) that does not parse
+                "filtered", "not_downloaded")  # img2dataset shards (sd/img2dataset.py): metadata filters, failed URLs
 FILE_REASONS = ("missing_file", "unreadable_file", "truncated_file")
 
 
@@ -82,6 +84,12 @@ _SOURCES: List[RecordSource] = [PART_FILES]
 def register_source(source: RecordSource) -> None:
     """Make files whose name ends with one of ``source.suffixes`` be read by ``source``."""
     _SOURCES.append(source)
+
+
+# img2dataset shards (sd/img2dataset.py): a webdataset .tar, a parquet with the image bytes in a column.
+register_source(RecordSource("img2dataset tar shard", (".tar",), img2dataset.iter_tar, img2dataset.decode_sample))
+register_source(RecordSource("img2dataset parquet shard", (".parquet",), img2dataset.iter_parquet,
+                             img2dataset.decode_sample))
 
 
 def source_for(path: str) -> RecordSource:
