@@ -112,7 +112,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise MetricsError(f"the two statistics differ in size ({mu1.shape[0]} vs {mu2.shape[0]} features): "
                            "compute both with the same network")
-    root, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    root = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(root).all():
         offset = np.eye(sigma1.shape[0]) * eps
         root = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))

@@ -116,62 +116,71 @@ def test_paddlemix_weight_names_map_to_ours():
 # ---------------------------------------------------------------------------------------------
 # FID against pytorch-fid
 # ---------------------------------------------------------------------------------------------
+N_FID = 12  # images per side: 24 in all
+
+
 @pytest.fixture(scope="module")
 def fid_parity(tmp_path_factory):
-    """Both sides on the same 2 × 16 images and weights: (our features, reference outputs, paths)."""
+    """Both sides on the same 2 × 12 images and random weights: pytorch-fid's features and FID, ours."""
     if not os.path.isfile(PARITY_PYTHON):
         pytest.skip(f"no parity venv at {PARITY_VENV} (pytorch-fid + torchvision; .ci/run creates it, "
                     "or set SD_PARITY_VENV)")
-    tmp = tmp_path_factory.mktemp("fid")
-    dir_a, dir_b = write_images(str(tmp / "a"), 16, seed=1), write_images(str(tmp / "b"), 16, seed=2)
-    state = random_inception_state()
-    np.savez(tmp / "weights.npz", **state)
     from safetensors.numpy import save_file
 
+    from sd.inception import load_fid_inception
+    from sd.metrics import inception_features, list_images
+
+    tmp = tmp_path_factory.mktemp("fid")
+    dirs = {"a": write_images(str(tmp / "a"), N_FID, seed=1), "b": write_images(str(tmp / "b"), N_FID, seed=2)}
+    state = random_inception_state()
+    np.savez(tmp / "weights.npz", **state)
     save_file(state, str(tmp / "weights.safetensors"))
     ref = tmp / "ref"
     ref.mkdir()
     proc = subprocess.run([PARITY_PYTHON, os.path.join(ROOT, "tests", "fid_reference.py"), str(tmp / "weights.npz"),
-                           dir_a, dir_b, str(ref)], capture_output=True, text=True, timeout=600)
+                           dirs["a"], dirs["b"], str(ref)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"tmp": tmp, "a": dir_a, "b": dir_b, "ref": ref,
-            "features_a": np.load(ref / "features_a.npy"), "features_b": np.load(ref / "features_b.npy"),
-            "fid": json.load(open(ref / "fid.json"))["fid"]}
+    model = load_fid_inception(str(tmp / "weights.safetensors"))
+    return {"tmp": tmp, "ref": ref, **dirs, "fid": json.load(open(ref / "fid.json"))["fid"],
+            **{f"ref_{k}": np.load(ref / f"features_{k}.npy") for k in dirs},
+            **{f"ours_{k}": inception_features(list_images(d), model, batch_size=5) for k, d in dirs.items()}}
 
 
 def test_fid_features_and_value_equal_pytorch_fid(fid_parity):
-    """The CLI with the .safetensors weights: FID within 1e-3 of pytorch-fid's; our features within
-    1e-4 (relative, per image) of pytorch-fid's."""
-    from sd.inception import load_fid_inception
-    from sd.metrics import inception_features, list_images
+    """Features within 1e-4 (relative, per image) of pytorch-fid's, FID within 1e-3."""
+    from sd.metrics import frechet_distance, statistics
 
     p = fid_parity
-    model = load_fid_inception(str(p["tmp"] / "weights.safetensors"))
     for side in ("a", "b"):
-        ours, ref = inception_features(list_images(p[side]), model, batch_size=5), p[f"features_{side}"]
-        assert ours.shape == ref.shape == (16, 2048)
+        ours, ref = p[f"ours_{side}"], p[f"ref_{side}"]
+        assert ours.shape == ref.shape == (N_FID, 2048)
         rel = np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
         assert rel.max() <= 1e-4, rel.max()
-    out = run_cli("fid", p["a"], p["b"], "--inception_weights", str(p["tmp"] / "weights.safetensors"))
+    fid = frechet_distance(*statistics(p["ours_a"]), *statistics(p["ours_b"]))
+    assert fid == pytest.approx(p["fid"], rel=1e-3)
+    assert p["fid"] > 1.0  # two different image sets: a distance well above rounding
+
+
+def test_fid_cli_with_pth_or_safetensors_and_npz_statistics(fid_parity, tmp_path):
+    """``python -m sd.metrics fid DIR stats.npz`` prints pytorch-fid's FID last, with pytorch-fid's own
+    .pth (torchvision's state dict, read with weights_only=True) when PyTorch is installed, else with
+    the .safetensors copy; the .npz holds the other side's (mu, sigma)."""
+    from sd.metrics import statistics
+
+    p = fid_parity
+    mu, sigma = statistics(p["ours_b"])
+    np.savez(tmp_path / "b.npz", mu=mu, sigma=sigma)
+    try:
+        import torch  # noqa: F401
+
+        weights = str(p["ref"] / "weights.pth")
+    except ImportError:
+        weights = str(p["tmp"] / "weights.safetensors")
+    out = run_cli("fid", p["a"], str(tmp_path / "b.npz"), "--inception_weights", weights)
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("FID ")
     assert float(last.split()[1]) == pytest.approx(p["fid"], rel=1e-3)
-    assert p["fid"] > 1.0  # two different image sets: a distance well above rounding
-
-
-def test_fid_from_pth_and_npz_statistics(fid_parity, tmp_path):
-    """pytorch-fid's own .pth (torchvision's state dict, read with weights_only=True) and a statistics
-    .npz saved by fid_stats give the same FID."""
-    pytest.importorskip("torch")
-    p = fid_parity
-    pth = str(p["ref"] / "weights.pth")
-    stats = str(tmp_path / "b.npz")
-    out = run_cli("fid_stats", p["b"], stats, "--inception_weights", pth)
-    assert out.returncode == 0, out.stderr[-2000:]
-    out = run_cli("fid", p["a"], stats, "--inception_weights", pth)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1].split()[1]) == pytest.approx(p["fid"], rel=1e-3)
 
 
 def test_paddle_path_never_imports_torch(tmp_path):
@@ -187,3 +196,142 @@ def test_paddle_path_never_imports_torch(tmp_path):
                   env={"PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1].startswith("FID ")
+    out = run_cli("fid_stats", a, str(tmp_path / "a.npz"), "--inception_weights", str(tmp_path / "w.safetensors"),
+                  env={"PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    with np.load(tmp_path / "a.npz") as f:
+        assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
+
+
+def test_cli_user_mistakes_are_one_line(tmp_path):
+    a = write_images(str(tmp_path / "a"), 2, seed=1, size=16)
+    cases = [("fid", a, str(tmp_path / "none"), "--inception_weights", str(tmp_path / "w.safetensors")),
+             ("fid", a, a, "--fid_features", "clip"),
+             ("clip_score", "--clip_model_name_or_path", str(tmp_path), "--images", a, "--captions", str(tmp_path / "c.txt"))]
+    for args in cases:
+        out = run_cli(*args, env={"HOME": str(tmp_path)})  # no cached Inception weights either
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        lines = out.stderr.strip().splitlines()
+        assert lines and lines[-1].startswith("error: ") and "Traceback" not in out.stderr, (args, out.stderr[-2000:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------
+def test_caption_formats(tmp_path):
+    from sd.metrics import MetricsError, read_captions
+
+    images = write_images(str(tmp_path / "img"), 3, seed=0, size=8)
+    (tmp_path / "lines.txt").write_text("first\nsecond\n\nthird\nfourth\n")
+    files, caps = read_captions(str(tmp_path / "lines.txt"), images)
+    assert [os.path.basename(f) for f in files] == ["00000_000.png", "00001_000.png", "00002_000.png"]
+    assert caps == ["first", "second", "third"]  # the first N for N images
+    # PaddleMIX's coco30k.tsv: tab-separated with a header, captions in column caption_en
+    (tmp_path / "coco.tsv").write_text("id\tcaption_en\tcaption_zh\n7\ta cat, on a mat\t猫\n8\ta dog\t狗\n9\ta cow\t牛\n",
+                                       encoding="utf-8")
+    assert read_captions(str(tmp_path / "coco.tsv"), images)[1] == ["a cat, on a mat", "a dog", "a cow"]
+    recs = [{"image": "00002_000.png", "caption": "x"}, {"image": "00000_000.png", "caption": "y"}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    files, caps = read_captions(str(tmp_path / "pairs.jsonl"), images)
+    assert [os.path.basename(f) for f in files] == ["00002_000.png", "00000_000.png"] and caps == ["x", "y"]
+    (tmp_path / "short.txt").write_text("only one\n")
+    with pytest.raises(MetricsError, match="1 captions for 3 images"):
+        read_captions(str(tmp_path / "short.txt"), images)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP score against transformers
+# ---------------------------------------------------------------------------------------------
+def demo_pairs(folder, n=12, size=40, seed=0):
+    """n rendered demo images (larger than the CLIP input: resize and crop are exercised) and their captions."""
+    from sd import demo_data
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    prompts = demo_data.all_prompts()[:n]
+    for i, (c, s, b, _) in enumerate(prompts):
+        demo_data.render(c, s, b, size, rng).save(os.path.join(folder, f"{i:05d}.png"))
+    return [p[3] for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory):
+    """A tiny random CLIPModel, CLIPTokenizer and CLIPImageProcessor saved by transformers, and
+    transformers' own CLIP scores of 12 demo images (tests/clip_reference.py, in a subprocess without
+    USE_TORCH=0)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+        pytest.skip("PyTorch or transformers not installed (pip install -r requirements-interop.txt)")
+    from sd import demo_data
+    from sd.kit_tokenizer import learn_bpe, save_tokenizer
+
+    tmp = tmp_path_factory.mktemp("clip")
+    save_tokenizer(str(tmp / "tok"), learn_bpe([p[3] for p in demo_data.all_prompts()]), model_max_length=16)
+    captions = demo_pairs(str(tmp / "images"))
+    (tmp / "captions.txt").write_text("\n".join(captions) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "clip_reference.py"), str(tmp / "tok"),
+                           str(tmp / "images"), str(tmp / "captions.txt"), str(tmp)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = str(tmp / "hf_clip")
+    assert os.path.isfile(os.path.join(folder, "model.safetensors"))
+    ref = np.load(tmp / "reference.npz")
+    cos, scale = ref["cos"], float(ref["logit_scale"])
+    return {"folder": folder, "images": str(tmp / "images"), "captions": str(tmp / "captions.txt"), "cos": cos,
+            "clip_score": float((scale * cos).mean()), "torchmetrics": float((100 * np.maximum(cos, 0)).mean()),
+            "image_features": ref["image_features"]}
+
+
+def test_clip_score_equals_transformers(hf_clip):
+    from sd.metrics import clip_score_of, load_clip, read_captions
+
+    clip = load_clip(hf_clip["folder"])
+    assert clip.layout == "hf"
+    res = clip_score_of(clip, *read_captions(hf_clip["captions"], hf_clip["images"]))
+    ref_scores = np.asarray(res["per_image"]) / res["logit_scale"]
+    assert np.abs(ref_scores - hf_clip["cos"]).max() <= 1e-5  # every pair's cosine
+    assert res["clip_score"] == pytest.approx(hf_clip["clip_score"], rel=1e-4)
+    assert res["clip_score_torchmetrics"] == pytest.approx(hf_clip["torchmetrics"], rel=1e-4)
+    assert abs(hf_clip["clip_score"]) > 1e-3  # not a trivially small mean
+    out = run_cli("clip_score", "--clip_model_name_or_path", hf_clip["folder"], "--images", hf_clip["images"],
+                  "--captions", hf_clip["captions"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("CLIP score ") and float(last.split()[-1]) == pytest.approx(hf_clip["clip_score"], rel=1e-4)
+
+
+def test_fd_clip_uses_the_clip_image_embeddings(hf_clip):
+    from sd.metrics import FeatureExtractor, list_images
+
+    feats = FeatureExtractor("clip", clip_model_name_or_path=hf_clip["folder"])(list_images(hf_clip["images"]))
+    np.testing.assert_allclose(feats, hf_clip["image_features"], rtol=1e-4, atol=1e-5)
+
+
+def test_the_kits_clip_loads_in_paddlenlp_layout_and_is_meaningful(tiny_kit, tmp_path):
+    """tiny-sd/clip: paddlenlp's CLIPModel with the kit's text encoder as its text tower, unchanged;
+    matching captions score higher than shuffled ones."""
+    import paddle
+    from ppdiffusers.transformers import CLIPTextModel
+
+    from sd.metrics import clip_score_of, load_clip, read_captions
+
+    clip = load_clip(os.path.join(tiny_kit, "clip"))
+    assert clip.layout == "paddlenlp"
+    captions = demo_pairs(str(tmp_path / "images"), n=36, size=32, seed=5)
+    ids = clip.processor.tokenizer(captions, padding="max_length", max_length=16, return_attention_mask=False)["input_ids"]
+    ids = paddle.to_tensor(np.asarray(ids, dtype=np.int64))
+    kit_text = CLIPTextModel.from_pretrained(os.path.join(tiny_kit, "text_encoder"))
+    kit_text.eval()
+    with paddle.no_grad():
+        np.testing.assert_allclose(clip.model.text_model(ids)[1].numpy(), kit_text(ids)[1].numpy(), rtol=1e-5, atol=1e-5)
+    files, caps = read_captions(_write(tmp_path / "c.txt", captions), str(tmp_path / "images"))
+    matched = clip_score_of(clip, files, caps)["clip_score"]
+    shuffled = clip_score_of(clip, files, caps[7:] + caps[:7])["clip_score"]
+    assert matched > shuffled + 1.0, (matched, shuffled)
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
