@@ -12,7 +12,10 @@ writes the ``from_pretrained`` layout of ``CompVis/stable-diffusion-v1-4`` (``mo
   ``scaling_factor`` is 1 / std of its latents, measured;
 * UNet: a tiny ``UNet2DConditionModel`` config (cross-attention width = text encoder width) and its
   fresh initial weights: the part that training learns;
-* scheduler: SD v1's noise schedule and sampler settings.
+* scheduler: SD v1's noise schedule and sampler settings;
+* ``clip/``: a full tiny CLIP for scoring generated images offline (``sd.metrics``): the text encoder
+  above, frozen, with a ``CLIPVisionModel`` tower trained contrastively against it, in paddlenlp's
+  layout with its tokenizer and image processor. Built last, so the other parts do not depend on it.
 
 Every config has the fields of ``CompVis/stable-diffusion-v1-4``'s own files (e.g. the scheduler's
 ``clip_sample: false``), so a scheduler built with ``from_config`` from the kit samples as with SD v1.
@@ -318,6 +321,118 @@ def _update_json(path: str, defaults: Dict, drop=()) -> None:
         json.dump(config, f, indent=2)
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation (OpenAI's, CLIPImageProcessor's)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def build_clip(cfg: KitConfig, text_encoder, tokenizer, output_dir: str, seed: int, log=print) -> Dict:
+    """A full tiny CLIP for scoring: a ``CLIPVisionModel`` tower trained contrastively against the
+    kit's *frozen* text encoder, saved with it as a CLIP model folder in paddlenlp's layout (loadable by
+    ``paddlenlp.transformers.CLIPModel`` and ``CLIPProcessor``, as PaddleMIX's CLIP score loads
+    ``openai/clip-vit-base-patch32``).
+
+    The text tower is the kit's text encoder unchanged; trained are the vision tower (a ViT with the
+    text tower's sizes, patches of resolution / 8), both projections and the logit scale, with CLIP's
+    symmetric InfoNCE on freshly rendered demo images (every prompt ``clip_repeat`` times per step,
+    ``clip_steps`` steps). Images are normalised as ``CLIPImageProcessor`` does. Runs after every other
+    part is saved, on its own seed, so nothing else in the kit changes.
+
+    Returns the figures: held-out image→caption retrieval, and the mean CLIP score (logit_scale.exp() · cos)
+    of matching and of mismatched (image, caption) pairs.
+    """
+    import paddle
+    import paddle.nn.functional as F
+    from paddlenlp.transformers import CLIPConfig as PaddleNLPCLIPConfig
+    from paddlenlp.transformers import CLIPImageProcessor, CLIPProcessor
+    from paddlenlp.transformers import CLIPModel as PaddleNLPCLIPModel
+    from ppdiffusers.transformers import CLIPConfig, CLIPModel
+    from tqdm import tqdm
+
+    _seed_everything(seed + 17)
+    vision = dict(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
+                  num_attention_heads=cfg.text_heads, image_size=cfg.resolution, patch_size=max(1, cfg.resolution // 8),
+                  projection_dim=cfg.text_hidden)
+    text = text_encoder.config.to_dict()
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.text_hidden)
+    clip = CLIPModel(config)
+    clip.text_model.set_state_dict(text_encoder.text_model.state_dict())
+    for p in clip.text_model.parameters():
+        p.stop_gradient = True
+    clip.text_model.eval()
+    trained = clip.vision_model.parameters() + clip.visual_projection.parameters() + \
+        clip.text_projection.parameters() + [clip.logit_scale]
+    opt = paddle.optimizer.AdamW(learning_rate=cfg.clip_lr, parameters=trained, weight_decay=0.0)
+    prompts = demo_data.all_prompts()
+    ids = paddle.to_tensor(tokenizer([p[3] for p in prompts], padding="max_length", max_length=cfg.max_length,
+                                     truncation=True, return_attention_mask=False)["input_ids"], dtype="int64")
+    with paddle.no_grad():
+        pooled = clip.text_model(ids, return_dict=False)[1]  # (36, D): the frozen tower's EOT states
+    mean = paddle.to_tensor(np.array(CLIP_MEAN, np.float32).reshape(1, 3, 1, 1))
+    std = paddle.to_tensor(np.array(CLIP_STD, np.float32).reshape(1, 3, 1, 1))
+    n = len(prompts)
+
+    def pixels(rng, labels):
+        return (paddle.to_tensor(_demo_batch(rng, cfg.resolution, labels)[0]) + 1) / 2  # [0, 1]
+
+    def embeddings(x):
+        img = F.normalize(clip.get_image_features(pixel_values=(x - mean) / std), axis=-1)
+        return img, F.normalize(clip.text_projection(pooled), axis=-1)
+
+    rng = np.random.default_rng(seed + 17)
+    labels = paddle.arange(n * cfg.clip_repeat) % n
+    for _ in tqdm(range(cfg.clip_steps), desc="kit: CLIP image tower (contrastive)", unit="step"):
+        img, txt = embeddings(pixels(rng, prompts * cfg.clip_repeat))
+        logits = clip.logit_scale.exp().clip(max=100.0) * img @ txt.T  # (36 R images, 36 captions)
+        loss = F.cross_entropy(logits, labels[:, None])  # image → caption
+        for r in range(cfg.clip_repeat):  # caption → its image among each round of 36
+            loss = loss + F.cross_entropy(logits[r * n : (r + 1) * n].T, paddle.arange(n)[:, None]) / cfg.clip_repeat
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+
+    clip.eval()
+    eval_rng = np.random.default_rng(seed + 18)
+    hits, matched, mismatched = 0, [], []
+    with paddle.no_grad():
+        scale = float(clip.logit_scale.exp())
+        for _ in range(max(1, cfg.eval_images // n)):
+            img, txt = embeddings(pixels(eval_rng, prompts))
+            sim = (img @ txt.T).numpy()  # (36 images, 36 captions)
+            hits += int((sim.argmax(1) == np.arange(n)).sum())
+            matched += list(scale * np.diag(sim))
+            mismatched += list(scale * sim[~np.eye(n, dtype=bool)])
+    figures = {"clip_retrieval_accuracy": hits / len(matched), "clip_score_matched": float(np.mean(matched)),
+               "clip_score_mismatched": float(np.mean(mismatched)), "clip_logit_scale": scale,
+               "clip_eval_images": len(matched)}
+
+    # paddlenlp's layout: its own parameter names, filled from ours through its PyTorch-name table
+    # (whose source names are ours; our linear weights are already in Paddle's (in, out) order)
+    nlp_config = PaddleNLPCLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.text_hidden,
+                                     logit_scale_init_value=config.logit_scale_init_value)
+    ours = clip.state_dict()
+    nlp = PaddleNLPCLIPModel(nlp_config)
+    target = nlp.state_dict()
+    state = {m.target_name: ours[m.source_name].reshape(target[m.target_name].shape)
+             for m in PaddleNLPCLIPModel._get_name_mappings(nlp_config)}
+    if set(state) != set(target):
+        raise AssertionError(f"CLIP name table misses {sorted(set(target) - set(state))[:5]}")
+    nlp.set_state_dict(state)
+    nlp.save_pretrained(output_dir)
+    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": cfg.resolution},
+                                                 crop_size={"height": cfg.resolution, "width": cfg.resolution}), tokenizer)
+    processor.save_pretrained(output_dir)
+    tok_config = os.path.join(output_dir, "tokenizer_config.json")
+    with open(tok_config, encoding="utf-8") as f:
+        tok_cfg = json.load(f)
+    tok_cfg.pop("special_tokens_map_file", None)  # a build-time path
+    with open(tok_config, "w", encoding="utf-8") as f:
+        json.dump(tok_cfg, f, indent=2)
+    log(f"kit: CLIP image tower: held-out retrieval {figures['clip_retrieval_accuracy']:.1%} (top-1 of {n} captions), "
+        f"CLIP score {figures['clip_score_matched']:.1f} on matching pairs vs {figures['clip_score_mismatched']:.1f} "
+        f"on mismatched ones")
+    return figures
+
+
 def _disk_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
@@ -378,8 +493,9 @@ def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0
     # and no more: a field SD v1 leaves to each class's default (timestep spacing: leading for DDIM/PNDM,
     # linspace for Euler/LMS/DPM-solver) would otherwise reach every scheduler built with from_config
     _update_json(os.path.join(work, "scheduler", "scheduler_config.json"), {}, drop=("timestep_spacing", "prediction_type"))
+    clip_figures = build_clip(cfg, text_encoder, tokenizer, os.path.join(work, "clip"), seed, log)  # last: changes nothing else
     report = {"seed": seed, "config": asdict(cfg), "captions_file": captions_file, "vocab_size": vocab_size,
-              "num_merges": len(merges), **text_figures, **vae_figures,
+              "num_merges": len(merges), **text_figures, **vae_figures, **clip_figures,
               "unet_parameters": int(sum(int(np.prod(p.shape)) for p in unet.parameters())),
               "text_encoder_parameters": int(sum(int(np.prod(p.shape)) for p in text_encoder.parameters())),
               "vae_parameters": int(sum(int(np.prod(p.shape)) for p in vae.parameters())),
