@@ -307,10 +307,10 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     import paddle
     from paddlenlp.utils.log import logger
 
-    import train_txt2img_laion400m_trainer as entry
     from sd.model import StableDiffusionModel
     from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
     from sd.sd_trainer import StableDiffusionTrainer
+    from sd.training_data import build_dataset
 
     if warmup < 1 or steps < 1:
         raise ValueError(f"need warmup ≥ 1 (the first step has no interval before it) and steps ≥ 1, got {warmup}, {steps}")
@@ -331,7 +331,7 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     finalize(model_args, data_args, training_args, lambda msg, changed=True: logger.info(msg), argv=[])
     paddle.seed(seed)
     model = StableDiffusionModel(model_args, recompute=training_args.recompute)
-    dataset = entry.build_dataset(model, model_args, data_args, training_args, rank=training_args.dataset_rank,
+    dataset = build_dataset(model, model_args, data_args, training_args, rank=training_args.dataset_rank,
                                   world_size=training_args.dataset_world_size)
     trainer = StableDiffusionTrainer(model=model, args=training_args, train_dataset=dataset, resolution=resolution)
     clock = _Clock()
@@ -481,6 +481,14 @@ def main(argv=None) -> None:
     p.add_argument("--flops_only", action="store_true", help="print the UNet FLOPs of --unet_config at --resolution")
     p.add_argument("--unet_config", default=os.path.join(ROOT, "unet_config.json"))
     p.add_argument("--latent_factor", type=int, default=8)
+    p.add_argument("--versus", default=None, metavar="PATH",
+                   help="PaddleMIX's examples/stable_diffusion folder: run its trainer and ours interleaved (A B A B) "
+                        "on the same config, components and data, and print the ratio (sd/benchmark_versus.py)")
+    p.add_argument("--rounds", type=int, default=3, help="--versus: A B rounds")
+    p.add_argument("--versus_steps", type=int, default=60, help="--versus: training steps per run")
+    p.add_argument("--versus_warmup_logs", type=int, default=1, help="--versus: logging intervals dropped per run")
+    p.add_argument("--ours_args", default="", help="--versus: extra flags for our trainer only, one string")
+    p.add_argument("--example_args", default="", help="--versus: extra flags for the example only, one string")
     a, rest = p.parse_known_args(argv)
     extra = {}
     for i in range(0, len(rest), 2):  # more trainer/model/data arguments: --name value
@@ -496,6 +504,8 @@ def main(argv=None) -> None:
               f"{r['unet_parameters'] / 1e6:.0f} M parameters, forward {r['unet_forward_flops'] / 1e12:.3f} TFLOP, "
               f"training (3 × forward) {r['unet_train_flops'] / 1e12:.3f} TFLOP per image")
         return
+    if a.versus:
+        return _main_versus(a, rest)
     kit, file_list = resolve_inputs(a)
     configs = [(b, w) for b in (4, 16) for w in (0, 1, 2)] if a.table else [(a.batch_size, a.num_workers)]
     results = []
@@ -512,6 +522,29 @@ def main(argv=None) -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def _main_versus(a, rest) -> None:
+    import shlex
+
+    from sd import benchmark_versus
+
+    if rest:
+        raise SystemExit(f"--versus: unexpected arguments {rest}; flags for one side go in --ours_args / --example_args")
+    try:
+        benchmark_versus.check_example_folder(a.versus)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    kit, file_list = resolve_inputs(a)
+    result = benchmark_versus.versus(a.versus, kit, file_list, rounds=a.rounds, steps=a.versus_steps,
+                                     logging_steps=a.logging_steps, warmup_logs=a.versus_warmup_logs,
+                                     batch_size=a.batch_size, resolution=a.resolution, num_workers=a.num_workers,
+                                     model_max_length=a.model_max_length, ours_args=shlex.split(a.ours_args),
+                                     example_args=shlex.split(a.example_args))
+    print(benchmark_versus.describe_versus(result), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
