@@ -339,7 +339,10 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     model.encode_text = clock.wrap("text_encode", model.encode_text)
     if hasattr(model, "sample_latents"):
         model.sample_latents = clock.wrap("latent_sample", model.sample_latents)
-    model.unet.forward = clock.wrap("unet_forward", model.unet.forward)
+    if "unet" in (model._static or {}):  # --to_static compiled it when the trainer was built
+        model._static["unet"] = clock.wrap("unet_forward", model._static["unet"])
+    else:
+        model._unet_prediction = clock.wrap("unet_forward", model._unet_prediction)
     trainer.compute_loss = clock.wrap("compute_loss", trainer.compute_loss)
     timer = _make_step_timer(trainer, clock)
     trainer.add_callback(timer)
@@ -371,6 +374,12 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     if flops:
         result.update(model_flops(model, resolution, batch_size, model_max_length, latents))
         on_gpu = paddle.is_compiled_with_cuda() and "gpu" in paddle.device.get_device()
+        # CPU: per main-process CPU second (robust to other jobs on the machine) against one core's peak
+        result["gflops_per_cpu_s"] = result["model_flops_per_step"] / result["cpu_s"] / 1e9
+        peak = cpu_peak_gflops()
+        if peak and not on_gpu:
+            result["cpu_core_peak_gflops"] = peak["gflops"]
+            result["cpu_peak_source"] = f"{peak['isa']} {peak['lanes']} lanes × 2 FMA units × 2 FLOP × {peak['ghz']:.2f} GHz"
         if on_gpu:
             achieved = result["model_flops_per_step"] / interval / 1e12
             peak = peak_tflops or _known_peak()
@@ -392,6 +401,25 @@ def model_flops(model, resolution: int, batch_size: int, text_len: int, latents:
     per_image = 3 * unet + (0 if latents else vae + text)
     return {"unet_forward_flops_per_image": unet, "vae_encode_flops_per_image": vae, "text_encode_flops_per_image": text,
             "model_flops_per_step": per_image * batch_size}
+
+
+def cpu_peak_gflops(cpuinfo: str = "/proc/cpuinfo") -> Optional[dict]:
+    """One core's FP32 peak from ``/proc/cpuinfo``: SIMD lanes (AVX-512: 16, AVX2: 8 floats) × 2 FLOP per
+    fused multiply-add × 2 FMA units per core (Intel since Haswell, AMD since Zen 2; 1 unit on some
+    AVX-512 parts, so this is an upper bound) × the clock ``cpu MHz`` reports (no turbo headroom)."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return None
+    flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
+    mhz = [float(l.split(":", 1)[1]) for l in text.splitlines() if l.startswith("cpu MHz")]
+    if not mhz or "fma" not in flags:
+        return None
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    ghz = max(mhz) / 1000
+    return {"gflops": lanes * 2 * 2 * ghz, "lanes": lanes, "ghz": ghz,
+            "isa": "AVX-512" if lanes == 16 else "AVX2" if lanes == 8 else "SSE"}
 
 
 def _known_peak() -> Optional[float]:
@@ -442,7 +470,10 @@ def describe(r: dict) -> str:
         if "achieved_tflops" in r:
             line += f"; achieved {r['achieved_tflops']:.1f} TFLOP/s, MFU " + (f"{100 * r['mfu']:.1f} %" if r["mfu"] else "n/a")
         else:
-            line += "; TFLOP/s and MFU: GPU only"
+            line += f"; {r['gflops_per_cpu_s']:.1f} GFLOP per main-process CPU second"
+            if "cpu_core_peak_gflops" in r:
+                line += (f" = {100 * r['gflops_per_cpu_s'] / r['cpu_core_peak_gflops']:.0f} % of one core's FP32 peak "
+                         f"{r['cpu_core_peak_gflops']:.0f} GFLOP/s ({r['cpu_peak_source']})")
         lines.append(line)
     return "\n".join(lines)
 

@@ -139,7 +139,7 @@ def versus(example_dir: str, kit: str, file_list: str, rounds: int = 3, steps: i
         example_dir: PaddleMIX's ``examples/stable_diffusion`` folder (copied, never written).
         kit: a local pretrained folder (vae/, text_encoder/, tokenizer/, unet/config.json) both sides load.
         file_list: a ``*.filelist.list`` of laion400m-format part files (rewritten with absolute paths).
-        ours_args / example_args: extra flags for one side only (e.g. ``["--vae_inference", "True"]``).
+        ours_args / example_args: extra flags for one side only (e.g. ``["--frozen_inference", "True"]``).
     Returns:
         ``{"runs": [...] in run order, "rounds": [{"example", "ours", "ratio"}], "ratio", "example", "ours",
         "load": (min, max) 1-minute load average seen}``; throughput in samples/s.
