@@ -307,10 +307,10 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     import paddle
     from paddlenlp.utils.log import logger
 
-    import train_txt2img_laion400m_trainer as entry
     from sd.model import StableDiffusionModel
     from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
     from sd.sd_trainer import StableDiffusionTrainer
+    from sd.train_loader import build_dataset
 
     if warmup < 1 or steps < 1:
         raise ValueError(f"need warmup ≥ 1 (the first step has no interval before it) and steps ≥ 1, got {warmup}, {steps}")
@@ -331,7 +331,7 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     finalize(model_args, data_args, training_args, lambda msg, changed=True: logger.info(msg), argv=[])
     paddle.seed(seed)
     model = StableDiffusionModel(model_args, recompute=training_args.recompute)
-    dataset = entry.build_dataset(model, model_args, data_args, training_args, rank=training_args.dataset_rank,
+    dataset = build_dataset(model, model_args, data_args, training_args, rank=training_args.dataset_rank,
                                   world_size=training_args.dataset_world_size)
     trainer = StableDiffusionTrainer(model=model, args=training_args, train_dataset=dataset, resolution=resolution)
     clock = _Clock()
@@ -339,7 +339,10 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     model.encode_text = clock.wrap("text_encode", model.encode_text)
     if hasattr(model, "sample_latents"):
         model.sample_latents = clock.wrap("latent_sample", model.sample_latents)
-    model.unet.forward = clock.wrap("unet_forward", model.unet.forward)
+    if "unet" in (model._static or {}):  # --to_static compiled it when the trainer was built
+        model._static["unet"] = clock.wrap("unet_forward", model._static["unet"])
+    else:
+        model._unet_prediction = clock.wrap("unet_forward", model._unet_prediction)
     trainer.compute_loss = clock.wrap("compute_loss", trainer.compute_loss)
     timer = _make_step_timer(trainer, clock)
     trainer.add_callback(timer)
@@ -371,6 +374,12 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     if flops:
         result.update(model_flops(model, resolution, batch_size, model_max_length, latents))
         on_gpu = paddle.is_compiled_with_cuda() and "gpu" in paddle.device.get_device()
+        # CPU: per main-process CPU second (robust to other jobs on the machine) against one core's peak
+        result["gflops_per_cpu_s"] = result["model_flops_per_step"] / result["cpu_s"] / 1e9
+        peak = cpu_peak_gflops()
+        if peak and not on_gpu:
+            result["cpu_core_peak_gflops"] = peak["gflops"]
+            result["cpu_peak_source"] = f"{peak['isa']} {peak['lanes']} lanes × 2 FMA units × 2 FLOP × {peak['ghz']:.2f} GHz"
         if on_gpu:
             achieved = result["model_flops_per_step"] / interval / 1e12
             peak = peak_tflops or _known_peak()
@@ -392,6 +401,25 @@ def model_flops(model, resolution: int, batch_size: int, text_len: int, latents:
     per_image = 3 * unet + (0 if latents else vae + text)
     return {"unet_forward_flops_per_image": unet, "vae_encode_flops_per_image": vae, "text_encode_flops_per_image": text,
             "model_flops_per_step": per_image * batch_size}
+
+
+def cpu_peak_gflops(cpuinfo: str = "/proc/cpuinfo") -> Optional[dict]:
+    """One core's FP32 peak from ``/proc/cpuinfo``: SIMD lanes (AVX-512: 16, AVX2: 8 floats) × 2 FLOP per
+    fused multiply-add × 2 FMA units per core (Intel since Haswell, AMD since Zen 2; 1 unit on some
+    AVX-512 parts, so this is an upper bound) × the clock ``cpu MHz`` reports (no turbo headroom)."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return None
+    flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
+    mhz = [float(l.split(":", 1)[1]) for l in text.splitlines() if l.startswith("cpu MHz")]
+    if not mhz or "fma" not in flags:
+        return None
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    ghz = max(mhz) / 1000
+    return {"gflops": lanes * 2 * 2 * ghz, "lanes": lanes, "ghz": ghz,
+            "isa": "AVX-512" if lanes == 16 else "AVX2" if lanes == 8 else "SSE"}
 
 
 def _known_peak() -> Optional[float]:
@@ -442,7 +470,10 @@ def describe(r: dict) -> str:
         if "achieved_tflops" in r:
             line += f"; achieved {r['achieved_tflops']:.1f} TFLOP/s, MFU " + (f"{100 * r['mfu']:.1f} %" if r["mfu"] else "n/a")
         else:
-            line += "; TFLOP/s and MFU: GPU only"
+            line += f"; {r['gflops_per_cpu_s']:.1f} GFLOP per main-process CPU second"
+            if "cpu_core_peak_gflops" in r:
+                line += (f" = {100 * r['gflops_per_cpu_s'] / r['cpu_core_peak_gflops']:.0f} % of one core's FP32 peak "
+                         f"{r['cpu_core_peak_gflops']:.0f} GFLOP/s ({r['cpu_peak_source']})")
         lines.append(line)
     return "\n".join(lines)
 
@@ -481,6 +512,14 @@ def main(argv=None) -> None:
     p.add_argument("--flops_only", action="store_true", help="print the UNet FLOPs of --unet_config at --resolution")
     p.add_argument("--unet_config", default=os.path.join(ROOT, "unet_config.json"))
     p.add_argument("--latent_factor", type=int, default=8)
+    p.add_argument("--versus", default=None, metavar="PATH",
+                   help="PaddleMIX's examples/stable_diffusion folder: run its trainer and ours interleaved (A B A B) "
+                        "on the same config, components and data, and print the ratio (sd/benchmark_versus.py)")
+    p.add_argument("--rounds", type=int, default=3, help="--versus: A B rounds")
+    p.add_argument("--versus_steps", type=int, default=60, help="--versus: training steps per run")
+    p.add_argument("--versus_warmup_logs", type=int, default=1, help="--versus: logging intervals dropped per run")
+    p.add_argument("--ours_args", default="", help="--versus: extra flags for our trainer only, one string")
+    p.add_argument("--example_args", default="", help="--versus: extra flags for the example only, one string")
     a, rest = p.parse_known_args(argv)
     extra = {}
     for i in range(0, len(rest), 2):  # more trainer/model/data arguments: --name value
@@ -496,6 +535,8 @@ def main(argv=None) -> None:
               f"{r['unet_parameters'] / 1e6:.0f} M parameters, forward {r['unet_forward_flops'] / 1e12:.3f} TFLOP, "
               f"training (3 × forward) {r['unet_train_flops'] / 1e12:.3f} TFLOP per image")
         return
+    if a.versus:
+        return _main_versus(a, rest)
     kit, file_list = resolve_inputs(a)
     configs = [(b, w) for b in (4, 16) for w in (0, 1, 2)] if a.table else [(a.batch_size, a.num_workers)]
     results = []
@@ -512,6 +553,29 @@ def main(argv=None) -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def _main_versus(a, rest) -> None:
+    import shlex
+
+    from sd import benchmark_versus
+
+    if rest:
+        raise SystemExit(f"--versus: unexpected arguments {rest}; flags for one side go in --ours_args / --example_args")
+    try:
+        benchmark_versus.check_example_folder(a.versus)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    kit, file_list = resolve_inputs(a)
+    result = benchmark_versus.versus(a.versus, kit, file_list, rounds=a.rounds, steps=a.versus_steps,
+                                     logging_steps=a.logging_steps, warmup_logs=a.versus_warmup_logs,
+                                     batch_size=a.batch_size, resolution=a.resolution, num_workers=a.num_workers,
+                                     model_max_length=a.model_max_length, ours_args=shlex.split(a.ours_args),
+                                     example_args=shlex.split(a.example_args))
+    print(benchmark_versus.describe_versus(result), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

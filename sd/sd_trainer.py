@@ -73,7 +73,13 @@ class StableDiffusionTrainer(Trainer):
                  micro_datasets: Optional[list] = None, **kwargs):
         """``micro_datasets``: one dataset per accumulation micro-batch k, each built for data rank
         ``dataset_rank · A + k`` of ``dataset_world_size · A`` (default: ``[train_dataset]``, A = 1)."""
+        # --to_static: the model compiles its UNet and VAE encoder itself (StableDiffusionModel.compile_static)
+        # instead of paddlenlp converting the whole model, so that the step's numpy draws stay eager
+        to_static, args.to_static = args.to_static, False
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        args.to_static = to_static
+        if to_static:
+            model.compile_static()
         self.micro_datasets = micro_datasets or [train_dataset]
         if len(self.micro_datasets) != args.gradient_accumulation_steps:
             raise ValueError(f"{len(self.micro_datasets)} micro-batch datasets for gradient_accumulation_steps="

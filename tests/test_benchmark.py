@@ -73,3 +73,125 @@ def test_dense_conv_bias_is_exact():
     (b ** 2).sum().backward()
     for p, q in zip(stock.parameters(), fast.parameters()):
         np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# --versus: the side-by-side run against PaddleMIX's example
+# ---------------------------------------------------------------------------------------------
+REFERENCE_EXAMPLE = os.path.join(ROOT, "..", "..", "shared", "reference", "paddlemix_stable_diffusion")
+if not os.path.isdir(REFERENCE_EXAMPLE):  # a worktree two levels down, or a clone beside ../shared
+    REFERENCE_EXAMPLE = os.path.join(ROOT, "..", "shared", "reference", "paddlemix_stable_diffusion")
+
+# A stand-in for the example's entry script: it accepts exactly the flags the real example's argument
+# classes define that the benchmark passes (an unknown flag fails, as PdArgumentParser does), records
+# where and when it ran, and logs paddlenlp-style lines whose interval throughput it really measured.
+STANDIN = r'''
+import argparse, json, os, sys, time
+start = time.time()
+import sd  # must be this folder's sd/, not the repository's
+p = argparse.ArgumentParser()
+for name in ("do_train", "output_dir", "device", "per_device_train_batch_size", "gradient_accumulation_steps",
+             "learning_rate", "weight_decay", "max_steps", "lr_scheduler_type", "warmup_steps", "image_logging_steps",
+             "logging_steps", "resolution", "save_steps", "seed", "dataloader_num_workers",
+             "pretrained_model_name_or_path", "vae_name_or_path", "text_encoder_name_or_path", "unet_name_or_path",
+             "file_list", "model_max_length", "max_grad_norm", "disable_tqdm", "bf16", "report_to"):
+    p.add_argument("--" + name, nargs="?", const="True")
+a = p.parse_args()
+os.makedirs(a.output_dir)
+steps, every, batch = int(a.max_steps), int(a.logging_steps), int(a.per_device_train_batch_size)
+t0 = time.perf_counter()
+for step in range(1, steps + 1):
+    time.sleep(0.02 if step <= every else 0.01)  # a slower first interval (warm-up)
+    if step % every == 0:
+        dt = time.perf_counter() - t0
+        print(f"[2026-01-01 00:00:00,000] [    INFO] - loss: 0.5, learning_rate: 0.0001, global_step: {step}, "
+              f"interval_runtime: {dt:.4f}, interval_samples_per_second: {batch * every / dt:.4f}, "
+              f"interval_steps_per_second: {every / dt:.4f}, progress_or_epoch: 0.5", flush=True)
+        t0 = time.perf_counter()
+with open(os.path.join(a.output_dir, "standin.json"), "w") as f:
+    json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "sd": os.path.dirname(os.path.abspath(sd.__file__)),
+               "start": start, "end": time.time()}, f)
+'''
+
+
+@pytest.fixture
+def standin_example(tmp_path):
+    folder = tmp_path / "paddlemix_example"
+    (folder / "sd").mkdir(parents=True)
+    (folder / "sd" / "__init__.py").write_text("")
+    (folder / "train_txt2img_laion400m_trainer.py").write_text(STANDIN)
+    return str(folder)
+
+
+def test_parse_log_reads_both_trainers_lines():
+    from sd.benchmark_versus import parse_log
+
+    example = ("\x1b[32m[2026-12-01 10:37:08,317] [    INFO]\x1b[0m - loss: 1.00416031, learning_rate: 0.0001, "
+               "global_step: 10, interval_runtime: 18.6769, interval_samples_per_second: 2.1417, "
+               "interval_steps_per_second: 0.5354, progress_or_epoch: 0.3333\x1b[0m")
+    ours = ("[2026-12-01 10:37:18,485] [    INFO] - loss: 0.9466, learning_rate: 0.0001, global_step: 20, "
+            "reader_seconds_per_step: 0.0011, interval_runtime: 1.5, interval_samples_per_second: 26.6667, "
+            "interval_steps_per_second: 6.6667")
+    summary = "train_runtime: 38.9443, train_samples_per_second: 3.0813, train_steps_per_second: 0.7703"
+    assert parse_log("\n".join([example, "noise", summary, ours])) == [
+        {"global_step": 10, "samples_per_s": 2.1417}, {"global_step": 20, "samples_per_s": 26.6667}]
+
+
+def test_versus_interleaves_and_reads_each_trainers_own_figures(standin_example, tiny_kit, demo_file_list, tmp_path):
+    from sd.benchmark_versus import describe_versus, versus
+
+    before = sorted(os.listdir(standin_example))
+    r = versus(standin_example, tiny_kit, demo_file_list, rounds=2, steps=4, logging_steps=2, warmup_logs=1,
+               batch_size=2, resolution=32, num_workers=0, model_max_length=16, work_dir=str(tmp_path / "work"),
+               timeout=600)
+    runs = r["runs"]
+    assert [(x["side"], x["round"]) for x in runs] == [("example", 1), ("ours", 1), ("example", 2), ("ours", 2)]
+    for earlier, later in zip(runs, runs[1:]):  # one after the other, never at the same time
+        assert later["start"] >= earlier["end"]
+    for x in runs:
+        assert x["logged_steps"] == [2, 4]
+        assert x["samples_per_s"] == x["intervals"][1] > 0  # the warm-up interval is dropped
+    for k, rnd in enumerate(r["rounds"], 1):
+        ex, ours = (next(x for x in runs if x["side"] == s and x["round"] == k) for s in ("example", "ours"))
+        assert rnd == {"example": ex["samples_per_s"], "ours": ours["samples_per_s"],
+                       "ratio": ours["samples_per_s"] / ex["samples_per_s"]}
+    assert r["ratio"] == pytest.approx(np.median([x["ratio"] for x in r["rounds"]]))
+    # the stand-in ran inside its example window, from a copy of its folder, with its own sd package
+    for x in (x for x in runs if x["side"] == "example"):
+        seen = json.load(open(os.path.join(x["folder"], "output", "standin.json")))
+        assert x["start"] <= seen["start"] <= seen["end"] <= x["end"]
+        assert seen["cwd"] == os.path.join(r["work_dir"], "paddlemix_example") == os.path.dirname(seen["sd"])
+        argv = seen["argv"]
+        assert argv[argv.index("--unet_name_or_path") + 1] == os.path.join(os.path.abspath(tiny_kit), "unet", "config.json")
+        assert argv[argv.index("--resolution") + 1] == "32"
+    # the stand-in's interval figures are ~2 × 2 / (2 × 0.01 s) = 200 samples/s: nothing is invented by the parser
+    assert 20 < r["example"] <= 200
+    assert sorted(os.listdir(standin_example)) == before  # the example folder itself is never written
+    text = describe_versus(r)
+    assert "round 2:" in text and f"{r['ratio']:.2f}×" in text and "load average" in text
+
+
+def test_versus_cli_refuses_a_folder_that_is_not_the_example(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sd.benchmark", "--versus", str(tmp_path)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert r.returncode != 0
+    assert "not a PaddleMIX examples/stable_diffusion folder" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir(REFERENCE_EXAMPLE), reason="PaddleMIX's example is not in ../shared/reference")
+def test_the_real_example_accepts_the_versus_command(tmp_path):
+    """PaddleMIX's own argument classes parse the benchmark's command (names and values), without training."""
+    from sd.benchmark_versus import training_command
+
+    cmd = training_command("x.py", "/kit", "/data/a.filelist.list", str(tmp_path / "out"), steps=60)
+    check = ("import sys; from paddlenlp.trainer import PdArgumentParser; "
+             "from sd import SDDataArguments, SDModelArguments, SDTrainingArguments; "
+             "m, d, t = PdArgumentParser((SDModelArguments, SDDataArguments, SDTrainingArguments))"
+             ".parse_args_into_dataclasses(sys.argv[1:]); "
+             "print(t.resolution, t.per_device_train_batch_size, t.dataloader_num_workers, t.max_grad_norm, "
+             "t.image_logging_steps, m.unet_name_or_path, d.file_list, t.device)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", check, *cmd[3:]], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.abspath(REFERENCE_EXAMPLE), env=dict(env, USE_TORCH="0"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-8:] == ["64", "4", "1", "-1.0", "-1", "/kit/unet/config.json", "/data/a.filelist.list", "cpu"]
