@@ -1,7 +1,7 @@
 """A toy data-parallel job for the elastic tests: a step counter that survives restarts.
 
 Every step all-reduces a tensor of ones over gloo (so a step needs every rank of the current world),
-then rank 0 appends ``step world_size`` to ``<state_dir>/steps.log`` and saves the next step to
+then rank 0 appends ``step world_size unix_time`` to ``<state_dir>/steps.log`` and saves the next step to
 ``<state_dir>/counter`` (written to a temporary file and renamed, so a kill leaves the old or the new
 value, never half of one). A restarted job starts at the saved counter, whatever its world size.
 
@@ -57,7 +57,7 @@ def main():
         time.sleep(args.step_seconds)
         if rank == 0:
             with open(os.path.join(args.state_dir, "steps.log"), "a") as f:
-                f.write(f"{step} {world}\n")
+                f.write(f"{step} {world} {time.time():.3f}\n")
             write_counter(args.state_dir, step + 1)
     if world > 1:
         dist.barrier()
