@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT
 
 TOY = os.path.join(ROOT, "tests", "elastic_toy.py")
-STEPS = 30  # toy steps of the whole job
+STEPS = 20  # toy steps of the whole job
 STEP_SECONDS = 0.2
 
 
@@ -146,7 +146,7 @@ def test_survivor_restarts_alone_and_finishes(etcd, tmp_path, victim_rank, how):
     (tmp_path / "state").mkdir()
     nodes = {name: start_node(etcd, name, tmp_path, f"toy{victim_rank}{how}") for name in "ab"}
     try:
-        wait_until(lambda: len(logged_steps(tmp_path)) >= 5, 60, "5 steps of the 2-node job", nodes.values())
+        wait_until(lambda: len(logged_steps(tmp_path)) >= 3, 60, "3 steps of the 2-node job", nodes.values())
         victim = next(n for n in "ab" if f"rank {victim_rank}/2 starts" in read(tmp_path / f"log_{n}" / "workerlog.0"))
         survivor = "b" if victim == "a" else "a"
         if how == "kill":
