@@ -3,7 +3,8 @@
 Two "nodes" (two launchers on this machine, one rank each) run tests/elastic_toy.py with
 ``--master etcd://127.0.0.1:PORT --nnodes 1:2 --elastic_level 1``; one node is killed outright
 (launcher and rank, SIGKILL, like a machine that disappears) mid-run; the survivor's launcher must
-restart the job with one node, from the step counter the job saved last, and finish.
+restart the job with one node, from the step counter the job saved last, and finish. Slow variants: the
+other node lost, a frozen node (SIGSTOP), and a third launcher that joins the job running on the survivor.
 
 Skipped when the etcd server (Debian's etcd-server) or the etcd3 client (requirements-elastic.txt) is
 missing.
@@ -97,6 +98,7 @@ def start_node(port, name, tmp_path, job_id, steps=STEPS, step_seconds=STEP_SECO
     """One "node": an elastic launcher with one rank of the toy job, logging to tmp_path/launch_NAME.out."""
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--master", f"etcd://127.0.0.1:{port}",
            "--nnodes", "1:2", "--nproc_per_node", "1", "--job_id", job_id, "--elastic_level", "1",
+           # --elastic_timeout below 10 s can split launchers started together (docs/elastic.md, limits).
            "--max_restart", "3", "--elastic_timeout", "10", "--log_dir", str(tmp_path / f"log_{name}"),
            TOY, "--state_dir", str(tmp_path / "state"), "--steps", str(steps), "--step_seconds", str(step_seconds)]
     with open(tmp_path / f"launch_{name}.out", "w") as out:
