@@ -3,7 +3,8 @@
 Two "nodes" (two launchers on this machine, one rank each) run tests/elastic_toy.py with
 ``--master etcd://127.0.0.1:PORT --nnodes 1:2 --elastic_level 1``; one node is killed outright
 (launcher and rank, SIGKILL, like a machine that disappears) mid-run; the survivor's launcher must
-restart the job with one node, from the step counter the job saved last, and finish.
+restart the job with one node, from the step counter the job saved last, and finish. Slow variants: the
+other node lost, a frozen node (SIGSTOP), and a third launcher that joins the job running on the survivor.
 
 Skipped when the etcd server (Debian's etcd-server) or the etcd3 client (requirements-elastic.txt) is
 missing.
@@ -21,7 +22,7 @@ import pytest
 from conftest import ROOT
 
 TOY = os.path.join(ROOT, "tests", "elastic_toy.py")
-STEPS = 30  # toy steps of the whole job
+STEPS = 20  # toy steps of the whole job
 STEP_SECONDS = 0.2
 
 
@@ -97,6 +98,7 @@ def start_node(port, name, tmp_path, job_id, steps=STEPS, step_seconds=STEP_SECO
     """One "node": an elastic launcher with one rank of the toy job, logging to tmp_path/launch_NAME.out."""
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--master", f"etcd://127.0.0.1:{port}",
            "--nnodes", "1:2", "--nproc_per_node", "1", "--job_id", job_id, "--elastic_level", "1",
+           # --elastic_timeout below 10 s can split launchers started together (docs/elastic.md, limits).
            "--max_restart", "3", "--elastic_timeout", "10", "--log_dir", str(tmp_path / f"log_{name}"),
            TOY, "--state_dir", str(tmp_path / "state"), "--steps", str(steps), "--step_seconds", str(step_seconds)]
     with open(tmp_path / f"launch_{name}.out", "w") as out:
@@ -146,7 +148,7 @@ def test_survivor_restarts_alone_and_finishes(etcd, tmp_path, victim_rank, how):
     (tmp_path / "state").mkdir()
     nodes = {name: start_node(etcd, name, tmp_path, f"toy{victim_rank}{how}") for name in "ab"}
     try:
-        wait_until(lambda: len(logged_steps(tmp_path)) >= 5, 60, "5 steps of the 2-node job", nodes.values())
+        wait_until(lambda: len(logged_steps(tmp_path)) >= 3, 60, "3 steps of the 2-node job", nodes.values())
         victim = next(n for n in "ab" if f"rank {victim_rank}/2 starts" in read(tmp_path / f"log_{n}" / "workerlog.0"))
         survivor = "b" if victim == "a" else "a"
         if how == "kill":
