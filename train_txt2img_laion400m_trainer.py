@@ -20,6 +20,7 @@ from paddlenlp.trainer import PdArgumentParser, set_seed
 from paddlenlp.utils.log import logger
 
 from sd.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
+from sd.components import ComponentError
 from sd.model import StableDiffusionModel
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
 from sd.sd_trainer import NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint
@@ -150,7 +151,7 @@ if __name__ == "__main__":
         main()
         if paddle.distributed.get_world_size() > 1:
             _leave_distributed_run()
-    except (CheckpointWriteError, NonFiniteLossError) as e:
+    except (CheckpointWriteError, NonFiniteLossError, ComponentError) as e:
         logger.error(str(e))
         _exit_now_if_distributed(e)
         sys.exit(1)
