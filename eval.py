@@ -11,6 +11,9 @@ checkpoint under ./laion400m_pretrain_output_trainer (train.sh's output) with th
 tokenizer and noise schedule it was trained with (recorded in the checkpoint's sd_state.json). A
 --unet_model_name_or_path alone takes those from its checkpoint too; --pretrained_model_name_or_path
 supplies them (and the UNet, when no other is given). Sizes default to the training resolution.
+A name that is not a local folder (``CompVis/stable-diffusion-v1-4``) is downloaded by the libraries'
+own code into their caches: from ppdiffusers' server, or the Hugging Face Hub with ``--from_hf_hub
+true`` (sd/components.py).
 
 Outputs in --output_dir: ``{prompt index:03d}_g{guidance}_s{seed}.png`` per image, ``grid.png``
 (a row per prompt), ``manifest.json`` and ``manifest.csv``. Image j of every prompt uses seed

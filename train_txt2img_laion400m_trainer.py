@@ -16,6 +16,7 @@ from paddlenlp.trainer import PdArgumentParser, set_seed
 
 from sd import preflight
 from sd.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
+from sd.components import ComponentError
 from sd.distributed import UserError, run
 from sd.log import logger
 from sd.model import StableDiffusionModel
@@ -110,4 +111,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main, user_errors=(CheckpointWriteError, NonFiniteLossError))
+    run(main, user_errors=(CheckpointWriteError, NonFiniteLossError, ComponentError))

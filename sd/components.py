@@ -567,6 +567,9 @@ def _parts_for(pretrained, ckpt, state, unet, from_hf_hub) -> Dict:
     if ckpt and os.path.isfile(os.path.join(ckpt, "model_index.json")):  # a whole-pipeline checkpoint
         return {k: os.path.join(ckpt, k) for k in PARTS}
     if state.get("model_paths"):
+        run_config = os.path.join(ckpt, "run_config.json")  # names from the server the run used
+        if os.path.isfile(run_config):
+            from_hf_hub = from_hf_hub or bool(read_json(run_config).get("model", {}).get("from_hf_hub"))
         paths = {}
         for k in PARTS:
             recorded = state["model_paths"].get(k) or ""

@@ -9,7 +9,6 @@ the uninterrupted run would have.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Optional
 

@@ -26,13 +26,16 @@ _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 @dataclass
 class ModelArguments:
     pretrained_model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "SD folder (or hub name) holding vae/, text_encoder/, tokenizer/, unet/, scheduler/; "
-                                        "the four *_name_or_path flags below take precedence over it"})
-    vae_name_or_path: Optional[str] = field(default=None, metadata={"help": "pretrained VAE folder (frozen)"})
-    text_encoder_name_or_path: Optional[str] = field(default=None, metadata={"help": "pretrained CLIPTextModel folder"})
+        default=None, metadata={"help": "SD folder or hub name (e.g. CompVis/stable-diffusion-v1-4) holding vae/, text_encoder/, "
+                                        "tokenizer/, unet/, scheduler/; the four *_name_or_path flags below take precedence over it"})
+    from_hf_hub: bool = field(
+        default=False, metadata={"help": "hub names (anything not a local folder) come from the Hugging Face Hub (HF_ENDPOINT) "
+                                         "instead of ppdiffusers' download server (PPNLP_ENDPOINT)"})
+    vae_name_or_path: Optional[str] = field(default=None, metadata={"help": "pretrained VAE folder or hub name (frozen)"})
+    text_encoder_name_or_path: Optional[str] = field(default=None, metadata={"help": "pretrained CLIPTextModel folder or hub name"})
     unet_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "UNet folder to start from, or a UNet config .json to initialise randomly"})
-    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "tokenizer folder"})
+    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "tokenizer folder or hub name"})
     model_max_length: int = field(default=77, metadata={"help": "tokens per caption (padded/truncated)"})
     prediction_type: str = field(default="epsilon", metadata={"help": "what the UNet predicts: epsilon | v_prediction"})
     num_inference_steps: int = field(default=50, metadata={"help": "DDIM steps for the logged samples"})

@@ -1,4 +1,4 @@
-"""eval.py against a real (2-step) training checkpoint: defaults, outputs and manifest, the seed's
+"""eval.py against a real (2-step) training checkpoint: defaults, outputs and manifest, PaddleMIX's
 snippets, bad input; sd/evaluate.py: the shapes benchmark and its scoring on fixed images."""
 
 import csv
@@ -26,7 +26,7 @@ def train(tiny_kit, file_list, output_dir, *extra):
            "--unet_name_or_path", os.path.join(tiny_kit, "unet", "config.json"), "--file_list", file_list,
            "--resolution", "32", "--per_device_train_batch_size", "2", "--model_max_length", "16", "--report_to", "none",
            "--image_logging_steps", "0", "--dataloader_num_workers", "0", *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -117,7 +117,7 @@ def test_whole_pipeline_checkpoint_with_trained_text_encoder(tiny_kit, demo_file
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-# The seed's snippets 5.1 and 5.2, as they read for the kit (the README shows these).
+# PaddleMIX's README snippets 5.1 and 5.2, as they read for the kit (the README shows these).
 SNIPPET_5_1 = '''
 from ppdiffusers import StableDiffusionPipeline, UNet2DConditionModel
 unet_model_name_or_path = "./tiny-sd/unet"

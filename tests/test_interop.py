@@ -40,7 +40,7 @@ def torch_side(*args):
     """Run this file's PyTorch half in a clean subprocess (no USE_TORCH from ``sd``)."""
     env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
     r = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)], capture_output=True, text=True,
-                       env=env, cwd=ROOT)
+                       env=env, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -48,7 +48,8 @@ def torch_side(*args):
 def run_paddle(script_args, what):
     """Run a Paddle entry point under ``-X importtime``; return its log, asserting that none of
     torch/diffusers/transformers was imported."""
-    r = subprocess.run([sys.executable, "-X", "importtime", *script_args], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-X", "importtime", *script_args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in r.stderr.splitlines() if line.startswith("import time:")}
     assert len(imported) > 50, "no -X importtime report"  # the check below would pass vacuously
@@ -258,7 +259,8 @@ def test_export_loads_in_diffusers_and_matches(trained_run, tiny_kit, tmp_path):
 
 def test_export_refuses_bad_arguments(trained_run, tmp_path):
     def export(*args):
-        return subprocess.run([sys.executable, "-m", "sd.export", *args], capture_output=True, text=True, cwd=ROOT)
+        return subprocess.run([sys.executable, "-m", "sd.export", *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300)
 
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")

@@ -214,7 +214,7 @@ def test_a_scheduler_swapped_in_with_from_config_samples_as_sd_v1(tiny_kit, name
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_KIT, "kit_report.json")),
                     reason="the default kit is not built (python -m sd.kit --output_dir ./tiny-sd)")
 def test_default_kit_meets_its_figures():
-    """The built default kit's report meets issue 4's targets, and its VAE reproduces them on fresh images."""
+    """The built default kit's report meets the kit's targets (README, section 4), and its VAE reproduces them on fresh images."""
     import paddle
     from ppdiffusers import AutoencoderKL
 
