@@ -17,9 +17,9 @@ from dataclasses import asdict
 import numpy as np
 import paddle
 from paddlenlp.trainer import PdArgumentParser, set_seed
+from sd.log import logger
 
 from sd.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
-from sd.log import logger
 from sd.model import StableDiffusionModel
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
 from sd.sd_trainer import NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint

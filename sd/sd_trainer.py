@@ -32,11 +32,11 @@ from typing import Dict, Optional
 import numpy as np
 import paddle
 from paddlenlp.trainer import Trainer, TrainerCallback
+from sd.log import logger
 
 from sd import sampling
 from sd.checkpoints import (CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
                             staging_root)
-from sd.log import logger
 from sd.text_image_pair_dataset import collate_fn
 
 STATE_FILE = "sd_state.json"
