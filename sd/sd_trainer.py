@@ -38,6 +38,7 @@ from sd import sampling
 from sd.checkpoints import (CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
                             staging_root)
 from sd.text_image_pair_dataset import collate_fn
+from sd.train_eval import ScoreCallback
 
 STATE_FILE = "sd_state.json"
 
@@ -139,6 +140,8 @@ class StableDiffusionTrainer(Trainer):
                   for (name, params), lr in zip(model.trainable_groups(), self._group_lrs())]
         self.optimizer_grouped_parameters = groups  # lr in a group is a multiplier of the scheduler's lr
         self.add_callback(_AfterStep(self))
+        if args.eval_captions:  # scores of generated images every --eval_steps (sd/train_eval.py)
+            self.add_callback(ScoreCallback(self))
 
     def _group_lrs(self):
         a, m = self.args, self.sd_model.args

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 6
 
@@ -80,3 +82,43 @@ def test_missing_flags_fail_in_one_line(tiny_kit, demo, tmp_path):
     assert r.returncode == 2 and "--reference" in r.stderr and "Traceback" not in r.stderr
     r = run_eval(tiny_kit, demo, str(tmp_path / "x"), "--num_images", "100")
     assert r.returncode == 2 and "only 12 captions" in r.stderr and "Traceback" not in r.stderr
+
+
+def _losses(log):
+    return [line.split(" - loss: ")[1].split(",")[0] for line in log.splitlines() if " - loss: " in line]
+
+
+def test_scores_during_training_are_logged_and_change_nothing(tiny_kit, demo_jsonl, demo_file_list, tmp_path):
+    """--eval_steps 2 over 4 steps: two evaluations in scores.jsonl and VisualDL (eval/ tags beside the
+    loss); the losses and final weights equal those of the same run without scoring."""
+    from conftest import train_command
+    from safetensors.numpy import load_file
+    from visualdl import LogReader
+
+    common = ("--max_steps", "4", "--save_steps", "4", "--use_ema", "True", "--image_logging_steps", "0")
+    scored = tmp_path / "scored"
+    r = subprocess.run(train_command(tiny_kit, demo_file_list, scored, *common, "--report_to", "visualdl",
+                                     "--eval_steps", "2", "--eval_captions", demo_jsonl, "--eval_num_images", "6",
+                                     "--eval_num_inference_steps", "2",
+                                     "--eval_reference", os.path.join(os.path.dirname(demo_jsonl), "images")),
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = [json.loads(line) for line in open(scored / "eval" / "scores.jsonl")]
+    assert [row["step"] for row in rows] == [2, 4]
+    for row in rows:
+        assert row["images"] == 6 and {"clip_score", "fd_clip", "shapes_all"} <= set(row)
+    assert len(os.listdir(scored / "eval" / "step-0000004")) == 6
+    events = [os.path.join(d, f) for d, _, fs in os.walk(scored / "runs") for f in fs if "vdlrecords" in f]
+    assert len(events) == 1
+    tags = LogReader(file_path=events[0]).get_tags()["scalar"]
+    assert {"eval/clip_score", "eval/fd_clip"} <= set(tags) and any("loss" in t for t in tags)
+
+    plain = tmp_path / "plain"
+    r2 = subprocess.run(train_command(tiny_kit, demo_file_list, plain, *common, "--report_to", "none"),
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
+    assert _losses(r.stdout + r.stderr) == _losses(r2.stdout + r2.stderr) and len(_losses(r2.stdout + r2.stderr)) == 4
+    for name in ("diffusion_paddle_model.safetensors", "diffusion_paddle_model.ema.safetensors"):
+        a = load_file(str(scored / "checkpoint-4" / "unet" / name))
+        b = load_file(str(plain / "checkpoint-4" / "unet" / name))
+        assert all((a[k] == b[k]).all() for k in a), name
