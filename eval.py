@@ -37,6 +37,7 @@ SEED_PROMPT = "a photo of an astronaut riding a horse on mars"  # PaddleMIX's ex
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from sd import coco_eval
     from sd.components import SCHEDULERS
 
     p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion pipeline (ppdiffusers), "
@@ -69,17 +70,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of each prompt's first image")
     p.add_argument("--output_dir", default="./eval_output", help="where images, grid and manifest go")
     p.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N")
-    p.add_argument("--evaluate", choices=["shapes"], default=None,
-                   help="shapes: the demo prompt-adherence benchmark (36 prompts × --num_seeds seeds per guidance scale)")
+    p.add_argument("--evaluate", choices=["shapes", "coco"], default=None,
+                   help="shapes: the demo prompt-adherence benchmark (36 prompts × --num_seeds seeds per guidance scale); "
+                        "coco: FID and CLIP score over a caption set (sd/coco_eval.py)")
     p.add_argument("--num_seeds", type=int, default=4, help="seeds per prompt for --evaluate shapes")
+    coco_eval.add_arguments(p)
     args = p.parse_args(argv)
     for name in ("num_images_per_prompt", "batch_size", "num_seeds", "num_inference_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if args.guidance_scale is None:
-        args.guidance_scale = [1.0, 7.5] if args.evaluate else [7.5]
+        args.guidance_scale = {"shapes": [1.0, 7.5], "coco": [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]}.get(args.evaluate, [7.5])
     if args.evaluate and (args.prompt or args.prompt_file):
         p.error("--evaluate shapes uses the 36 demo prompts; drop --prompt/--prompt_file")
+    if args.evaluate == "coco":
+        coco_eval.check_args(args, p)
     return args
 
 
@@ -209,6 +214,10 @@ def main(argv=None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     print(f"UNet {components.source_name(models['unet'])}{' (' + args.variant + ')' if args.variant else ''}, {args.width}×{args.height}, "
           f"{args.scheduler} {args.num_inference_steps} steps, guidance {' '.join(f'{g:g}' for g in args.guidance_scale)}")
+    if args.evaluate == "coco":
+        from sd import coco_eval
+
+        return coco_eval.run_coco(pipe, args, unet=models["unet"])
     if args.evaluate == "shapes":
         from sd.evaluate import format_report, run_shapes_benchmark
 

@@ -159,10 +159,14 @@ class FeatureExtractor:
                  clip_model_name_or_path: Optional[str] = None, batch_size: int = 50):
         self.kind, self.batch_size = kind, batch_size
         if kind == "inception":
-            self.model = load_inception(inception_weights)
+            from sd.inception import find_weights
+
+            self.source = inception_weights or find_weights()
+            self.model = load_inception(self.source)
         elif kind == "clip":
             if not clip_model_name_or_path:
                 raise MetricsError("--fid_features clip needs --clip_model_name_or_path (e.g. ./tiny-sd/clip)")
+            self.source = clip_model_name_or_path
             self.clip = load_clip(clip_model_name_or_path)
         else:
             raise MetricsError(f"--fid_features {kind}: use inception or clip")

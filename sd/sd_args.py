@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from paddlenlp.trainer import TrainingArguments
+from sd.train_eval import ScoreArguments
 
 # switch field → legacy environment variable (PaddleMIX's train.sh exports these)
 ENV_SWITCHES = {
@@ -114,7 +115,7 @@ class DataArguments:
 
 
 @dataclass
-class SDTrainingArguments(TrainingArguments):
+class SDTrainingArguments(ScoreArguments, TrainingArguments):  # ScoreArguments: --eval_captions ...
     output_dir: str = field(default="./laion400m_pretrain_output_trainer", metadata={"help": "checkpoints and logs"})
     logging_steps: int = field(default=50, metadata={"help": "log every N steps"})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule (constant, linear, cosine, ...)"})

@@ -30,6 +30,7 @@ from sd import sampling
 from sd.checkpoints import (STATE_FILE, CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
                             staging_root)
 from sd.log import logger
+from sd.train_eval import ScoreCallback
 from sd.train_loader import MicroBatchStreams
 
 
@@ -101,6 +102,8 @@ class StableDiffusionTrainer(Trainer):
         groups = [{"params": params, "learning_rate": lr / args.learning_rate}
                   for (name, params), lr in zip(model.trainable_groups(), self._group_lrs())]
         self.optimizer_grouped_parameters = groups  # lr in a group is a multiplier of the scheduler's lr
+        if args.eval_captions:  # scores of generated images every --eval_steps (sd/train_eval.py)
+            self.add_callback(ScoreCallback(self))
 
     def _group_lrs(self):
         a, m = self.args, self.sd_model.args
