@@ -17,7 +17,7 @@ from dataclasses import asdict
 import numpy as np
 import paddle
 from paddlenlp.trainer import PdArgumentParser, set_seed
-from paddlenlp.utils.log import logger
+from sd.log import logger
 
 from sd.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
 from sd.model import StableDiffusionModel

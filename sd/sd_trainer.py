@@ -32,7 +32,7 @@ from typing import Dict, Optional
 import numpy as np
 import paddle
 from paddlenlp.trainer import Trainer, TrainerCallback
-from paddlenlp.utils.log import logger
+from sd.log import logger
 
 from sd import sampling
 from sd.checkpoints import (CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,

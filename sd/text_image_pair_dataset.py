@@ -17,6 +17,7 @@ Here: per record, decode → crop → caption dropout → token ids (cached, sin
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from typing import Dict, List, Optional
@@ -217,8 +218,9 @@ def collate_fn(samples: List[dict]) -> dict:
 # Inspection CLI
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Stream K samples through a DataLoader; print samples/s, skips "
-                                            "by reason and the shard layout.")
+    p = argparse.ArgumentParser(prog="python -m sd.text_image_pair_dataset",
+                                description="Stream K samples through a DataLoader; print samples/s, skips "
+                                "by reason and the shard layout.")
     p.add_argument("--file_list", required=True, help="a *.filelist.list")
     p.add_argument("--tokenizer", default=None,
                    help="CLIP tokenizer folder (e.g. ./tiny-sd/tokenizer); default: a byte-level one built on the fly")
@@ -231,8 +233,11 @@ def main(argv=None) -> None:
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world_size", type=int, default=1)
     a = p.parse_args(argv)
-    ds = TextImagePairDataset(a.file_list, load_tokenizer(a.tokenizer), a.resolution, a.line_format,
-                              a.interpolation, rank=a.rank, world_size=a.world_size, return_meta=True)
+    try:  # a user's mistake (missing or malformed list, bad setting): one line, no traceback
+        ds = TextImagePairDataset(a.file_list, load_tokenizer(a.tokenizer), a.resolution, a.line_format,
+                                  a.interpolation, rank=a.rank, world_size=a.world_size, return_meta=True)
+    except (ValueError, FileNotFoundError) as err:
+        p.exit(2, f"{p.prog}: error: {err}\n")
     for line in ds.stream.layout(a.num_workers):
         print(line)
     loader = paddle.io.DataLoader(ds, batch_size=a.batch_size, num_workers=a.num_workers, collate_fn=collate_fn)
@@ -261,6 +266,9 @@ def load_tokenizer(folder: Optional[str]):
     from paddlenlp.transformers import CLIPTokenizer
 
     if folder is not None:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"tokenizer folder {folder} not found (give a CLIP tokenizer folder, "
+                                    "e.g. ./tiny-sd/tokenizer, or none for a byte-level one)")
         return CLIPTokenizer.from_pretrained(folder)
     from sd.kit_tokenizer import save_tokenizer
 

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from types import SimpleNamespace
@@ -19,10 +20,11 @@ from PIL import Image
 
 import sd.image_codec as codec
 import sd.text_image_pair_dataset as tipd
-from sd.data_format import encode_part_line, write_filelists
+from sd.data_format import BadRecord, encode_part_line, write_filelists
 from sd.log import logger
 from sd.text_image_pair_dataset import TextImagePairDataset, collate_fn
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                        "shared", "fixtures", "paddlemix")
 
@@ -607,3 +609,80 @@ def test_small_jpeg_upscaled_when_allowed(tmp_path, tokenizer):
         take(ds(fl, tokenizer, resolution=64), 1)
     (s,) = take(ds(fl, tokenizer, resolution=64, allow_upscale=True), 1)
     assert s["pixel_values"].shape == (3, 64, 64) and s["pixel_values"].std() > 5
+
+
+# ---------------------------------------------------------------------------------------------
+# The parts: record sources, the cheap usability check, the CLI
+# ---------------------------------------------------------------------------------------------
+def test_record_sources_are_chosen_by_name_and_plug_in(tmp_path, tokenizer, monkeypatch):
+    """A registered source reads its files (records one at a time) and decodes its records; others stay part files."""
+    import sd.record_stream as rs
+
+    def read_pairs(path):  # one record = one "caption|hex of the image bytes" line
+        with open(path) as f:
+            yield from (line.rstrip("\n") for line in f)
+
+    def decode_pair(record, line_format):
+        caption, _, hexdata = record.partition("|")
+        if not hexdata:
+            raise BadRecord("too_few_fields")
+        return caption, bytes.fromhex(hexdata)
+
+    monkeypatch.setattr(rs, "_SOURCES", list(rs._SOURCES))
+    rs.register_source(rs.RecordSource("pairs", (".pairs",), read_pairs, decode_pair))
+    assert rs.source_for("x/part-1.pairs").name == "pairs"
+    assert rs.source_for("x/part-1.gz") is rs.PART_FILES and rs.source_for("x/part-1") is rs.PART_FILES
+    (tmp_path / "a.pairs").write_text("".join(f"pair {i}|{png(i).hex()}\n" for i in range(4)) + "broken\n")
+    (tmp_path / "b").write_text(encode_part_line("part line", png(9)))
+    fl = write_filelists(str(tmp_path), "x", [str(tmp_path / "a.pairs"), str(tmp_path / "b")])[1]
+    samples = take(ds(fl, tokenizer, shuffle_buffer=1), 10)
+    assert {s["caption"] for s in samples} == {f"pair {i}" for i in range(4)} | {"part line"}
+    assert samples[-1]["skipped"]["too_few_fields"] >= 1
+
+
+def test_check_takes_the_decisions_of_decode():
+    """Resume replays records with ImageCodec.check: the same usable/skipped decision as decode, from the header."""
+    jpeg = jpeg_bytes(photo_like(60, 50))
+    cases = {"good": png(1), "good jpeg": jpeg, "small": png(1, size=10), "not an image": b"not an image",
+             "empty": b""}
+    for allow_upscale in (False, True):
+        c = codec.ImageCodec(32, allow_upscale=allow_upscale)
+        for name, data in cases.items():
+            outcome = []
+            for f in (c.check, lambda d: c.decode(d, np.random.default_rng(0))):
+                try:
+                    f(data)
+                    outcome.append("usable")
+                except BadRecord as err:
+                    outcome.append(err.reason)
+            assert outcome[0] == outcome[1], (name, allow_upscale, outcome)
+    cut = jpeg[: len(jpeg) // 3]  # header intact, pixel data cut: only decoding finds it
+    codec.ImageCodec(32).check(cut)
+    with pytest.raises(BadRecord, match="bad_image"):
+        codec.ImageCodec(32).decode(cut, np.random.default_rng(0))
+
+
+def test_cli_layout_rate_and_no_temp_folder_left(demo_file_list, tmp_path):
+    """``python -m sd.text_image_pair_dataset``: the shard layout, the rate line; its byte-level tokenizer's
+    temporary folder is removed; a missing list is one line, no traceback."""
+    import subprocess
+    import sys
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    cmd = [sys.executable, "-m", "sd.text_image_pair_dataset", "--resolution", "32", "--batch_size", "4"]
+    r = subprocess.run(cmd + ["--file_list", demo_file_list, "--num_workers", "2", "--num_samples", "8"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].endswith("3 part-file entries, weight None, split by file over 2 shard(s) "
+                             "(1 rank(s) × 2 worker stream(s))"), lines
+    assert re.fullmatch(r"[\d.]+ samples/s \(8 samples in [\d.]+ s, 2 workers, resolution 32, lanczos\); "
+                        r"records skipped: none", lines[-1]), lines
+    assert not [p for p in os.listdir(tmp) if p.startswith("sd-tokenizer-")]  # none left behind
+    r = subprocess.run(cmd + ["--file_list", str(tmp_path / "missing.filelist.list")], capture_output=True,
+                       text=True, env=env, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"python -m sd.text_image_pair_dataset: error: "
+                                                 f"{tmp_path / 'missing.filelist.list'}: no such file")

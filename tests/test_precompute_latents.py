@@ -55,11 +55,11 @@ def test_tool_output_matches_the_vae_and_text_encoder(latents, tiny_kit, demo_fi
     # The first record against the models, on the image as training centre-crops it.
     images = TextImagePairDataset(demo_file_list, tokenizer, resolution=32, center_crop=True, drop_caption_prob=0.0,
                                   model_max_length=16, rank=0, world_size=1)
-    from sd.data_format import decode_image_b64, iter_part_file, parse_part_line_bytes, read_filelist, read_filelist_list
+    from sd.data_format import decode_part_record, iter_part_file, read_filelist, read_filelist_list
 
     src_part = read_filelist(read_filelist_list(demo_file_list)[0].path)[0].path
-    caption, b64 = parse_part_line_bytes(next(iter_part_file(src_part)))
-    pixels = images.load_image(decode_image_b64(b64), np.random.default_rng(0))
+    caption, data = decode_part_record(next(iter_part_file(src_part)))
+    pixels = images.load_image(data, None)  # the centre crop draws nothing
     from sd.data_format import resolve_path
 
     got_caption, mean, std, hidden = parse_latent_line(next(iter_part_file(resolve_path(parts[0], filelist))))
@@ -189,7 +189,8 @@ def test_training_script_runs_on_precomputed_latents(latents, tiny_kit, tmp_path
 
     cmd = train_command(tiny_kit, latents, tmp_path / "out", "--precomputed_latents", "true", "--save_steps", "2",
                         "--dataloader_num_workers", "1", "--report_to", "none", "--image_logging_steps", "1")
-    runs = [subprocess.run(cmd + ["--max_steps", n], capture_output=True, text=True, cwd=ROOT) for n in ("2", "3")]
+    runs = [subprocess.run(cmd + ["--max_steps", n], capture_output=True, text=True, cwd=ROOT, timeout=600)
+            for n in ("2", "3")]
     for r in runs:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "image logging needs image batches: off with --precomputed_latents" in runs[0].stdout + runs[0].stderr
