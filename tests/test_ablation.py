@@ -5,6 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+# Four short trainings through train.sh: a research tool's test, outside the default suite.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
