@@ -8,7 +8,9 @@ interpreter start-up not) and CPU ms per image (the main process plus its worker
 shared with other jobs, images/s with all workers is bounded by the free cores; the CPU per image
 shows what the tool itself costs: with k free cores expect about k × 1000 / (CPU ms per image).
 
-    python benchmarks/bench_create_pretraining_data.py --num_images 96 --rounds 3
+    python benchmarks/bench_create_pretraining_data.py --num_images 96 --rounds 3 [--from_shards]
+
+``--from_shards`` adds the same images read from an img2dataset webdataset shard (one ``.tar``).
 
 ``--img2dataset_rss 1000 100000`` instead measures memory when converting img2dataset webdataset
 shards: it writes that many tiny samples (16×16 JPEG, caption, metadata; 10 000 per ``.tar``, as
@@ -73,9 +75,9 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_once(folder: str, n: int, workers: int, flags: tuple) -> tuple:
+def run_once(folder: str, n: int, workers: int, flags: tuple, source: str = "data.jsonl") -> tuple:
     """Pack once; returns (images/s, CPU ms per image)."""
-    argv = ["--input_path", os.path.join(folder, "data.jsonl"), "--output_path", os.path.join(folder, "out"),
+    argv = ["--input_path", os.path.join(folder, source), "--output_path", os.path.join(folder, "out"),
             "--overwrite", "--num_workers", str(workers), *flags]
     quiet = io.StringIO()
     cpu, wall = cpu_seconds(), time.perf_counter()
@@ -108,6 +110,24 @@ def write_shards(folder: str, n: int, per_shard: int = 10000) -> None:
                     tar.addfile(info, io.BytesIO(data))
         with open(os.path.join(folder, f"{shard:05d}_stats.json"), "w") as f:
             json.dump({"count": count, "successes": count, "status_dict": {"success": count}}, f)
+
+
+def shard_from_jsonl(folder: str) -> None:
+    """``folder/shards/00000.tar`` (+ stats): the jsonl's images and captions as an img2dataset webdataset shard."""
+    os.makedirs(os.path.join(folder, "shards"))
+    with open(os.path.join(folder, "data.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    with tarfile.open(os.path.join(folder, "shards", "00000.tar"), "w") as tar:
+        for i, rec in enumerate(records):
+            with open(os.path.join(folder, rec["image"]), "rb") as img:
+                data = img.read()
+            meta = {"key": f"{i:09d}", "status": "success", "caption": rec["caption"]}
+            for ext, member in (("jpg", data), ("txt", rec["caption"].encode()), ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(member)
+                tar.addfile(info, io.BytesIO(member))
+    with open(os.path.join(folder, "shards", "00000_stats.json"), "w") as f:
+        json.dump({"count": len(records), "successes": len(records), "status_dict": {"success": len(records)}}, f)
 
 
 RSS_RUN = """
@@ -147,29 +167,36 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--img2dataset_rss", type=int, nargs="+", default=None, metavar="N",
                    help="measure peak RSS converting N synthetic webdataset samples, for each N")
+    p.add_argument("--from_shards", action="store_true",
+                   help="also pack the same JPEGs from an img2dataset webdataset shard (one .tar) instead of the jsonl")
     args = p.parse_args()
     if args.img2dataset_rss:
         return rss_main(args.img2dataset_rss)
     cores = len(os.sched_getaffinity(0))
-    settings = [(f"{w} worker{'s' * (w > 1)}", w, fmt, flags)
+    sources = ["data.jsonl"] + (["shards"] if args.from_shards else [])
+    settings = [(f"{w} worker{'s' * (w > 1)}", w, fmt, flags, source)
                 for fmt, flags in (("plain", ()), (".gz", ("--save_gzip_file",)))
-                for w in sorted({1, cores})]
+                for source in sources for w in sorted({1, cores})]
     with tempfile.TemporaryDirectory() as folder:
         kb = make_dataset(folder, args.num_images)
+        if args.from_shards:
+            shard_from_jsonl(folder)
         print(f"{args.num_images} JPEGs 1024x768 q95, mean {kb:.0f} KB; {cores} usable cores, load average "
               f"{os.getloadavg()[0]:.1f} before the runs; {args.rounds} interleaved rounds, medians")
         rates = {s: [] for s in settings}
         for _ in range(args.rounds):
             for s in settings:
-                rates[s].append(run_once(folder, args.num_images, s[1], s[3]))
-    print("| part files | workers | images/s | speed-up | CPU ms per image |")
-    print("|---|---|---|---|---|")
+                rates[s].append(run_once(folder, args.num_images, s[1], s[3], s[4]))
+    print("| input | part files | workers | images/s | speed-up | CPU ms per image |")
+    print("|---|---|---|---|---|---|")
     for fmt in ("plain", ".gz"):
-        rows = [s for s in settings if s[2] == fmt]
-        one = statistics.median(r for r, _ in rates[rows[0]])
-        for s in rows:
-            rate, cpu = statistics.median(r for r, _ in rates[s]), statistics.median(c for _, c in rates[s])
-            print(f"| {fmt} | {s[0]} | {rate:.1f} | {rate / one:.2f}x | {cpu:.1f} |")
+        for source in sources:
+            rows = [s for s in settings if s[2] == fmt and s[4] == source]
+            one = statistics.median(r for r, _ in rates[rows[0]])
+            for s in rows:
+                rate, cpu = statistics.median(r for r, _ in rates[s]), statistics.median(c for _, c in rates[s])
+                name = "jsonl + files" if source == "data.jsonl" else "webdataset .tar"
+                print(f"| {name} | {fmt} | {s[0]} | {rate:.1f} | {rate / one:.2f}x | {cpu:.1f} |")
 
 
 if __name__ == "__main__":

@@ -518,7 +518,9 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3, help="--versus: A B rounds")
     p.add_argument("--versus_steps", type=int, default=60, help="--versus: training steps per run")
     p.add_argument("--versus_warmup_logs", type=int, default=1, help="--versus: logging intervals dropped per run")
-    p.add_argument("--ours_args", default="", help="--versus: extra flags for our trainer only, one string")
+    p.add_argument("--ours_args", action="append", default=None,
+                   help="--versus: extra flags for our trainer, one string; repeat for several variants, each run in "
+                        "every round (\"\" = the default command; default: only the default command)")
     p.add_argument("--example_args", default="", help="--versus: extra flags for the example only, one string")
     a, rest = p.parse_known_args(argv)
     extra = {}
@@ -570,7 +572,8 @@ def _main_versus(a, rest) -> None:
     result = benchmark_versus.versus(a.versus, kit, file_list, rounds=a.rounds, steps=a.versus_steps,
                                      logging_steps=a.logging_steps, warmup_logs=a.versus_warmup_logs,
                                      batch_size=a.batch_size, resolution=a.resolution, num_workers=a.num_workers,
-                                     model_max_length=a.model_max_length, ours_args=shlex.split(a.ours_args),
+                                     model_max_length=a.model_max_length,
+                                     ours_variants=[shlex.split(v) for v in (a.ours_args or [""])],
                                      example_args=shlex.split(a.example_args))
     print(benchmark_versus.describe_versus(result), flush=True)
     if a.json:

@@ -33,7 +33,6 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = "train_txt2img_laion400m_trainer.py"
-SIDES = ("example", "ours")  # the order within a round: A = the example, B = this repository
 _STEP = re.compile(r"\bglobal_step: (\d+)")
 _SPEED = re.compile(r"\binterval_samples_per_second: ([0-9.eE+-]+)")
 
@@ -105,8 +104,9 @@ def _environment(side: str) -> Dict[str, str]:
 
 def run_side(side: str, script: str, cwd: str, command_args: dict, extra: Sequence[str], work: str, round_: int,
              warmup_logs: int, timeout: float) -> dict:
-    """One training run of one side; returns its per-interval and median throughput and its timing."""
-    out = os.path.join(work, f"{side}-{round_}")
+    """One training run of one side (its files in ``work/round-<k>``); returns its per-interval and median
+    throughput and its timing."""
+    out = os.path.join(work, f"round-{round_}")
     cmd = training_command(script, output_dir=os.path.join(out, "output"), **command_args) + list(extra)
     os.makedirs(out, exist_ok=True)
     load_before, start = os.getloadavg()[0], time.time()
@@ -129,26 +129,34 @@ def run_side(side: str, script: str, cwd: str, command_args: dict, extra: Sequen
             "folder": out}
 
 
+def side_name(ours_args: Sequence[str]) -> str:
+    """``ours`` for the default command, ``ours --flag value ...`` for a variant."""
+    return " ".join(["ours", *ours_args])
+
+
 def versus(example_dir: str, kit: str, file_list: str, rounds: int = 3, steps: int = 60, logging_steps: int = 10,
            warmup_logs: int = 1, batch_size: int = 4, resolution: int = 64, num_workers: int = 1,
-           model_max_length: int = 77, ours_args: Sequence[str] = (), example_args: Sequence[str] = (),
-           work_dir: Optional[str] = None, timeout: float = 1800) -> dict:
-    """Run the example and this repository's trainer A B A B for ``rounds`` rounds (see module doc).
+           model_max_length: int = 77, ours_variants: Sequence[Sequence[str]] = ((),),
+           example_args: Sequence[str] = (), work_dir: Optional[str] = None, timeout: float = 1800) -> dict:
+    """Run the example and this repository's trainer interleaved for ``rounds`` rounds (see module doc).
 
     Args:
         example_dir: PaddleMIX's ``examples/stable_diffusion`` folder (copied, never written).
         kit: a local pretrained folder (vae/, text_encoder/, tokenizer/, unet/config.json) both sides load.
         file_list: a ``*.filelist.list`` of laion400m-format part files (rewritten with absolute paths).
-        ours_args / example_args: extra flags for one side only (e.g. ``["--frozen_inference", "True"]``).
+        ours_variants: one entry per run of ours in each round, each a list of extra flags (``[]`` = the
+            default command; e.g. ``[[], ["--frozen_inference", "True"]]``: A B C A B C ...).
+        example_args: extra flags for the example only.
     Returns:
-        ``{"runs": [...] in run order, "rounds": [{"example", "ours", "ratio"}], "ratio", "example", "ours",
+        ``{"sides": [example, ours...], "runs": [...] in run order, "rounds": [{"samples_per_s": {side: x},
+        "ratio": {side: x / example}}], "ratio": {side: median ratio}, "samples_per_s": {side: median},
         "load": (min, max) 1-minute load average seen}``; throughput in samples/s.
     """
     import paddle
 
-    if rounds < 1 or warmup_logs < 0 or steps < (warmup_logs + 1) * logging_steps:
-        raise ValueError(f"need rounds ≥ 1 and steps ≥ (warmup_logs + 1) × logging_steps, got rounds {rounds}, "
-                         f"steps {steps}, logging_steps {logging_steps}, warmup_logs {warmup_logs}")
+    if rounds < 1 or warmup_logs < 0 or steps < (warmup_logs + 1) * logging_steps or not ours_variants:
+        raise ValueError(f"need rounds ≥ 1, a variant of ours and steps ≥ (warmup_logs + 1) × logging_steps, got "
+                         f"rounds {rounds}, steps {steps}, logging_steps {logging_steps}, warmup_logs {warmup_logs}")
     source = check_example_folder(example_dir)
     work = work_dir or tempfile.mkdtemp(prefix="sd-versus-")
     example_copy = os.path.join(work, "paddlemix_example")
@@ -159,38 +167,43 @@ def versus(example_dir: str, kit: str, file_list: str, rounds: int = 3, steps: i
     command_args = dict(kit=os.path.abspath(kit), file_list=file_list, steps=steps,
                         batch_size=batch_size, resolution=resolution, num_workers=num_workers,
                         logging_steps=logging_steps, model_max_length=model_max_length, device=device)
-    sides = {"example": (os.path.join(example_copy, ENTRY), example_copy, list(example_args)),
-             "ours": (os.path.join(ROOT, ENTRY), ROOT, list(ours_args))}
+    sides = {"example": (os.path.join(example_copy, ENTRY), example_copy, list(example_args))}
+    for variant in ours_variants:
+        sides[side_name(variant)] = (os.path.join(ROOT, ENTRY), ROOT, list(variant))
     runs, per_round = [], []
     for k in range(1, rounds + 1):
-        this_round = {}
-        for side in SIDES:
-            script, cwd, extra = sides[side]
-            run = run_side(side, script, cwd, command_args, extra, work, k, warmup_logs, timeout)
+        speeds = {}
+        for n, (side, (script, cwd, extra)) in enumerate(sides.items()):
+            run = run_side(side, script, cwd, command_args, extra, os.path.join(work, f"{n}"), k, warmup_logs, timeout)
             runs.append(run)
-            this_round[side] = run["samples_per_s"]
-        this_round["ratio"] = this_round["ours"] / this_round["example"]
-        per_round.append(this_round)
+            speeds[side] = run["samples_per_s"]
+        per_round.append({"samples_per_s": speeds, "ratio": {s: v / speeds["example"] for s, v in speeds.items()}})
     loads = [r[key] for r in runs for key in ("load_before", "load_after")]
-    return {"runs": runs, "rounds": per_round, "ratio": statistics.median(r["ratio"] for r in per_round),
-            "example": statistics.median(r["example"] for r in per_round),
-            "ours": statistics.median(r["ours"] for r in per_round), "load": (min(loads), max(loads)),
-            "config": {**command_args, "rounds": rounds, "warmup_logs": warmup_logs, "ours_args": list(ours_args),
-                       "example_args": list(example_args)}, "work_dir": work}
+    return {"sides": list(sides), "runs": runs, "rounds": per_round,
+            "ratio": {s: statistics.median(r["ratio"][s] for r in per_round) for s in sides},
+            "samples_per_s": {s: statistics.median(r["samples_per_s"][s] for r in per_round) for s in sides},
+            "load": (min(loads), max(loads)),
+            "config": {**command_args, "rounds": rounds, "warmup_logs": warmup_logs,
+                       "ours_variants": [list(v) for v in ours_variants], "example_args": list(example_args)},
+            "work_dir": work}
 
 
 def describe_versus(result: dict) -> str:
-    """Human summary: per round each side's samples/s and the ratio, then the medians and the machine load."""
+    """Human summary: per round each side's samples/s and ratio to the example, then the medians and the load."""
     c = result["config"]
-    lines = [f"side by side, A = PaddleMIX example, B = this repository; batch {c['batch_size']}, {c['resolution']} px, "
-             f"{c['num_workers']} loader worker(s), {c['steps']} steps per run, samples/s = median of each run's "
-             f"interval_samples_per_second after {c['warmup_logs']} warm-up interval(s) of {c['logging_steps']} steps"
-             + (f"; ours with {' '.join(c['ours_args'])}" if c["ours_args"] else "")]
+    lines = [f"side by side (run order per round: {' | '.join(result['sides'])}); batch {c['batch_size']}, "
+             f"{c['resolution']} px, {c['num_workers']} loader worker(s), {c['steps']} steps per run; samples/s = median "
+             f"of each run's interval_samples_per_second after {c['warmup_logs']} warm-up interval(s) of "
+             f"{c['logging_steps']} steps"]
     for k, r in enumerate(result["rounds"], 1):
-        lines.append(f"round {k}: example {r['example']:.2f} samples/s, ours {r['ours']:.2f} samples/s → {r['ratio']:.2f}×")
-    ratios = ", ".join(f"{r['ratio']:.2f}" for r in result["rounds"])
+        parts = [f"{s} {r['samples_per_s'][s]:.2f}" + ("" if s == "example" else f" ({r['ratio'][s]:.2f}×)")
+                 for s in result["sides"]]
+        lines.append(f"round {k}: " + ", ".join(parts))
+    for s in result["sides"][1:]:
+        ratios = ", ".join(f"{r['ratio'][s]:.2f}" for r in result["rounds"])
+        lines.append(f"{s} / example = {result['ratio'][s]:.2f}× (median of per-round ratios {ratios}); "
+                     f"{result['samples_per_s'][s]:.2f} vs {result['samples_per_s']['example']:.2f} samples/s "
+                     f"(medians of rounds)")
     lo, hi = result["load"]
-    lines.append(f"ours / example = {result['ratio']:.2f}× (median of per-round ratios {ratios}); example "
-                 f"{result['example']:.2f}, ours {result['ours']:.2f} samples/s (medians of rounds); "
-                 f"1-minute load average {lo:.1f}-{hi:.1f} on {os.cpu_count()} CPU(s)")
+    lines.append(f"1-minute load average during the runs {lo:.1f}-{hi:.1f} on {os.cpu_count()} CPU(s)")
     return "\n".join(lines)

@@ -26,6 +26,10 @@ extracted to disk), a parquet row group by row group, a folder one sample at a t
 A truncated or corrupt tar raises ``EOFError`` naming the shard and the key it stopped at (the
 stream counts ``truncated_file`` and skips the rest of that shard); an image that does not decode is
 ``bad_image`` where it is decoded (the dataset, or the converter's full decode).
+
+Training reads ``.tar`` and ``.parquet`` shards listed in a ``.filelist`` through the record sources
+registered in ``sd/record_stream.py``; their caption source and filters are ``configure``'s (default:
+the ``.txt``, no filter).
 """
 
 from __future__ import annotations
@@ -268,12 +272,12 @@ def iter_parquet(path: str, caption_column: str = "caption") -> Iterator[Sample]
             raise ValueError(f"{path} has no image column ({', '.join(IMAGE_EXTENSIONS)}): it is not an "
                              "img2dataset parquet shard (a webdataset folder's .parquet holds only metadata; "
                              "list its .tar shards instead)")
+        index = 0
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH):
-            rows = batch.to_pylist()
-            for i, row in enumerate(rows):
+            for row in batch.to_pylist():
                 image = row.pop(column)
-                key = row.get("key") or f"row {i}"
-                yield Sample(path, str(key), image, row.get(caption_column), row)
+                yield Sample(path, str(row.get("key") or f"row {index}"), image, row.get(caption_column), row)
+                index += 1
     except pa.ArrowInvalid as err:
         raise OSError(f"{path}: not a readable parquet file ({err})") from None
 

@@ -8,7 +8,8 @@
 * **FID** (Heusel et al. 2017): the Fréchet distance between Gaussians fitted to the pool-3 features
   (2048-d) of the FID Inception network (``sd/inception.py``, pytorch-fid's graph) of two image sets,
   ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``. Images are read as RGB, scaled to [0, 1] and resized
-  by the network to 299 × 299 (pytorch-fid's and PaddleMIX's pipeline; no other resizing). A set is a folder
+  by the network to 299 × 299 (pytorch-fid's and PaddleMIX's pipeline; ``--resolution N`` first resizes
+  every image to N × N, as PaddleMIX's ``fid_score.py --resolution``). A set is a folder
   of images (bmp, jpg, jpeg, pgm, png, ppm, tif, tiff, webp; sorted by name) or a ``.npz`` with ``mu`` and
   ``sigma``, such as PaddleMIX's COCO statistics.
 * **FD-CLIP** (``--fid_features clip``): the same distance on the CLIP image embeddings
@@ -59,14 +60,19 @@ def list_images(folder: str) -> List[str]:
     return files
 
 
-def _same_size_batches(files: Sequence[str], batch_size: int):
-    """Consecutive runs of at most ``batch_size`` images of one size, as float32 (B, 3, H, W) in [0, 1]."""
+def _same_size_batches(files: Sequence[str], batch_size: int, resolution: Optional[int] = None):
+    """Consecutive runs of at most ``batch_size`` images of one size, as float32 (B, 3, H, W) in [0, 1];
+    with ``resolution``, each image is first resized to resolution × resolution (PIL's default bicubic,
+    PaddleMIX's ``--resolution``)."""
     from PIL import Image
 
     batch, size = [], None
     for path in files:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+            im = im.convert("RGB")
+            if resolution and im.size != (resolution, resolution):
+                im = im.resize((resolution, resolution))
+            arr = np.asarray(im, dtype=np.float32) / 255.0  # (H, W, 3)
         if batch and (arr.shape != size or len(batch) == batch_size):
             yield np.stack(batch).transpose(0, 3, 1, 2)
             batch = []
@@ -76,7 +82,8 @@ def _same_size_batches(files: Sequence[str], batch_size: int):
         yield np.stack(batch).transpose(0, 3, 1, 2)
 
 
-def inception_features(files: Sequence[str], model, batch_size: int = 50, desc: str = "FID features") -> np.ndarray:
+def inception_features(files: Sequence[str], model, batch_size: int = 50, desc: str = "FID features",
+                       resolution: Optional[int] = None) -> np.ndarray:
     """Pool-3 features (N, 2048) float64 of ``files`` through ``model`` (``sd.inception.FIDInceptionV3``).
     A feature does not depend on its batch: the network resizes and pools each image alone."""
     import paddle
@@ -84,7 +91,7 @@ def inception_features(files: Sequence[str], model, batch_size: int = 50, desc: 
 
     out = []
     with paddle.no_grad(), tqdm(total=len(files), desc=desc, unit="image") as bar:
-        for x in _same_size_batches(files, batch_size):
+        for x in _same_size_batches(files, batch_size, resolution):
             out.append(model(paddle.to_tensor(x)).numpy().astype(np.float64))
             bar.update(len(x))
     return np.concatenate(out)
@@ -156,8 +163,9 @@ class FeatureExtractor:
     """Images → features for a Fréchet distance: ``kind`` "inception" (FID) or "clip" (FD-CLIP)."""
 
     def __init__(self, kind: str = "inception", inception_weights: Optional[str] = None,
-                 clip_model_name_or_path: Optional[str] = None, batch_size: int = 50):
-        self.kind, self.batch_size = kind, batch_size
+                 clip_model_name_or_path: Optional[str] = None, batch_size: int = 50,
+                 resolution: Optional[int] = None):
+        self.kind, self.batch_size, self.resolution = kind, batch_size, resolution
         if kind == "inception":
             from sd.inception import find_weights
 
@@ -173,7 +181,7 @@ class FeatureExtractor:
 
     def __call__(self, files: Sequence[str]) -> np.ndarray:
         if self.kind == "inception":
-            return inception_features(files, self.model, self.batch_size)
+            return inception_features(files, self.model, self.batch_size, resolution=self.resolution)
         return self.clip.image_features(files, self.batch_size).astype(np.float64)
 
     def stats_of(self, path: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -405,6 +413,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "pp_inception-2015-12-05-6726825d.pdparams (default: a copy already in the torch or paddle cache)")
         q.add_argument("--clip_model_name_or_path", default=None, help="the CLIP model for --fid_features clip")
         q.add_argument("--batch_size", type=int, default=50, help="images per forward pass")
+        q.add_argument("--resolution", type=int, default=None,
+                       help="resize every image to N × N first (PaddleMIX's --resolution; default: as they are, "
+                            "the network resizes to 299)")
         q.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N")
 
     f = sub.add_parser("fid", help="Fréchet distance between two image folders (or .npz statistics)")
@@ -444,7 +455,8 @@ def main(argv=None) -> int:
             print(f"CLIP score (100·max(cos, 0), torchmetrics) {res['clip_score_torchmetrics']:.6f}")
             print(f"CLIP score {res['clip_score']:.6f}")
             return 0
-        extractor = FeatureExtractor(a.fid_features, a.inception_weights, a.clip_model_name_or_path, a.batch_size)
+        extractor = FeatureExtractor(a.fid_features, a.inception_weights, a.clip_model_name_or_path, a.batch_size,
+                                     a.resolution)
         name = "FID" if a.fid_features == "inception" else "FD-CLIP"
         if a.command == "fid_stats":
             mu, sigma = extractor.stats_of(a.images)

@@ -25,7 +25,7 @@ PREFETCH = 2  # batches per loader worker in flight (paddle.io.DataLoader's pref
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def check_file_list(file_list: str, flag: str = "--file_list") -> List[Finding]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -143,19 +144,24 @@ def test_versus_interleaves_and_reads_each_trainers_own_figures(standin_example,
     before = sorted(os.listdir(standin_example))
     r = versus(standin_example, tiny_kit, demo_file_list, rounds=2, steps=4, logging_steps=2, warmup_logs=1,
                batch_size=2, resolution=32, num_workers=0, model_max_length=16, work_dir=str(tmp_path / "work"),
-               timeout=600)
+               ours_variants=[["--max_grad_norm", "1.0"]], timeout=600)
+    sides = ["example", "ours --max_grad_norm 1.0"]
     runs = r["runs"]
-    assert [(x["side"], x["round"]) for x in runs] == [("example", 1), ("ours", 1), ("example", 2), ("ours", 2)]
+    assert r["sides"] == sides
+    assert [(x["side"], x["round"]) for x in runs] == [(s, k) for k in (1, 2) for s in sides]  # A B C A B C
     for earlier, later in zip(runs, runs[1:]):  # one after the other, never at the same time
         assert later["start"] >= earlier["end"]
     for x in runs:
         assert x["logged_steps"] == [2, 4]
         assert x["samples_per_s"] == x["intervals"][1] > 0  # the warm-up interval is dropped
     for k, rnd in enumerate(r["rounds"], 1):
-        ex, ours = (next(x for x in runs if x["side"] == s and x["round"] == k) for s in ("example", "ours"))
-        assert rnd == {"example": ex["samples_per_s"], "ours": ours["samples_per_s"],
-                       "ratio": ours["samples_per_s"] / ex["samples_per_s"]}
-    assert r["ratio"] == pytest.approx(np.median([x["ratio"] for x in r["rounds"]]))
+        speed = {x["side"]: x["samples_per_s"] for x in runs if x["round"] == k}
+        assert rnd == {"samples_per_s": speed, "ratio": {s: speed[s] / speed["example"] for s in sides}}
+    for s in sides:
+        assert r["ratio"][s] == pytest.approx(np.median([x["ratio"][s] for x in r["rounds"]]))
+    # the variant's flag reached our trainer (which logs its arguments), over the common command's -1
+    log = open(os.path.join(runs[1]["folder"], "log.txt")).read()
+    assert re.search(r"max_grad_norm\s*:\s*(-?[0-9.]+)", log).group(1) == "1.0"
     # the stand-in ran inside its example window, from a copy of its folder, with its own sd package
     for x in (x for x in runs if x["side"] == "example"):
         seen = json.load(open(os.path.join(x["folder"], "output", "standin.json")))
@@ -164,11 +170,11 @@ def test_versus_interleaves_and_reads_each_trainers_own_figures(standin_example,
         argv = seen["argv"]
         assert argv[argv.index("--unet_name_or_path") + 1] == os.path.join(os.path.abspath(tiny_kit), "unet", "config.json")
         assert argv[argv.index("--resolution") + 1] == "32"
-    # the stand-in's interval figures are ~2 × 2 / (2 × 0.01 s) = 200 samples/s: nothing is invented by the parser
-    assert 20 < r["example"] <= 200
+    # the stand-in's interval figures are at most 2 × 2 / (2 × 0.01 s) = 200 samples/s: nothing is invented by the parser
+    assert 20 < r["samples_per_s"]["example"] <= 200
     assert sorted(os.listdir(standin_example)) == before  # the example folder itself is never written
     text = describe_versus(r)
-    assert "round 2:" in text and f"{r['ratio']:.2f}×" in text and "load average" in text
+    assert "round 2:" in text and f"{r['ratio'][sides[1]]:.2f}×" in text and "load average" in text
 
 
 def test_versus_cli_refuses_a_folder_that_is_not_the_example(tmp_path):

@@ -8,6 +8,7 @@ where rank 1 fails and the job is resumed.
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -169,7 +170,7 @@ def test_ranks_end_with_their_launcher(tiny_kit, demo_file_list, tmp_path):
 
     out = tmp_path / "out"
     args = train_command(tiny_kit, demo_file_list, out, "--max_steps", "400", "--save_steps", "2",
-                         "--dataloader_num_workers", "1", "--report_to", "none", "--image_logging_steps", "0")[2:]
+                         "--dataloader_num_workers", "1", "--report_to", "none", "--image_logging_steps", "0")[1:]
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
            str(tmp_path / "log"), *args]
     launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -177,7 +178,9 @@ def test_ranks_end_with_their_launcher(tiny_kit, demo_file_list, tmp_path):
     try:
         deadline = time.time() + 300
         while not (out / "checkpoint-2").exists():
-            assert launcher.poll() is None and time.time() < deadline, "the job ended before its first checkpoint"
+            if launcher.poll() is not None or time.time() > deadline:
+                logs = "".join(open(p).read()[-2000:] for p in sorted((tmp_path / "log").glob("workerlog.*")))
+                raise AssertionError(f"the job ended (status {launcher.poll()}) before its first checkpoint:\n{logs}")
             time.sleep(0.05)
         processes = _descendants(launcher.pid)
         ranks = [p for p in processes if shm.pid_alive(p) and
@@ -192,8 +195,9 @@ def test_ranks_end_with_their_launcher(tiny_kit, demo_file_list, tmp_path):
         written = sorted(os.listdir(out))
         time.sleep(3)
         assert sorted(os.listdir(out)) == written  # nothing written after the launcher died
-    finally:
-        for p in _descendants(launcher.pid) if launcher.poll() is None else []:
-            os.kill(p, 9)
+    finally:  # whatever outlived the test (the launcher, or orphans when the test failed)
         launcher.kill()
+        for p in processes:
+            if shm.pid_alive(p):
+                os.kill(p, signal.SIGKILL)
     shm.remove_dead_segments(pids=processes)  # what the next run's start-up would remove

@@ -96,7 +96,7 @@ def test_repeated_kills_then_resumes_equal_uninterrupted(tiny_kit, demo_file_lis
                               ({"SD_FAULT_KILL_SAVE_STEP": "6"}, 2)):  # once unet/ of checkpoint-6 is written
         code, log, pids = watch(tiny_kit, demo_file_list, out, faults)
         assert code == -signal.SIGKILL, log[-3000:]
-        assert len(pids) == processes, pids
+        assert len(pids) >= processes, pids  # (a short-lived helper process may show up too)
         every_pid |= pids
         deadline = time.time() + 20
         while [p for p in pids if _alive(p)] and time.time() < deadline:

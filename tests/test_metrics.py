@@ -335,3 +335,48 @@ def test_the_kits_clip_loads_in_paddlenlp_layout_and_is_meaningful(tiny_kit, tmp
 def _write(path, lines):
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+PADDLEMIX_FID = "/work/shared/reference/paddlemix_fid_clip_score"
+
+
+def test_paddlemix_port_and_pdparams_give_our_features(tmp_path, monkeypatch):
+    """PaddleMIX's own Paddle port (its inception.py, read from the reference folder) with random weights
+    saved as a .pdparams in its naming: our network loads that file and gives the same features."""
+    import importlib.util
+
+    import paddle
+
+    path = os.path.join(PADDLEMIX_FID, "inception.py")
+    if not os.path.isfile(path):
+        pytest.skip(f"PaddleMIX's reference code is not at {PADDLEMIX_FID}")
+    spec = importlib.util.spec_from_file_location("paddlemix_inception", path)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    weights = str(tmp_path / "pp_inception-2015-12-05-6726825d.pdparams")
+    monkeypatch.setattr(ref, "get_weights_path_from_url", lambda *a, **k: weights)  # its download, made local
+    paddle.save({}, weights)
+    names = ref.fid_inception_v3().state_dict()  # an empty file: random init, to read its names and shapes
+    rng = np.random.default_rng(3)
+    state = {}
+    for key, value in names.items():
+        shape = tuple(value.shape)
+        w = rng.normal(0, np.sqrt(2.0 / np.prod(shape[1:])) if len(shape) == 4 else 0.1, shape)
+        if key.endswith("_variance"):
+            w = np.abs(w) + 0.5
+        elif key.endswith(".1.weight"):  # batch-norm scale
+            w = w + 1.0
+        state[key] = paddle.to_tensor(w.astype(np.float32))
+    paddle.save(state, weights)
+    theirs = ref.InceptionV3([3])
+    theirs.eval()
+
+    from sd.inception import load_fid_inception
+
+    ours = load_fid_inception(weights)
+    x = paddle.to_tensor(np.random.default_rng(0).uniform(0, 1, (2, 3, 40, 40)).astype(np.float32))
+    with paddle.no_grad():
+        a = ours(x).numpy()
+        b = theirs(x)[0].squeeze(3).squeeze(2).numpy()
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+    assert rel.max() <= 1e-5, rel.max()
