@@ -116,11 +116,12 @@ def run(main: Callable[[], None], user_errors=()) -> None:
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - every failure ends here: reported once, then a non-zero exit
-        if not (isinstance(e, tuple(user_errors)) or is_user_mistake(e)):
+        mistake = isinstance(e, tuple(user_errors)) or is_user_mistake(e)
+        if not mistake:
             traceback.print_exc()
         elif not under_launcher():  # a rank's one line is the "rank r failed" below
             print(f"error: {e}", file=sys.stderr, flush=True)
         shm.stop_children_and_clean()
-        fail(f"{type(e).__name__}: {e}")
+        fail(str(e) if mistake else f"{type(e).__name__}: {e}")
     if under_launcher():
         leave_finished_rank()

@@ -86,7 +86,7 @@ def test_one_process_with_accumulation_2_is_the_same_training(two_ranks, tiny_ki
     """Micro-batch k of a step reads data rank r·A + k and draws that data rank's noise: 1 process × 2
     accumulation steps reads and draws exactly what 2 ranks do, so the runs agree bit for bit here."""
     r = subprocess.run(train_command(tiny_kit, demo_file_list, tmp_path / "acc", *STEPS, "--gradient_accumulation_steps",
-                                     "2"), capture_output=True, text=True, cwd=ROOT)
+                                     "2"), capture_output=True, text=True, cwd=ROOT, timeout=600)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
     assert "global batch = 4 per device × 1 rank(s) × 2 accumulation = 8" in log
@@ -100,7 +100,7 @@ def test_one_process_with_accumulation_2_is_the_same_training(two_ranks, tiny_ki
 def test_same_training_as_one_process_with_double_batch(two_ranks, tiny_kit, demo_file_list, tmp_path):
     cmd = train_command(tiny_kit, demo_file_list, tmp_path / "one", *STEPS)
     cmd[cmd.index("--per_device_train_batch_size") + 1] = "8"
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     curves = [[float(x) for x in re.findall(r" - loss: ([0-9.]+),", log)]
               for log in (worker_log(two_ranks / "log", 0), r.stdout + r.stderr)]

@@ -150,7 +150,7 @@ def test_shm_and_disk_and_port(tmp_path):
 
 def test_dead_processes_segments_are_removed_live_ones_kept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait(timeout=60)
+    dead.wait(timeout=60)  # its pid is now free: no process of it is left
     live = os.getpid()
     for name in (f"paddle_{dead.pid}_0_123", f"paddle_{dead.pid}_1_456", f"paddle_{live}_0_789", "other_file"):
         (tmp_path / name).write_bytes(b"x")

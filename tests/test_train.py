@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def train(tiny_kit, file_list, output_dir, *extra, env=None):
     cmd = train_command(tiny_kit, file_list, output_dir, *extra)
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout + r.stderr
 
@@ -123,7 +123,7 @@ def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path)
            "MAX_STEPS": "2", "BATCH_SIZE": "2", "SAVE_STEPS": "2", "LOGGING_STEPS": "1", "IMAGE_LOGGING_STEPS": "0",
            "MODEL_MAX_LENGTH": "16", "NUM_WORKERS": "0", "FLAG_USE_EMA": "0"}
     r = subprocess.run(["sh", os.path.join(ROOT, "train.sh"), "--report_to", "none", "--prediction_type", "v_prediction"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path)
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ckpt = tmp_path / "out" / "checkpoint-2"
     assert (ckpt / "unet" / "diffusion_paddle_model.safetensors").is_file()
