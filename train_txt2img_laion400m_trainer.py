@@ -17,7 +17,7 @@ from paddlenlp.trainer import PdArgumentParser, set_seed
 from sd import preflight
 from sd.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
 from sd.components import ComponentError
-from sd.distributed import UserError, run
+from sd.distributed import UserError, after_rank_zero_work, run
 from sd.log import logger
 from sd.model import StableDiffusionModel
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
@@ -107,6 +107,7 @@ def main():
                                    f"{describe_os_error(e)}") from None
     logger.info(f"rank {training_args.process_index}: UNet parameter checksum {parameter_checksum(model.unet)}")
     if training_args.world_size > 1:  # no rank leaves while another may still talk to it (clean gloo/NCCL exit)
+        after_rank_zero_work("final-save")
         paddle.distributed.barrier()
 
 

@@ -10,6 +10,8 @@
 * a user mistake (a ``ValueError`` or ``FileNotFoundError`` raised by this repository's own checks,
   a failed checkpoint write, a diverged run) is one line and exit status 1; anything else is a bug and
   prints its traceback once;
+* work that only rank 0 does (sample grids, writing a checkpoint) ends with :func:`after_rank_zero_work`,
+  so that the other ranks do not wait for it inside a collective (gloo gives one 30 s);
 * a failing rank leaves at once with ``rank r failed: ...`` (which train.sh lists after a failed
   launch); a finished rank leaves without Paddle's C++ teardown (see :func:`leave_finished_rank`).
 """
@@ -66,6 +68,28 @@ def is_user_mistake(exc: BaseException) -> bool:
         return False
     filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
     return os.path.dirname(filename) in (ROOT, os.path.join(ROOT, "sd"))
+
+
+def after_rank_zero_work(tag: str) -> None:
+    """Every rank returns once rank 0 has finished the work tagged ``tag`` (unique per occasion, e.g.
+    ``checkpoint-500``) that only rank 0 does.
+
+    Without it the other ranks wait for rank 0 in their next collective, and on the CPU (gloo) a
+    collective gives up after 30 s: a 2-process CPU run failed with ``TIMEOUT self_rank = -1`` while
+    rank 0 drew its step-500 sample grids on a loaded machine. The wait here goes through the job's
+    TCP store instead, whose timeout is Paddle's store timeout (900 s by default), not gloo's.
+    """
+    import paddle
+
+    if paddle.distributed.get_world_size() < 2:
+        return
+    from paddle.base import core
+
+    store, key = core.create_or_get_global_tcp_store(), f"sd/rank0-done/{tag}"
+    if paddle.distributed.get_rank() == 0:
+        store.set(key, b"1")
+    else:
+        store.wait(key)
 
 
 def leave_finished_rank() -> None:

@@ -29,6 +29,7 @@ from paddlenlp.trainer import Trainer
 from sd import sampling
 from sd.checkpoints import (STATE_FILE, CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
                             staging_root)
+from sd.distributed import after_rank_zero_work
 from sd.log import logger
 from sd.train_eval import ScoreCallback
 from sd.train_loader import MicroBatchStreams
@@ -207,9 +208,11 @@ class StableDiffusionTrainer(Trainer):
         """After each optimizer step (and at the end): rank 0 logs images every ``image_logging_steps``,
         then the stock logging and checkpointing."""
         every, step = self.sd_model.args.image_logging_steps, self.state.global_step
-        if every > 0 and step % every == 0 and step != self._images_logged_at and self.is_world_process_zero():
-            self.log_images(step)
+        if every > 0 and step % every == 0 and step != self._images_logged_at:
+            if self.is_world_process_zero():
+                self.log_images(step)
             self._images_logged_at = step
+            after_rank_zero_work(f"images-{step}")
         super()._maybe_log_save_evaluate(tr_loss, model, epoch, ignore_keys_for_eval, **kwargs)
 
     def log(self, logs, **kwargs):
@@ -279,6 +282,7 @@ class StableDiffusionTrainer(Trainer):
         # paddlenlp 2.8 rotates only where local_rank == 0, i.e. never in a single process (-1).
         if writer:
             self._rotate_checkpoints()
+        after_rank_zero_work(name)
 
     def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
         # Order by step number, not modification time: the newest checkpoint is never the one deleted.

@@ -201,3 +201,16 @@ def test_ranks_end_with_their_launcher(tiny_kit, demo_file_list, tmp_path):
             if shm.pid_alive(p):
                 os.kill(p, signal.SIGKILL)
     shm.remove_dead_segments(pids=processes)  # what the next run's start-up would remove
+
+
+def test_other_ranks_outwait_rank_zero_work_longer_than_a_gloo_collective(tmp_path):
+    """Rank 0 works alone for 35 s (as when it draws sample grids on a loaded machine); a gloo collective
+    gives up after 30 s, so the ranks must meet through after_rank_zero_work's store wait first.
+    (Without that call the same job fails with ``TIMEOUT self_rank = -1``.)"""
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path),
+           os.path.join(ROOT, "tests", "rank_zero_toy.py")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400,
+                       env={**os.environ, "SD_TOY_SECONDS": "35", "SD_TOY_WAIT": "1"})
+    logs = [worker_log(tmp_path, rank) for rank in (0, 1)]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + logs[1][-2000:]
+    assert "rank 0 done: 6" in logs[0] and "rank 1 done: 6" in logs[1]
