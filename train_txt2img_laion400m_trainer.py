@@ -21,7 +21,7 @@ from sd.distributed import UserError, after_rank_zero_work, run
 from sd.log import logger
 from sd.model import StableDiffusionModel
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
-from sd.sd_trainer import NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint
+from sd.sd_trainer import NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint, keep_data_ranks
 from sd.train_loader import build_dataset
 
 
@@ -91,6 +91,8 @@ def build_data(model, model_args, data_args, training_args) -> list:
 
 def main():
     model_args, data_args, training_args = parse_arguments()
+    resume = find_resume_checkpoint(training_args) if training_args.do_train else None
+    keep_data_ranks(training_args, resume)  # another number of ranks: same data ranks, same training
     model = build_model(model_args, data_args, training_args)
     datasets = build_data(model, model_args, data_args, training_args)
     trainer = StableDiffusionTrainer(model=model, args=training_args, train_dataset=datasets[0], micro_datasets=datasets,
@@ -98,7 +100,7 @@ def main():
                                      run_config={"model": asdict(model_args), "data": asdict(data_args)})
     if not training_args.do_train:
         return
-    trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+    trainer.train(resume_from_checkpoint=resume)
     try:  # the final trained modules (rank 0 only, inside save_model)
         trainer.save_model()
         trainer.save_state()

@@ -122,6 +122,10 @@ class SDTrainingArguments(ScoreArguments, TrainingArguments):  # ScoreArguments:
     max_nonfinite_steps: int = field(
         default=5, metadata={"help": "stop after this many consecutive updates with a non-finite loss or gradient "
                                      "(each one is skipped, not applied)"})
+    keep_data_ranks: bool = field(
+        default=True, metadata={"help": "resuming on another number of ranks: set --gradient_accumulation_steps so "
+                                        "that ranks × accumulation equals the checkpoint's (same global batch, data "
+                                        "and noise: the run continues exactly); False: refuse instead"})
 
 
 def resolve_switches(args_objects, argv, environ=os.environ) -> Dict[str, Tuple[bool, str]]:

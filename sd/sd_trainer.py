@@ -358,6 +358,32 @@ class StableDiffusionTrainer(Trainer):
         return None
 
 
+def keep_data_ranks(training_args, checkpoint: Optional[str]) -> None:
+    """Resuming ``checkpoint`` on another number of ranks R: change the accumulation steps to D / R, where D is
+    the checkpoint's number of data ranks (ranks × accumulation when it was written).
+
+    Micro-batch k of rank r is data rank r·A + k of D (sd/train_loader.py), so the same D keeps every global
+    batch (its samples, noise and timesteps) as the uninterrupted run had it: losing one of two machines
+    continues on the survivor with accumulation 2. A per-device batch other than the checkpoint's is
+    refused later (the streams' positions count its batches).
+    """
+    state_file = os.path.join(checkpoint, STATE_FILE) if checkpoint else None
+    if not (state_file and os.path.isfile(state_file)):
+        return
+    with open(state_file) as f:
+        saved = json.load(f).get("data_world_size")
+    ranks, accumulation = training_args.dataset_world_size, training_args.gradient_accumulation_steps
+    if not saved or saved == ranks * accumulation or not training_args.keep_data_ranks:
+        return
+    if saved % ranks:
+        raise ValueError(f"{checkpoint} was written by {saved} data ranks (ranks × accumulation steps); {ranks} "
+                         f"ranks cannot share them evenly: resume on a number of ranks that divides {saved}, or "
+                         f"start afresh with --overwrite_output_dir")
+    training_args.gradient_accumulation_steps = saved // ranks
+    logger.warning(f"resuming {checkpoint} on {ranks} rank(s): --gradient_accumulation_steps {accumulation} → "
+                   f"{saved // ranks}, the checkpoint's {saved} data ranks (--keep_data_ranks)")
+
+
 def find_resume_checkpoint(training_args) -> Optional[str]:
     """``--resume_from_checkpoint`` if given, else the newest checkpoint in output_dir (unless
     ``--overwrite_output_dir``)."""

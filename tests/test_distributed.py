@@ -214,3 +214,25 @@ def test_other_ranks_outwait_rank_zero_work_longer_than_a_gloo_collective(tmp_pa
     logs = [worker_log(tmp_path, rank) for rank in (0, 1)]
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + logs[1][-2000:]
     assert "rank 0 done: 6" in logs[0] and "rank 1 done: 6" in logs[1]
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_process_exactly(two_ranks, tiny_kit, demo_file_list, tmp_path):
+    """Losing one of two machines: the survivor resumes the 2-rank checkpoint alone. Its accumulation
+    becomes 2 (the checkpoint's 2 data ranks), so it trains on the same global batches, noise and
+    timesteps, and ends with the 2-rank run's weights bit for bit."""
+    import shutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(two_ranks / "out" / "checkpoint-10", out / "checkpoint-10")
+    r = subprocess.run(train_command(tiny_kit, demo_file_list, out, *STEPS), capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert "--gradient_accumulation_steps 1 → 2, the checkpoint's 2 data ranks" in log
+    assert "global batch = 4 per device × 1 rank(s) × 2 accumulation = 8" in log
+    curves = [re.findall(r" - loss: ([0-9.]+),", text) for text in (worker_log(two_ranks / "log", 0), log)]
+    assert curves[1] == curves[0][10:]
+    name = "unet/diffusion_paddle_model.safetensors"
+    a, b = load_file(out / "checkpoint-20" / name), load_file(two_ranks / "out" / "checkpoint-20" / name)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
