@@ -7,6 +7,7 @@
 #   sh train.sh --use_ema True       # extra arguments go to train_txt2img_laion400m_trainer.py (they win)
 #   GPUS=0,1,2,3,4,5,6,7 sh train.sh # 8 GPUs;  add IPS=10.0.0.1,10.0.0.2 for several machines
 #   NPROC=1 sh train.sh              # one CPU process (the CPU default runs 2, one per core, when it can)
+#   ELASTIC=etcd://10.0.0.1:2379 NNODES=1:2 sh train.sh  # on every node: survives losing one (docs/elastic.md)
 #
 # The CPU default needs no download: it builds the offline kit (./tiny-sd) and the demo shapes data
 # (./data, PaddleMIX's demo layout) once, then trains the kit's tiny UNet on the CPU.
@@ -28,6 +29,13 @@ GPUS=${GPUS:-}                                           # e.g. 0,1,2,3,4,5,6,7:
 IPS=${IPS:-}                                             # e.g. 10.0.0.1,10.0.0.2: several machines (with GPUS)
 NPROC=${NPROC:-}                                         # CPU data-parallel processes (gloo) when no GPUS;
                                                          #   default 1, the CPU default 2 on a machine with ≥ 2 cores
+ELASTIC=${ELASTIC:-}                                     # etcd://HOST:PORT: elastic launch, survives a lost node
+                                                         #   (pip install -r requirements-elastic.txt; docs/elastic.md)
+NNODES=${NNODES:-1:2}                                    # with ELASTIC: MIN:MAX nodes the job runs on
+JOB_ID=${JOB_ID:-sd-pretrain}                            # with ELASTIC: one name per job (etcd prefix /paddle/JOB_ID)
+MAX_RESTART=${MAX_RESTART:-3}                            # with ELASTIC: restarts before the launcher gives up
+ELASTIC_TIMEOUT=${ELASTIC_TIMEOUT:-30}                   # with ELASTIC: seconds the node count must hold (≥ 10)
+NODE_NAME=${NODE_NAME:-$(hostname)}                      # with ELASTIC: this node's launch logs: launch_logs/NODE_NAME
 # --- training: default for the GPU recipe | the CPU default ----------------------------------------
 # PRETRAINED         folder with vae/ text_encoder/ tokenizer/ scheduler/     SD_WEIGHTS | KIT_DIR
 # UNET_CONFIG        UNet config .json (random init) or a UNet folder         ./unet_config.json | KIT_DIR/unet/config.json
@@ -101,10 +109,18 @@ else
   fi
 fi
 
-if [ -n "$GPUS" ]; then
-  LAUNCH="python -u -m paddle.distributed.launch --gpus $GPUS ${IPS:+--ips $IPS} --log_dir $OUTPUT_DIR/launch_logs"
+LOG_DIR=$OUTPUT_DIR/launch_logs
+if [ -n "$ELASTIC" ]; then
+  case "$ELASTIC" in etcd://*) ;; *) echo "error: ELASTIC=$ELASTIC: give the etcd server as etcd://HOST:PORT" >&2; exit 2 ;; esac
+  if [ -n "$IPS" ]; then echo "error: ELASTIC and IPS exclude each other: the nodes meet in etcd" >&2; exit 2; fi
+  LOG_DIR=$OUTPUT_DIR/launch_logs/$NODE_NAME
+  devices=$([ -n "$GPUS" ] && echo "--gpus $GPUS" || echo "--nproc_per_node ${NPROC:-1}")
+  LAUNCH="python -u -m paddle.distributed.launch --master $ELASTIC --nnodes $NNODES $devices --job_id $JOB_ID
+    --elastic_level 1 --max_restart $MAX_RESTART --elastic_timeout $ELASTIC_TIMEOUT --log_dir $LOG_DIR"
+elif [ -n "$GPUS" ]; then
+  LAUNCH="python -u -m paddle.distributed.launch --gpus $GPUS ${IPS:+--ips $IPS} --log_dir $LOG_DIR"
 elif [ "${NPROC:-1}" -gt 1 ]; then  # the CPU build takes --nproc_per_node, not --gpus/--devices
-  LAUNCH="python -u -m paddle.distributed.launch --nproc_per_node $NPROC --log_dir $OUTPUT_DIR/launch_logs"
+  LAUNCH="python -u -m paddle.distributed.launch --nproc_per_node $NPROC --log_dir $LOG_DIR"
 else
   LAUNCH="python -u"
 fi
@@ -141,11 +157,11 @@ $LAUNCH train_txt2img_laion400m_trainer.py \
   --ema_decay "$EMA_DECAY" \
   "$@"
 rc=$?
-if [ "$rc" -ne 0 ] && [ -d "$OUTPUT_DIR/launch_logs" ]; then
+if [ "$rc" -ne 0 ] && [ -d "$LOG_DIR" ] && [ "$LAUNCH" != "python -u" ]; then
   # The launcher reports whichever rank it saw fail first, often a peer that aborted because another
   # rank was gone; each rank that failed by itself logged "rank N failed: <cause>".
   echo "== training failed (exit $rc); ranks that failed by themselves:" >&2
-  grep -h "^rank [0-9]* failed: " "$OUTPUT_DIR"/launch_logs/workerlog.* >&2 \
-    || echo "   none logged a cause (killed?); see $OUTPUT_DIR/launch_logs/workerlog.*" >&2
+  grep -h "^rank [0-9]* failed: " "$LOG_DIR"/workerlog.* >&2 \
+    || echo "   none logged a cause (killed?); see $LOG_DIR/workerlog.*" >&2
 fi
 exit "$rc"
