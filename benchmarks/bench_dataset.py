@@ -29,7 +29,6 @@ images' size (img2dataset writes ``--image_size`` 256 by default).
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import os

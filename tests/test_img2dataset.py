@@ -422,8 +422,6 @@ def test_dataset_streams_tar_and_parquet_shards_beside_part_files(outputs, urls,
     assert collections.Counter(s["caption"] for s in samples) == good + good + good
     assert all(s["pixel_values"].shape == (3, 32, 32) for s in samples)
     # sharding over 2 ranks × 2 workers: disjoint shares that make up the whole (6 shards, 9 files)
-    from sd.record_stream import ResumePoint  # noqa: F401 (the record stream this plugs into)
-
     shares = []
     for rank in range(2):
         ds = dataset(listing, tokenizer, rank=rank, world_size=2)
