@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from paddlenlp.trainer import TrainingArguments
 from sd.train_eval import ScoreArguments
@@ -106,8 +106,22 @@ class DataArguments:
     precomputed_latents: bool = field(
         default=False, metadata={"help": "--file_list holds latents and text hidden states written by "
                                          "`python -m sd.precompute_latents` (no VAE/text encoder per step; fixed crop)"})
+    # img2dataset shards (.tar / .parquet) listed in a .filelist: where the caption is, and metadata filters
+    caption_key: Optional[str] = field(
+        default=None, metadata={"help": "img2dataset shards: caption from this field of the .json (parquet: this "
+                                        "column) instead of the .txt (parquet: the caption column)"})
+    min_original_size: int = field(
+        default=0, metadata={"help": "img2dataset shards: keep samples whose original_width and original_height "
+                                     "are both at least this many pixels (0: all)"})
+    where: Optional[List[str]] = field(
+        default=None, metadata={"help": "img2dataset shards: thresholds on numeric metadata, e.g. "
+                                        "--where 'pwatermark < 0.5' 'aesthetic >= 5' (a sample must pass all)"})
 
     def __post_init__(self):
+        from sd.img2dataset import Where
+
+        for text in self.where or ():
+            Where.parse(text)  # a malformed threshold fails here, before anything loads
         if self.resolution < 8:
             raise ValueError(f"--resolution must be ≥ 8, got {self.resolution}")
         if self.line_format not in ("laion400m", "laion_aes"):

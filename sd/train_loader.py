@@ -42,6 +42,11 @@ def die_with_parent(worker_id: int = 0) -> None:
 def build_dataset(model, model_args, data_args, training_args, rank: int, world_size: int):
     """The training stream of data rank ``rank`` of ``world_size``: images (VAE and text encoder run every
     step) or precomputed latents."""
+    from sd import img2dataset
+
+    img2dataset.configure(img2dataset.ShardOptions(  # .tar/.parquet shards in the lists (inherited by loader workers)
+        caption_key=data_args.caption_key, min_original_size=data_args.min_original_size,
+        where=tuple(img2dataset.Where.parse(w) for w in data_args.where or ())))
     if data_args.precomputed_latents:  # written by sd/precompute_latents.py for this VAE, text encoder, resolution
         from sd.latent_dataset import LatentDataset
 

@@ -495,3 +495,19 @@ def test_train_on_webdataset_shards_directly_and_resume_exactly(outputs, tiny_ki
     a = load_file(tmp_path / "full" / "checkpoint-10" / "unet" / name)
     b = load_file(tmp_path / "resumed" / "checkpoint-10" / "unet" / name)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_training_flags_filter_the_shards(outputs, tiny_kit, tmp_path):
+    """--where reaches the shards read by training: a threshold no sample passes leaves nothing usable,
+    which stops the run with a one-line error counting the filtered samples; a malformed one stops at parsing."""
+    from conftest import train_command
+
+    r = convert("--input_path", outputs["webdataset"], "--output_path", "links", "--link_only", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    listing = str(tmp_path / "links" / "filelist" / "custom_dataset.filelist.list")
+    for where, expected in (("aesthetic > 1000", "filtered"), ("aesthetic >> 5", "expected 'column OP number'")):
+        cmd = train_command(tiny_kit, listing, tmp_path / "out", "--max_steps", "2", "--report_to", "none",
+                            "--image_logging_steps", "0", "--where", where)
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert p.returncode != 0 and expected in p.stderr, p.stderr[-3000:]
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]
