@@ -1,17 +1,20 @@
 """Training throughput through the real trainer path: samples/s, where each step's time goes, FLOPs.
 
-    python -m sd.benchmark --kit reference --resolution 64 --batch_size 4 --num_workers 1   # the issue's config
+    python -m sd.benchmark --kit reference --resolution 64 --batch_size 4 --num_workers 1   # the PaddleMIX example's config
     python -m sd.benchmark --kit ./tiny-sd --resolution 64 --batch_size 16 --num_workers 2
     python -m sd.benchmark --kit ./tiny-sd --table                       # batch 4/16 × workers 0/1/2
     python -m sd.benchmark --kit reference --latents ./latents/filelist/train.filelist.list   # precomputed mode
     python -m sd.benchmark --flops_only --unet_config ./unet_config.json --resolution 256      # SD v1 arithmetic
+    python -m sd.benchmark --versus ../shared/reference/paddlemix_stable_diffusion           # side by side, A B A B
 
 Method: the model, dataset and ``StableDiffusionTrainer`` are built exactly as
 ``train_txt2img_laion400m_trainer.py`` builds them, and the trainer runs ``warmup + steps``
 optimizer steps. A callback stamps each step's phases (data wait, forward+backward, optimizer);
 the frozen encoders and the UNet are timed around their calls. The first ``warmup`` steps are
 dropped and each figure is the **median** over the remaining steps (robust to the other processes
-sharing this machine); samples/s = batch × world size / median step interval. On a GPU every stamp
+sharing this machine); samples/s = batch × world size / median step interval. Figures of two separate
+runs are not comparable on a shared machine: ``--versus`` (``sd/benchmark_versus.py``) measures this
+trainer against PaddleMIX's example interleaved in one run. On a GPU every stamp
 is preceded by a device synchronisation, and achieved TFLOP/s and MFU are printed (MFU against
 ``--peak_tflops``, or a known peak for the detected card).
 
@@ -43,7 +46,7 @@ DEFAULT_CACHE = os.path.join(tempfile.gettempdir(), "sd-benchmark")
 KNOWN_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H800": 989.0, "A800": 312.0, "V100": 125.0, "A10": 125.0,
                      "3090": 71.0, "4090": 165.0, "L40": 181.0}
 
-# The PaddleMIX example's benchmark config (issue 10), with random weights.
+# The PaddleMIX example's benchmark config, with random weights.
 REFERENCE_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
                       down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
                       up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=8,
@@ -315,7 +318,7 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     if warmup < 1 or steps < 1:
         raise ValueError(f"need warmup ≥ 1 (the first step has no interval before it) and steps ≥ 1, got {warmup}, {steps}")
     extra = dict(extra_args or {})
-    extra.setdefault("max_grad_norm", -1.0)  # the seed's command: no gradient clipping
+    extra.setdefault("max_grad_norm", -1.0)  # PaddleMIX's command: no gradient clipping
     pick = lambda cls: {k: extra.pop(k) for k in list(extra) if k in cls.__dataclass_fields__}  # noqa: E731
     out_dir = tempfile.mkdtemp(prefix="sd-bench-run-")
     model_args = ModelArguments(pretrained_model_name_or_path=kit, unet_name_or_path=os.path.join(kit, "unet", "config.json"),
@@ -328,7 +331,8 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
                                         disable_tqdm=True, seed=seed, learning_rate=1e-4, **pick(SDTrainingArguments))
     if extra:
         raise ValueError(f"unknown arguments {sorted(extra)}")
-    finalize(model_args, data_args, training_args, lambda msg, changed=True: logger.info(msg), argv=[])
+    finalize(model_args, data_args, training_args, lambda msg, changed=True: logger.info(msg),
+             argv=[f"--{k}" for k in (extra_args or {})])  # switches given here count as command-line flags
     paddle.seed(seed)
     model = StableDiffusionModel(model_args, recompute=training_args.recompute)
     dataset = build_dataset(model, model_args, data_args, training_args, rank=training_args.dataset_rank,
@@ -492,7 +496,7 @@ def resolve_inputs(a) -> tuple:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kit", default="reference", help="'reference' (the issue's config, random weights), 'tiny' (the default "
+    p.add_argument("--kit", default="reference", help="'reference' (the PaddleMIX example's benchmark config, random weights), 'tiny' (the default "
                                                "kit's architecture, barely trained: its speed) or a kit folder")
     p.add_argument("--file_list", default=None, help="*.filelist.list of images (default: 512 demo images, built once)")
     p.add_argument("--latents", default=None, help="*.filelist.list of precomputed latents (sd.precompute_latents): "
@@ -504,7 +508,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=40, help="measured steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--model_max_length", type=int, default=77)
-    p.add_argument("--logging_steps", type=int, default=10, help="the seed's value")
+    p.add_argument("--logging_steps", type=int, default=10, help="PaddleMIX's value")
     p.add_argument("--table", action="store_true", help="batch 4 and 16 × loader workers 0, 1, 2, as a markdown table")
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for the MFU (GPU)")
     p.add_argument("--cache_dir", default=DEFAULT_CACHE, help="where the reference kit and demo data are built once")

@@ -150,7 +150,8 @@ def versus(example_dir: str, kit: str, file_list: str, rounds: int = 3, steps: i
     Returns:
         ``{"sides": [example, ours...], "runs": [...] in run order, "rounds": [{"samples_per_s": {side: x},
         "ratio": {side: x / example}}], "ratio": {side: median ratio}, "samples_per_s": {side: median},
-        "load": (min, max) 1-minute load average seen}``; throughput in samples/s.
+        "load": (min, max) 1-minute load average seen, "failed": the error that ended the series early or None}``;
+        throughput in samples/s. A run that fails after at least one complete round ends the series there.
     """
     import paddle
 
@@ -170,19 +171,27 @@ def versus(example_dir: str, kit: str, file_list: str, rounds: int = 3, steps: i
     sides = {"example": (os.path.join(example_copy, ENTRY), example_copy, list(example_args))}
     for variant in ours_variants:
         sides[side_name(variant)] = (os.path.join(ROOT, ENTRY), ROOT, list(variant))
-    runs, per_round = [], []
+    runs, per_round, failed = [], [], None
     for k in range(1, rounds + 1):
         speeds = {}
         for n, (side, (script, cwd, extra)) in enumerate(sides.items()):
-            run = run_side(side, script, cwd, command_args, extra, os.path.join(work, f"{n}"), k, warmup_logs, timeout)
+            try:
+                run = run_side(side, script, cwd, command_args, extra, os.path.join(work, f"{n}"), k, warmup_logs, timeout)
+            except RuntimeError as e:  # a crashed run (e.g. a loader worker's segfault) ends the series, keeps the rounds done
+                if not per_round:
+                    raise
+                failed = str(e)
+                break
             runs.append(run)
             speeds[side] = run["samples_per_s"]
+        if failed:
+            break
         per_round.append({"samples_per_s": speeds, "ratio": {s: v / speeds["example"] for s, v in speeds.items()}})
     loads = [r[key] for r in runs for key in ("load_before", "load_after")]
     return {"sides": list(sides), "runs": runs, "rounds": per_round,
             "ratio": {s: statistics.median(r["ratio"][s] for r in per_round) for s in sides},
             "samples_per_s": {s: statistics.median(r["samples_per_s"][s] for r in per_round) for s in sides},
-            "load": (min(loads), max(loads)),
+            "load": (min(loads), max(loads)), "failed": failed,
             "config": {**command_args, "rounds": rounds, "warmup_logs": warmup_logs,
                        "ours_variants": [list(v) for v in ours_variants], "example_args": list(example_args)},
             "work_dir": work}
@@ -206,4 +215,6 @@ def describe_versus(result: dict) -> str:
                      f"(medians of rounds)")
     lo, hi = result["load"]
     lines.append(f"1-minute load average during the runs {lo:.1f}-{hi:.1f} on {os.cpu_count()} CPU(s)")
+    if result.get("failed"):
+        lines.append(f"stopped after {len(result['rounds'])} complete round(s): {result['failed'].splitlines()[0]}")
     return "\n".join(lines)
