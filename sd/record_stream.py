@@ -178,6 +178,10 @@ class StreamState:
         return np.array([self.stream, self.position, self.bad], dtype=np.int64)
 
 
+class UnusableData(RuntimeError, ValueError):
+    """The data gives nothing (or too little) to train on: a problem of the user's data, reported in one line."""
+
+
 class _NoRecords(RuntimeError):
     """A list gives a shard no record in a whole pass (its files are gone, empty or too few)."""
 
@@ -350,7 +354,7 @@ class RecordStream:
             except _NoRecords as err:  # e.g. all its files vanished mid-run
                 state.alive[k] = False
                 if not state.alive.any():
-                    raise RuntimeError(f"{where}: no file list has any record left ({err}); "
+                    raise UnusableData(f"{where}: no file list has any record left ({err}); "
                                        f"skipped: {dict(state.skipped)}") from None
                 logger.warning(f"{where}: {err}; drawing from the other lists only")
                 weights = np.where(state.alive, self.weights if self.weights is not None else 1.0, 0.0)
@@ -394,11 +398,11 @@ class RecordStream:
             logger.warning(f"{where}: skipped {state.bad} of {state.examined} records so far: {dict(state.skipped)}")
         if (self.max_bad_fraction is not None and state.examined >= 1000
                 and state.bad / state.examined > self.max_bad_fraction):
-            raise RuntimeError(f"{where}: {state.bad} of {state.examined} records were bad, more than "
+            raise UnusableData(f"{where}: {state.bad} of {state.examined} records were bad, more than "
                                f"max_bad_fraction={self.max_bad_fraction}: {dict(state.skipped)}")
         # Two full passes of every list (plus the buffer) without a usable sample: fail, never loop.
         if all(not ok or (r.pass_length is not None and n >= 2 * r.pass_length + self.shuffle_buffer)
                for r, n, ok in zip(readers, state.bad_since_good, state.alive)):
-            raise RuntimeError(
+            raise UnusableData(
                 f"no usable sample in a full pass over {', '.join(r.name for r in readers)} ({where}; "
                 f"skipped: {dict(state.skipped)}){'; ' + self.hint if self.hint else ''}")

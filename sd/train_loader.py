@@ -67,6 +67,24 @@ def build_dataset(model, model_args, data_args, training_args, rank: int, world_
         model_max_length=model_args.model_max_length, shuffle_buffer=data_args.shuffle_buffer)
 
 
+class _RaiseInMainThread(paddle.io.IterableDataset):
+    """``dataset`` for a DataLoader without workers, whose error reaches the training loop.
+
+    Without workers, Paddle's DataLoader iterates the dataset in a thread of its own; when the dataset raises
+    (all records bad, say), that thread dies and the training loop waits for its next batch forever. Here the
+    iteration ends instead and the error is kept, for :class:`MicroBatchStreams` to raise.
+    """
+
+    def __init__(self, dataset):
+        self.dataset, self.error = dataset, None
+
+    def __iter__(self):
+        try:
+            yield from self.dataset
+        except Exception as e:  # noqa: BLE001 - raised again in the main thread (MicroBatchStreams.__iter__)
+            self.error = e
+
+
 class MicroBatchStreams:
     """The batches of ``datasets`` (one per micro-batch k, built for data rank ``data_ranks[k]``) in turn.
 
@@ -103,9 +121,11 @@ class MicroBatchStreams:
             self.positions[d] = positions
 
     def __iter__(self):
-        loaders = [paddle.io.DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+        sources = [d if self.num_workers else _RaiseInMainThread(d) for d in self.datasets]
+        loaders = [paddle.io.DataLoader(source, batch_size=self.batch_size, num_workers=self.num_workers,
                                         collate_fn=getattr(dataset, "collate_fn", collate_fn),  # latents: their own
-                                        worker_init_fn=die_with_parent) for dataset in self.datasets]
+                                        worker_init_fn=die_with_parent)
+                   for source, dataset in zip(sources, self.datasets)]
         iterators = [iter(loader) for loader in loaders]
         accumulation = len(iterators)
         while True:
@@ -114,6 +134,8 @@ class MicroBatchStreams:
             try:
                 batch = next(iterators[k])
             except StopIteration:
+                if getattr(sources[k], "error", None) is not None:
+                    raise sources[k].error
                 return
             self.seconds += time.perf_counter() - start
             d = self.data_ranks[k]

@@ -168,3 +168,18 @@ def test_text_encoder_training_gets_its_own_learning_rate(tiny_kit, tmp_path):
     after = {n: {k: v.numpy() for k, v in getattr(model, n).state_dict().items()} for n in ("text_encoder", "vae")}
     assert any(not np.array_equal(before["text_encoder"][k], after["text_encoder"][k]) for k in before["text_encoder"])
     assert all(np.array_equal(before["vae"][k], after["vae"][k]) for k in before["vae"])
+
+
+def test_all_bad_data_stops_with_one_line(tiny_kit, tmp_path):
+    """Every record bad, no loader workers: Paddle's own loader thread would die and leave training waiting
+    forever; the run stops instead, with one line and a non-zero status."""
+    part = tmp_path / "part-000001"
+    part.write_text("".join(f"caption {i}\tNONE\tnot base64 at all\n" for i in range(8)))
+    (tmp_path / "bad.filelist").write_text(f"{part}\n")
+    (tmp_path / "bad.filelist.list").write_text(f"{tmp_path / 'bad.filelist'}\n")
+    cmd = train_command(tiny_kit, str(tmp_path / "bad.filelist.list"), tmp_path / "out", "--max_steps", "2",
+                        "--report_to", "none", "--image_logging_steps", "0", "--dataloader_num_workers", "0")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "error: " in r.stderr and "no usable sample in a full pass" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
