@@ -233,7 +233,7 @@ def _make_step_timer(trainer, clock: _Clock):
             self._cur: Dict[str, float] = {}
 
         def on_load_data_end(self, args, state, control, **kw):
-            reader = trainer._reader
+            reader = trainer.streams  # the micro-batch streams time their own waits
             self._cur = {"data": reader.seconds - self._reader_seconds}
             self._reader_seconds = reader.seconds
             clock.now = {}
