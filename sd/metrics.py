@@ -307,7 +307,7 @@ def _load_clip_model(folder: str):
     """(model, processor, layout) of a local CLIP folder; the layout is read off the weight names."""
     from paddlenlp.transformers import CLIPModel, CLIPProcessor
 
-    from sd.sampling import from_pretrained_kwargs
+    from sd.components import from_pretrained_kwargs
 
     keys = _weight_keys(folder)
     processor = CLIPProcessor.from_pretrained(folder)
