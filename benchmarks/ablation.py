@@ -48,7 +48,7 @@ class Row:
     raw_weights_of: str = ""  # score this row's raw (non-EMA) UNet of that row's training instead of training again
 
 
-# Every row is the default of train.sh with one change, except "baseline" (the seed's options all off).
+# Every row is the default of train.sh with one change, except "baseline" (PaddleMIX's options all off).
 ROWS: Dict[str, Row] = {
     "baseline": Row("no min-SNR, no offset noise, no EMA (plain ε-MSE)",
                     env={"SNR_GAMMA": "", "NOISE_OFFSET": "0", "FLAG_USE_EMA": "0"}),
