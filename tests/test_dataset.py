@@ -25,8 +25,7 @@ from sd.log import logger
 from sd.text_image_pair_dataset import TextImagePairDataset, collate_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                       "shared", "fixtures", "paddlemix")
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "paddlemix")  # files written by PaddleMIX's own tools
 
 
 @pytest.fixture
@@ -402,7 +401,6 @@ def test_collate_normalises_to_unit_range(demo_file_list, tokenizer):
     assert b["stream_state"].numpy().tolist()[0] == 0  # by default: [stream, draws made, records skipped]
 
 
-@pytest.mark.skipif(not os.path.isdir(FIXTURE), reason="PaddleMIX fixtures not beside the repository")
 def test_reads_paddlemix_files_from_another_folder(tmp_path, tokenizer, monkeypatch):
     shutil.copytree(os.path.join(FIXTURE, "processed_data"), tmp_path / "processed_data")
     monkeypatch.chdir(tmp_path.parent)  # not the folder the filelists are relative to
