@@ -308,7 +308,7 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
         extra_args: more ``ModelArguments``/``DataArguments``/``SDTrainingArguments`` fields by name.
     """
     import paddle
-    from paddlenlp.utils.log import logger
+    from sd.log import logger
 
     from sd.model import StableDiffusionModel
     from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize

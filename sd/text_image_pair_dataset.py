@@ -27,7 +27,7 @@ import numpy as np
 import paddle
 from paddle.io import IterableDataset, get_worker_info
 
-from sd.data_format import LINE_FORMATS, BadRecord, read_filelist, read_filelist_list
+from sd.data_format import LINE_FORMATS, read_filelist, read_filelist_list
 from sd.image_codec import INTERPOLATIONS, ImageCodec, resample_window  # noqa: F401 (resample_window: re-exported)
 from sd.record_stream import SKIP_REASONS, RecordSource, RecordStream, ResumePoint
 
