@@ -21,7 +21,7 @@ from sd.distributed import UserError, after_rank_zero_work, run
 from sd.log import logger
 from sd.model import StableDiffusionModel
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
-from sd.sd_trainer import NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint, keep_data_ranks
+from sd.sd_trainer import NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint, fit_global_batch
 from sd.train_loader import build_dataset
 
 
@@ -45,7 +45,8 @@ def _log(level: str, message: str) -> None:
 
 
 def parse_arguments():
-    """The three argument dataclasses, resolved (switches, device fallbacks) and checked against the machine."""
+    """The three argument dataclasses, resolved (switches, device fallbacks, the layout of a resumed
+    checkpoint's global batch) and checked against the machine; and the checkpoint to resume, if any."""
     preflight.report(preflight.check_port(), _log)  # before the arguments start the process group
     parser = PdArgumentParser((ModelArguments, DataArguments, SDTrainingArguments))
     try:
@@ -55,6 +56,8 @@ def parse_arguments():
     finalize(model_args, data_args, training_args, lambda msg, changed=True: (logger.warning if changed else logger.info)(msg))
     if training_args.should_save:
         check_output_dir(training_args.output_dir)
+    resume = find_resume_checkpoint(training_args) if training_args.do_train else None
+    fit_global_batch(training_args, data_args, resume)  # another number of ranks: the same global batch
     ranks_here = int(os.environ.get("PADDLE_LOCAL_SIZE", "1"))  # processes of this job on this machine
     workers = training_args.dataloader_num_workers
     preflight.report(
@@ -63,7 +66,7 @@ def parse_arguments():
         + preflight.check_shm(0 if data_args.precomputed_latents else preflight.shm_bytes_needed(
             training_args.per_device_train_batch_size, data_args.resolution, workers,
             training_args.gradient_accumulation_steps, ranks_here)), _log)
-    return model_args, data_args, training_args
+    return model_args, data_args, training_args, resume
 
 
 def build_model(model_args, data_args, training_args) -> StableDiffusionModel:
@@ -80,19 +83,23 @@ def build_model(model_args, data_args, training_args) -> StableDiffusionModel:
 
 
 def build_data(model, model_args, data_args, training_args) -> list:
-    """One stream per accumulation micro-batch: data rank r·A + k of R·A (see sd/train_loader.py), so that
-    R ranks × A accumulation steps see the same data and noise for any split of R·A."""
-    accumulation, world = training_args.gradient_accumulation_steps, training_args.dataset_world_size
-    logger.info(f"global batch = {training_args.per_device_train_batch_size} per device × {world} rank(s) × "
-                f"{accumulation} accumulation = {training_args.per_device_train_batch_size * world * accumulation}")
-    return [build_dataset(model, model_args, data_args, training_args, rank=training_args.dataset_rank * accumulation + k,
-                          world_size=world * accumulation) for k in range(accumulation)]
+    """One dataset per accumulation micro-batch k: data rank d = r·A + k streams slots [d·b, (d+1)·b) of the
+    global batch R·A·b (see sd/train_loader.py), so that any R, A, b of the same product see the same data
+    and noise."""
+    accumulation, world, b = (training_args.gradient_accumulation_steps, training_args.dataset_world_size,
+                              training_args.per_device_train_batch_size)
+    logger.info(f"global batch = {b} per device × {world} rank(s) × {accumulation} accumulation = "
+                f"{b * world * accumulation}")
+    if training_args.dataloader_num_workers > b:
+        logger.info(f"--dataloader_num_workers {training_args.dataloader_num_workers}: each micro-batch's loader "
+                    f"uses {b}, one per sample slot")
+    first = training_args.dataset_rank * accumulation
+    return [build_dataset(model, model_args, data_args, training_args, slots=range(d * b, (d + 1) * b),
+                          num_slots=b * world * accumulation) for d in range(first, first + accumulation)]
 
 
 def main():
-    model_args, data_args, training_args = parse_arguments()
-    resume = find_resume_checkpoint(training_args) if training_args.do_train else None
-    keep_data_ranks(training_args, resume)  # another number of ranks: same data ranks, same training
+    model_args, data_args, training_args, resume = parse_arguments()
     model = build_model(model_args, data_args, training_args)
     datasets = build_data(model, model_args, data_args, training_args)
     trainer = StableDiffusionTrainer(model=model, args=training_args, train_dataset=datasets[0], micro_datasets=datasets,

@@ -335,8 +335,9 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
              argv=[f"--{k}" for k in (extra_args or {})])  # switches given here count as command-line flags
     paddle.seed(seed)
     model = StableDiffusionModel(model_args, recompute=training_args.recompute)
-    dataset = build_dataset(model, model_args, data_args, training_args, rank=training_args.dataset_rank,
-                                  world_size=training_args.dataset_world_size)
+    b, rank, world = batch_size, training_args.dataset_rank, training_args.dataset_world_size  # no accumulation here
+    dataset = build_dataset(model, model_args, data_args, training_args, slots=range(rank * b, (rank + 1) * b),
+                            num_slots=world * b)
     trainer = StableDiffusionTrainer(model=model, args=training_args, train_dataset=dataset, resolution=resolution)
     clock = _Clock()
     model.encode_images = clock.wrap("vae_encode", model.encode_images)

@@ -1,8 +1,9 @@
 """Streaming precomputed latents (written by ``sd/precompute_latents.py``): the image stream's rules, no VAE.
 
 ``LatentDataset`` is ``TextImagePairDataset`` with another per-record step: the record stream
-(``sd/record_stream.py``: sharding over (rank, loader worker), shuffle buffer, skip counters,
-``fast_forward``) is the parent's, unchanged, so a latent dataset streams, shards and resumes exactly like the images it was made from.
+(``sd/record_stream.py``: one stream per slot of the global batch, shuffle buffer, skip counters,
+``fast_forward``) and the slots' loader workers are the parent's, unchanged, so a latent dataset streams,
+shards and resumes exactly like the images it was made from.
 Each record gives the VAE posterior's mean and std (the model samples ``μ + σ·ε`` every step, as in
 the faithful mode) and the caption's text-encoder hidden states; with probability
 ``drop_caption_prob`` the hidden states of the empty caption are used instead (classifier-free
@@ -14,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -54,15 +55,15 @@ class LatentDataset(TextImagePairDataset):
     Args:
         file_list: a ``*.filelist.list`` of latent ``.filelist``s (each with its ``*.latents.json``).
         tokenizer: optional; gives ``input_ids`` of each caption ("" when dropped), for image logs.
-        drop_caption_prob, max_bad_fraction, seed, rank, world_size, report_every, shuffle_buffer,
+        drop_caption_prob, max_bad_fraction, seed, slots, num_slots, report_every, shuffle_buffer,
             with_stream_state, return_meta: as in ``TextImagePairDataset``.
         expect: optional ``{"resolution", "latent_shape", "hidden_shape"}`` the model needs; a
             mismatch with the sidecar raises ValueError before training starts.
     """
 
     def __init__(self, file_list: str, tokenizer=None, drop_caption_prob: float = 0.1,
-                 max_bad_fraction: Optional[float] = None, seed: int = 0, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, report_every: int = 1000, shuffle_buffer: int = 256,
+                 max_bad_fraction: Optional[float] = None, seed: int = 0, slots: Optional[Sequence[int]] = None,
+                 num_slots: int = 1, report_every: int = 1000, shuffle_buffer: int = 64,
                  with_stream_state: bool = True, return_meta: bool = False, expect: Optional[dict] = None):
         from sd.data_format import read_filelist_list
 
@@ -78,7 +79,7 @@ class LatentDataset(TextImagePairDataset):
                 raise ValueError(f"{file_list}: latents were precomputed with {k}={first[k]}, the model needs {v}; "
                                  f"precompute them again with this model and --resolution")
         super().__init__(file_list, tokenizer, resolution=first["resolution"], drop_caption_prob=drop_caption_prob,
-                         max_bad_fraction=max_bad_fraction, seed=seed, rank=rank, world_size=world_size,
+                         max_bad_fraction=max_bad_fraction, seed=seed, slots=slots, num_slots=num_slots,
                          model_max_length=first["model_max_length"], report_every=report_every,
                          shuffle_buffer=shuffle_buffer, with_stream_state=with_stream_state, return_meta=return_meta)
         self.info = first

@@ -1,16 +1,16 @@
 """Stable Diffusion for training: frozen VAE + text encoder, trainable UNet, forward → loss.
 
-``StableDiffusionModel.forward(input_ids, pixel_values, seed)`` returns the training loss of one
-batch. Every random draw of a step (VAE posterior sample, noise, offset noise, perturbation,
-timesteps) comes from ``numpy.random.default_rng(seed)``: the trainer passes a seed derived from
-(run seed, rank, batch index), so ranks draw different noise and a resumed run draws exactly what
-the uninterrupted run would have.
+``StableDiffusionModel.forward(input_ids, pixel_values, seeds)`` returns the training loss of one
+batch. Every random draw for sample i (VAE posterior sample, noise, timestep, offset noise,
+perturbation) comes from its own ``numpy.random.default_rng(seeds[i])``: the trainer passes the seed
+of (run seed, the sample's slot, step) (sd/train_loader.py), so a sample draws the same whichever
+rank or micro-batch it lands in, and a resumed run draws exactly what the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -19,6 +19,11 @@ from paddle import nn
 from sd import components, diffusion
 from sd.components import init_unet_from_config  # noqa: F401 - part of this module's interface (tests, benchmark)
 from sd.sd_args import ModelArguments
+
+
+def per_sample(rngs: List[np.random.Generator], draw: Callable[[np.random.Generator], np.ndarray]) -> paddle.Tensor:
+    """(B, ...) tensor of ``draw(rng)`` for each sample's generator, stacked (float32 draws stay float32)."""
+    return paddle.to_tensor(np.stack([draw(rng) for rng in rngs]))
 
 
 def _float32(x: paddle.Tensor) -> paddle.Tensor:
@@ -166,8 +171,9 @@ class StableDiffusionModel(nn.Layer):
             return self.text_encoder(input_ids)[0]
 
     @paddle.no_grad()
-    def encode_images(self, pixel_values: paddle.Tensor, rng: np.random.Generator) -> paddle.Tensor:
-        """(B, 3, H, W) in [-1, 1] → scaled latents (B, 4, H/f, W/f), sampled from the posterior with ``rng``."""
+    def encode_images(self, pixel_values: paddle.Tensor, rngs: List[np.random.Generator]) -> paddle.Tensor:
+        """(B, 3, H, W) in [-1, 1] → scaled latents (B, 4, H/f, W/f), sampled from the posterior with one
+        generator per sample (``rngs``, B of them)."""
         fast = self._compiled("vae")
         if fast is None:
             dist = self.vae.encode(pixel_values).latent_dist
@@ -175,7 +181,7 @@ class StableDiffusionModel(nn.Layer):
             from ppdiffusers.models.vae import DiagonalGaussianDistribution
 
             dist = DiagonalGaussianDistribution(fast(_float32(pixel_values)))
-        return self.sample_latents(dist.mean, dist.std, rng)
+        return self.sample_latents(dist.mean, dist.std, rngs)
 
     def _compiled(self, name: str):
         """The static or inference version of compute path ``name`` (vae, text, unet), or None (eager)."""
@@ -214,37 +220,44 @@ class StableDiffusionModel(nn.Layer):
         self._static = dict(self._static or {}, **static)
 
     @paddle.no_grad()
-    def sample_latents(self, mean: paddle.Tensor, std: paddle.Tensor, rng: np.random.Generator) -> paddle.Tensor:
-        """Posterior sample z = (μ + σ·ε) · scaling_factor, ε ~ N(0, I) from ``rng``; μ, σ: (B, 4, h, w), any float dtype."""
+    def sample_latents(self, mean: paddle.Tensor, std: paddle.Tensor, rngs: List[np.random.Generator]) -> paddle.Tensor:
+        """Posterior sample z = (μ + σ·ε) · scaling_factor, ε_i ~ N(0, I) from ``rngs[i]``; μ, σ: (B, 4, h, w), any
+        float dtype."""
         mean, std = _float32(mean), _float32(std)
-        eps = paddle.to_tensor(rng.standard_normal(mean.shape, dtype=np.float32))
+        eps = per_sample(rngs, lambda rng: rng.standard_normal(mean.shape[1:], dtype=np.float32))
         return (mean + std * eps) * self.scaling_factor
 
     def forward(self, input_ids: Optional[paddle.Tensor] = None, pixel_values: Optional[paddle.Tensor] = None,
-                seed: int = 0, latent_mean: Optional[paddle.Tensor] = None, latent_std: Optional[paddle.Tensor] = None,
-                encoder_hidden_states: Optional[paddle.Tensor] = None, **unused) -> paddle.Tensor:
-        """One batch → scalar loss. ``seed`` fixes every random draw of the step.
+                seeds: Sequence[int] = (), latent_mean: Optional[paddle.Tensor] = None,
+                latent_std: Optional[paddle.Tensor] = None, encoder_hidden_states: Optional[paddle.Tensor] = None,
+                **unused) -> paddle.Tensor:
+        """One batch → scalar loss. ``seeds`` (B ints) fix every random draw, one seed per sample.
 
         Inputs: ``pixel_values`` (B, 3, H, W) and ``input_ids`` (B, L) (the VAE and text encoder run
         here), or precomputed ones (``sd/precompute_latents.py``): ``latent_mean``/``latent_std``
         (B, 4, h, w), the VAE posterior, sampled here every step, and ``encoder_hidden_states`` (B, L, D).
-        Draw order (tests rely on it; the same in both modes): posterior ε (B,4,h,w), noise (B,4,h,w),
-        timesteps (B,), then offset noise (B,4,1,1) and perturbation (B,4,h,w) when enabled.
+        Draw order of each sample's generator (tests rely on it; the same in both modes): posterior ε
+        (4,h,w), noise (4,h,w), timestep, then offset noise (4,1,1) and perturbation (4,h,w) when enabled.
         """
         a = self.args
-        rng = np.random.default_rng(seed)
+        batch = (latent_mean if latent_mean is not None else pixel_values).shape[0]
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for a batch of {batch}: give one per sample")
+        rngs = [np.random.default_rng(s) for s in seeds]
         if latent_mean is not None:
-            latents = self.sample_latents(latent_mean, latent_std, rng)
+            latents = self.sample_latents(latent_mean, latent_std, rngs)
         else:
-            latents = self.encode_images(pixel_values, rng)
-        shape = latents.shape
-        noise = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
-        t = paddle.to_tensor(rng.integers(0, len(self.alphas_cumprod), shape[0]), dtype="int64")
+            latents = self.encode_images(pixel_values, rngs)
+        shape = latents.shape[1:]  # (4, h, w)
+        noise = per_sample(rngs, lambda rng: rng.standard_normal(shape, dtype=np.float32))
+        t = paddle.to_tensor(np.array([rng.integers(0, len(self.alphas_cumprod)) for rng in rngs]), dtype="int64")
         if a.noise_offset:  # per-(sample, channel) constant: lets the model shift overall brightness
-            noise = noise + a.noise_offset * paddle.to_tensor(rng.standard_normal(shape[:2] + [1, 1], dtype=np.float32))
+            noise = noise + a.noise_offset * per_sample(rngs, lambda rng: rng.standard_normal([shape[0], 1, 1],
+                                                                                             dtype=np.float32))
         input_noise = noise
         if a.input_perturbation:  # Ning et al. 2023: noise the input with a perturbed ε, keep ε as the target
-            input_noise = noise + a.input_perturbation * paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
+            input_noise = noise + a.input_perturbation * per_sample(
+                rngs, lambda rng: rng.standard_normal(shape, dtype=np.float32))
         noisy = diffusion.add_noise(latents, input_noise, t, self.alphas_cumprod)
         if encoder_hidden_states is None:  # precomputed ones never meet --train_text_encoder (finalize refuses it)
             encoder_hidden_states = self.encode_text(input_ids)

@@ -1,19 +1,21 @@
-"""The record stream: file lists → one endless, sharded, shuffled, resumable stream of records.
+"""The record stream: file lists → endless, sharded, shuffled, resumable streams of records, one per slot.
 
 What a stream is (the contract with the trainer is in docs/ARCHITECTURE.md):
 
-* **Shards.** With R ranks and W loader workers there are S = R·max(W, 1) shards; shard
-  ``rank·max(W,1) + worker``. A ``.filelist`` with at least S entries is split by file (each pass,
-  every shard shuffles the entries the same way and shard k reads entries k, k+S, ...); one with
-  fewer is split by record (every shard reads every file and keeps records k, k+S, ...), which is
-  logged once. Either way the shards are disjoint and together complete, and no worker waits for
-  data that is not there. ``num_workers`` 0 and 1 give the same stream.
-* **Draws.** A shard's stream is a sequence of draws: pick a ``.filelist`` (by weight, or
-  uniformly), put its next record into a shuffle buffer of undecoded records, take a random one
-  out. Each list repeats forever, its file order reshuffled every pass. Draw ``i`` uses randomness
-  from ``(seed, rank, worker, i)`` and the pass order from ``(seed, list, pass)``, so the stream is
-  a function of (seed, rank, worker, pass) and nothing else. A stream's **position** is the number
-  of draws made, i.e. records read.
+* **Slots.** A global batch of G samples has G slots; slot j is a stream of its own, and step t's
+  global batch is the t-th usable sample of every slot. Which rank, micro-batch or loader worker reads
+  a slot does not matter: the stream of slot j is a function of (seed, j, G, file lists) only. A
+  ``.filelist`` with F ≥ G entries is split by file (each pass, every slot shuffles the entries the
+  same way and slot j reads entries j, j+G, ...); one with F < G is split by record within files
+  (slot j reads entry j mod F of the pass's order and keeps its records i ≡ j div F (mod n), n being
+  the number of slots reading that entry), which is logged once. Either way the slots are disjoint
+  and together complete, and each reads about one F-th or G-th of the data.
+* **Draws.** A slot's stream is a sequence of draws: pick a ``.filelist`` (by weight, or
+  uniformly), put its next record into the slot's shuffle buffer of undecoded records, take a
+  random one out. Each list repeats forever, its file order reshuffled every pass. Draw ``i`` uses
+  randomness from ``(seed, slot, i)`` (also what the sample's crop and caption dropout draw) and
+  the pass order from ``(seed, list, pass)``. A stream's **position** is the number of draws made,
+  i.e. records read.
 * **Resume** (``ResumePoint``): the draws of the samples already consumed are replayed, reading
   records but decoding no image: to a saved position (exact), or by counting usable samples with a
   cheap check per record.
@@ -107,51 +109,22 @@ def source_for(path: str) -> RecordSource:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where a resumed stream continues: after ``samples_consumed`` samples of a DataLoader.
+    """Where a resumed slot stream continues: after ``samples_consumed`` samples (one per optimizer step),
+    at ``position`` draws when known (exact whatever the data), else by counting usable samples."""
 
-    The mapping: paddle's DataLoader (``_DataLoaderIterMultiProcess._try_put_indices``) hands
-    batch i of an IterableDataset to worker ``i mod W`` and returns batches in that order, each
-    made of B consecutive samples of that worker's stream. After ``n = samples_consumed / B``
-    batches, stream s has given ``B · #{i < n : i mod W = s}`` samples, and the next batch is
-    from stream ``n mod W``; a fresh loader starts at worker 0, so its worker w continues stream
-    ``(w + n) mod W``.
-    """
-
-    samples_consumed: int  # samples this rank has consumed (whole batches)
-    batch_size: int
-    num_workers: Optional[int]  # the DataLoader's num_workers (0 = main process; None = not checked)
-    positions: Optional[Dict[int, int]]  # stream → draws made, from the batches' stream_state
+    samples_consumed: int
+    position: Optional[int] = None
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.samples_consumed < 0 or (self.num_workers or 0) < 0:
-            raise ValueError(f"bad resume point: samples_consumed={self.samples_consumed}, "
-                             f"batch_size={self.batch_size}, num_workers={self.num_workers}")
-        if self.samples_consumed % self.batch_size:
-            raise ValueError(f"samples_consumed={self.samples_consumed} is not a whole number of batches "
-                             f"of {self.batch_size}")
-
-    @property
-    def batches(self) -> int:
-        return self.samples_consumed // self.batch_size
-
-    def stream_of(self, loader_worker: int, num_workers: int) -> int:
-        """The stream a fresh loader's worker continues (batch i came from worker i mod W)."""
-        return (loader_worker + self.batches) % num_workers
-
-    def samples_of(self, stream: int, num_workers: int) -> int:
-        """Samples already consumed from ``stream``: B × the number of i < batches with i mod W == stream."""
-        return self.batch_size * max(0, -(-(self.batches - stream) // num_workers))
-
-    def as_dict(self) -> dict:
-        return dict(samples_consumed=self.samples_consumed, batch_size=self.batch_size,
-                    num_workers=self.num_workers, positions=self.positions)
+        if self.samples_consumed < 0 or (self.position is not None and self.position < self.samples_consumed):
+            raise ValueError(f"bad resume point: samples_consumed={self.samples_consumed}, position={self.position}")
 
 
 @dataclass
 class StreamState:
-    """The counters of one stream (one shard's sequence of draws)."""
+    """The counters of one slot's stream (its sequence of draws)."""
 
-    stream: int  # which loader-worker stream of this rank
+    slot: int
     lists: int  # number of file lists
     skip_draws: Optional[int] = None  # resume to a saved position: draws replayed without a look
     skip_samples: int = 0  # resume by sample count: usable records replayed with the cheap check
@@ -162,7 +135,7 @@ class StreamState:
     reported: int = 0  # skips at the last periodic summary
     skipped: collections.Counter = field(default_factory=collections.Counter)  # reason → records/files skipped
     bad_since_good: List[int] = field(init=False)  # per list: bad records since the last usable one
-    alive: np.ndarray = field(init=False)  # per list: still gives this shard records
+    alive: np.ndarray = field(init=False)  # per list: still gives this slot records
 
     def __post_init__(self):
         self.bad_since_good = [0] * self.lists
@@ -174,8 +147,8 @@ class StreamState:
         return (self.skip_draws is not None and self.position < self.skip_draws) or self.produced < self.skip_samples
 
     def stream_state(self) -> np.ndarray:
-        """int64 ``[stream, draws made, records skipped]``: what a batch carries for an exact resume."""
-        return np.array([self.stream, self.position, self.bad], dtype=np.int64)
+        """int64 ``[slot, draws made, records skipped]``: what a sample carries for an exact resume."""
+        return np.array([self.slot, self.position, self.bad], dtype=np.int64)
 
 
 class UnusableData(RuntimeError, ValueError):
@@ -183,39 +156,42 @@ class UnusableData(RuntimeError, ValueError):
 
 
 class _NoRecords(RuntimeError):
-    """A list gives a shard no record in a whole pass (its files are gone, empty or too few)."""
+    """A list gives a slot no record in a whole pass (its files are gone, empty or too few)."""
 
 
 # ---------------------------------------------------------------------------------------------
 # One file list as an endless, sharded record source
 # ---------------------------------------------------------------------------------------------
 class _ListReader:
-    """Records of one ``.filelist`` for one shard, pass after pass: ``(source, record)``."""
+    """Records of one ``.filelist`` for one slot, pass after pass: ``(source, record)``."""
 
-    def __init__(self, name: str, files: List[str], shard: int, num_shards: int, seed: int, list_index: int,
+    def __init__(self, name: str, files: List[str], slot: int, num_slots: int, seed: int, list_index: int,
                  skipped: collections.Counter):
-        self.name, self.files, self.shard, self.num_shards = name, files, shard, num_shards
-        self.by_file = len(files) >= num_shards
+        self.name, self.files, self.slot, self.num_slots = name, files, slot, num_slots
+        self.by_file = len(files) >= num_slots
+        # Split by record: this slot reads entry slot mod F of each pass's order, with the other slots
+        # ≡ slot (mod F); it keeps every `sharers`-th record of it, starting at `share`.
+        self.sharers = len(range(slot % len(files), num_slots, len(files)))
+        self.share = slot // len(files)
         self.seed, self.list_index, self.skipped = seed, list_index, skipped
         self.pass_no = -1
-        self.pass_length: Optional[int] = None  # this shard's records in one pass, known after the first
+        self.pass_length: Optional[int] = None  # this slot's records in one pass, known after the first
         self._records_this_pass = 0
         self._records: Iterator[tuple] = iter(())
         self._warned: set = set()  # (path, reason) already logged
 
     def _pass_records(self, pass_no: int) -> Iterator[tuple]:
         order = np.random.default_rng([self.seed, self.list_index, pass_no]).permutation(len(self.files))
-        files = [self.files[i] for i in order]
         if self.by_file:
-            files = files[self.shard :: self.num_shards]
-        index = 0  # records of this pass over all files, for sharding by record
+            files = [self.files[i] for i in order[self.slot :: self.num_slots]]
+        else:
+            files = [self.files[order[self.slot % len(self.files)]]]
         for path in files:
             source = source_for(path)
             try:
-                for record in source.read(path):
-                    if self.by_file or index % self.num_shards == self.shard:
+                for index, record in enumerate(source.read(path)):
+                    if self.by_file or index % self.sharers == self.share:
                         yield source, record
-                    index += 1
             except FileNotFoundError:  # listed at start-up, gone now (deleted or moved mid-run)
                 self._skip_file("missing_file", path, "is missing; skipped")
             except (PermissionError, IsADirectoryError, NotADirectoryError) as err:
@@ -243,9 +219,9 @@ class _ListReader:
             self._records = self._pass_records(self.pass_no)
         file_skips = {r: self.skipped[r] for r in FILE_REASONS if self.skipped[r]}
         raise _NoRecords(
-            f"{self.name} gives shard {self.shard} of {self.num_shards} (ranks × loader workers) no record at all "
-            f"(file skips so far: {file_skips}): every listed file is missing, unreadable or empty, or there are "
-            "fewer records than shards; add data or use fewer ranks/workers")
+            f"{self.name} gives slot {self.slot} of {self.num_slots} (samples per global batch) no record at all "
+            f"(file skips so far: {file_skips}): every listed file is missing, unreadable or empty, or a file has "
+            "fewer records than slots read it; add data or use a smaller global batch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,64 +232,58 @@ CheckRecord = Callable[[RecordSource, Any], None]  # raises BadRecord; must deci
 
 
 class RecordStream:
-    """The draws of every (rank, loader worker) over weighted file lists, and their bookkeeping.
+    """The draws of every slot over weighted file lists, and their bookkeeping.
 
     Args:
         lists: ``(name, weight or None, files)`` per ``.filelist``; weights all None (uniform) or all given.
-        seed, rank, world_size: the stream is a function of (seed, rank, worker, pass).
-        shuffle_buffer: undecoded records held to mix records within files (1 = file order).
+        seed, num_slots: slot j's stream is a function of (seed, j, num_slots, lists).
+        shuffle_buffer: undecoded records each slot holds to mix records within files (1 = file order).
         report_every: log a skip summary every this many skipped records.
         max_bad_fraction: raise once more than this fraction of records (after 1000) were bad.
         hint: what to check when nothing is usable (appended to that error).
     """
 
-    def __init__(self, lists: Sequence[Tuple[str, Optional[float], List[str]]], seed: int, rank: int,
-                 world_size: int, shuffle_buffer: int = 256, report_every: int = 1000,
-                 max_bad_fraction: Optional[float] = None, hint: str = ""):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    def __init__(self, lists: Sequence[Tuple[str, Optional[float], List[str]]], seed: int, num_slots: int,
+                 shuffle_buffer: int = 64, report_every: int = 1000, max_bad_fraction: Optional[float] = None,
+                 hint: str = ""):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be ≥ 1, got {num_slots}")
         self.lists = list(lists)
         weights = [w for _, w, _ in self.lists]
         self.weights = None if weights[0] is None else np.array(weights, dtype=np.float64) / sum(weights)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.num_slots = seed, num_slots
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.report_every, self.max_bad_fraction, self.hint = report_every, max_bad_fraction, hint
-        self.states: Dict[int, StreamState] = {}  # stream → state, for streams iterated in this process
+        self.states: Dict[int, StreamState] = {}  # slot → state, for slots iterated in this process
 
-    def layout(self, num_workers: int) -> List[str]:
-        """Human-readable description of how each list is split over ranks × loader workers."""
-        shards = self.world_size * max(num_workers, 1)
+    def layout(self) -> List[str]:
+        """Human-readable description of how each list is split over the slots."""
         return [f"{path}: {len(files)} part-file entries, weight {weight}, split by "
-                f"{'file' if len(files) >= shards else 'record'} over {shards} shard(s) "
-                f"({self.world_size} rank(s) × {max(num_workers, 1)} worker stream(s))"
+                f"{'file' if len(files) >= self.num_slots else 'record within files'} over {self.num_slots} slot(s)"
                 for path, weight, files in self.lists]
 
-    def samples(self, loader_worker: int, loader_workers: int, resume: Optional[ResumePoint],
-                make: MakeSample, check: CheckRecord) -> Iterator[Tuple[dict, int, StreamState]]:
-        """Yield ``(sample, pass, state)`` for every usable record of this loader worker's stream.
+    def samples(self, slot: int, resume: Optional[ResumePoint], make: MakeSample,
+                check: CheckRecord) -> Iterator[Tuple[dict, int, StreamState]]:
+        """Yield ``(sample, pass, state)`` for every usable record of slot ``slot``'s stream.
 
         ``make(source, record, rng)`` turns a record into a sample (drawing its randomness from
         ``rng`` only); ``check(source, record)`` takes the same usable/skipped decision without
         decoding, for replaying a resumed stream by sample count. Both raise ``BadRecord``.
         """
-        num_workers = max(loader_workers, 1)
-        if resume is not None and resume.num_workers is not None and max(resume.num_workers, 1) != num_workers:
-            raise ValueError(f"fast_forward was told num_workers={resume.num_workers} but the DataLoader has "
-                             f"{loader_workers}; resume with the loader settings of the interrupted run")
-        stream = resume.stream_of(loader_worker, num_workers) if resume is not None else loader_worker
-        skip_draws = resume.positions.get(stream, 0) if resume is not None and resume.positions is not None else None
-        skip_samples = resume.samples_of(stream, num_workers) if resume is not None and skip_draws is None else 0
-        num_shards = self.world_size * num_workers
-        shard = self.rank * num_workers + stream
-        state = self.states[stream] = StreamState(stream, len(self.lists), skip_draws, skip_samples)
-        readers = [_ListReader(path, files, shard, num_shards, self.seed, i, state.skipped)
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is not in [0, num_slots={self.num_slots})")
+        skip_draws = resume.position if resume is not None else None
+        skip_samples = resume.samples_consumed if resume is not None and skip_draws is None else 0
+        state = self.states[slot] = StreamState(slot, len(self.lists), skip_draws, skip_samples)
+        readers = [_ListReader(path, files, slot, self.num_slots, self.seed, i, state.skipped)
                    for i, (path, _, files) in enumerate(self.lists)]
-        if shard == 0:
+        if slot == 0:
             for r in readers:
                 if not r.by_file:
-                    logger.info(f"{r.name} has {len(r.files)} part-file entries for {num_shards} shards "
-                                "(ranks × loader workers): sharding it by record instead of by file")
-        where = f"rank {self.rank} stream {stream}"
+                    logger.info(f"{r.name} has {len(r.files)} part-file entries for {self.num_slots} slots (samples "
+                                "per global batch): sharding it by record instead of by file (each slot reads one "
+                                "file per pass and keeps its share of the records)")
+        where = f"slot {slot}"
         try:
             for k, epoch, source, record, rng in self._draws(state, readers, where):
                 if state.skip_draws is not None and state.position <= state.skip_draws:
@@ -340,7 +310,7 @@ class RecordStream:
 
     def _draws(self, state: StreamState, readers: List[_ListReader], where: str):
         """Draw after draw: ``(list, pass, source, record, rng of the draw)`` out of the shuffle buffer."""
-        choice_rng = np.random.default_rng([self.seed, self.rank, state.stream, 0])
+        choice_rng = np.random.default_rng([self.seed, 0, state.slot, 0])  # draws count from 1
         buffer: List[tuple] = []  # (list index, pass, source, record): undecoded records waiting to be drawn
         weights = self.weights  # None: uniform (kept as None while every list is alive: the same draws)
         summarised = collections.Counter()  # skips at the last pass summary
@@ -366,7 +336,7 @@ class RecordStream:
             state.position += 1
             if len(buffer) < self.shuffle_buffer:
                 continue  # filling up
-            rng = np.random.default_rng([self.seed, self.rank, state.stream, state.position])
+            rng = np.random.default_rng([self.seed, 0, state.slot, state.position])  # 0: the data's (noise: 1)
             j = int(rng.integers(len(buffer)))
             buffer[j], buffer[-1] = buffer[-1], buffer[j]
             yield (*buffer.pop(), rng)
@@ -375,15 +345,15 @@ class RecordStream:
                       summarised: collections.Counter) -> collections.Counter:
         """Log the skips since the last pass summary when ``reader`` finished a pass; returns the new mark.
 
-        Shard 0 always reports (a progress line per pass); other shards only when they skipped something;
+        Slot 0 always reports (a progress line per pass); other slots only when they skipped something;
         none while a resumed stream replays.
         """
         if state.replaying:
             return collections.Counter(state.skipped)
         since = state.skipped - summarised
-        if since or reader.shard == 0:
+        if since or reader.slot == 0:
             logger.info(f"{where}: pass {reader.pass_no - 1} of {reader.name} done ({reader.pass_length} records "
-                        f"for this shard); skipped since the last summary: {dict(since) or 'none'}, "
+                        f"for this slot); skipped since the last summary: {dict(since) or 'none'}, "
                         f"in all {state.bad} of {state.examined} records examined")
         return collections.Counter(state.skipped)
 

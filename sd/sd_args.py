@@ -102,7 +102,10 @@ class DataArguments:
     drop_caption_prob: float = field(default=0.1, metadata={"help": "probability of an empty caption (for guidance)"})
     allow_upscale: bool = field(default=False, metadata={"help": "upscale images smaller than --resolution instead of skipping"})
     max_bad_fraction: Optional[float] = field(default=None, metadata={"help": "stop if more than this fraction of records is bad"})
-    shuffle_buffer: int = field(default=256, metadata={"help": "undecoded lines held to shuffle within part files"})
+    shuffle_buffer: int = field(
+        default=64, metadata={"help": "undecoded records each sample slot of the global batch holds to shuffle within "
+                                      "part files (1 = file order); a rank holds per-device batch × accumulation × "
+                                      "this many"})
     precomputed_latents: bool = field(
         default=False, metadata={"help": "--file_list holds latents and text hidden states written by "
                                          "`python -m sd.precompute_latents` (no VAE/text encoder per step; fixed crop)"})
@@ -136,10 +139,6 @@ class SDTrainingArguments(ScoreArguments, TrainingArguments):  # ScoreArguments:
     max_nonfinite_steps: int = field(
         default=5, metadata={"help": "stop after this many consecutive updates with a non-finite loss or gradient "
                                      "(each one is skipped, not applied)"})
-    keep_data_ranks: bool = field(
-        default=True, metadata={"help": "resuming on another number of ranks: set --gradient_accumulation_steps so "
-                                        "that ranks × accumulation equals the checkpoint's (same global batch, data "
-                                        "and noise: the run continues exactly); False: refuse instead"})
 
 
 def resolve_switches(args_objects, argv, environ=os.environ) -> Dict[str, Tuple[bool, str]]:

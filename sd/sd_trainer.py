@@ -1,18 +1,20 @@
 """paddlenlp Trainer for Stable Diffusion: only what differs from the stock Trainer.
 
-* data: the micro-batch streams of sd/train_loader.py (one per accumulation micro-batch, each a data
-  rank of its own, each batch with its noise seed); on resume they are fast-forwarded (no image
-  decoded) instead of the stock Trainer's skip-by-iterating;
-* loss: ``StableDiffusionModel.forward`` with the micro-batch's seed;
+* data: the micro-batch streams of sd/train_loader.py (one per accumulation micro-batch, each the
+  samples of its slots of the global batch, each sample with its noise seed); on resume they are
+  fast-forwarded (no image decoded) instead of the stock Trainer's skip-by-iterating;
+* loss: ``StableDiffusionModel.forward`` with the samples' seeds;
 * optimizer: one parameter group per trained module, each with its own learning rate;
 * the update step (:meth:`StableDiffusionTrainer.update_step`): finite check (all ranks agree) →
   optimizer step → EMA update → counters. A step with a non-finite loss or gradient is skipped; after
   ``--max_nonfinite_steps`` in a row training stops, naming the last good checkpoint;
 * checkpoints: the trained modules in ``from_pretrained`` layout (``unet/``, EMA variant,
-  ``text_encoder/``) plus ``sd_state.json`` (every rank's data-stream positions, batch count, EMA
-  count) beside the Trainer's optimizer/scheduler/trainer state; resume loads exactly those. A
+  ``text_encoder/``) plus ``sd_state.json`` (the global batch, every slot's stream position, step count,
+  EMA count) beside the Trainer's optimizer/scheduler/trainer state; resume loads exactly those. A
   checkpoint is written under a staging name and renamed into place when complete (sd/checkpoints.py);
-* images: on rank 0 every ``image_logging_steps``, reconstructions and DDIM samples to VisualDL and a PNG.
+* images: on rank 0 every ``image_logging_steps``, reconstructions and DDIM samples to VisualDL and a PNG;
+* resuming on another layout (:func:`fit_global_batch`): the per-device batch or the accumulation is
+  chosen to keep the checkpoint's global batch; what cannot keep it is refused in one line.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from paddlenlp.trainer import Trainer
 from sd import sampling
 from sd.checkpoints import (STATE_FILE, CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
                             staging_root)
-from sd.distributed import after_rank_zero_work
+from sd.distributed import UserError, after_rank_zero_work
 from sd.log import logger
 from sd.train_eval import ScoreCallback
 from sd.train_loader import MicroBatchStreams
@@ -73,8 +75,8 @@ class _UpdateStep:
 class StableDiffusionTrainer(Trainer):
     def __init__(self, model, args, train_dataset, resolution: int, run_config: Optional[dict] = None,
                  micro_datasets: Optional[list] = None, **kwargs):
-        """``micro_datasets``: one dataset per accumulation micro-batch k, each built for data rank
-        ``dataset_rank · A + k`` of ``dataset_world_size · A`` (default: ``[train_dataset]``, A = 1)."""
+        """``micro_datasets``: one dataset per accumulation micro-batch k, each streaming the slots of data
+        rank ``d = dataset_rank · A + k``, [d·b, (d+1)·b) of the global batch (default: ``[train_dataset]``, A = 1)."""
         # --to_static: the model compiles its UNet and VAE encoder itself (StableDiffusionModel.compile_static)
         # instead of paddlenlp converting the whole model, so that the step's numpy draws stay eager
         to_static, args.to_static = args.to_static, False
@@ -89,14 +91,12 @@ class StableDiffusionTrainer(Trainer):
         self.run_config = run_config or {}
         self.sd_model = model
         self.resolution = resolution
-        accumulation = args.gradient_accumulation_steps
-        self.streams = MicroBatchStreams(self.micro_datasets, [args.dataset_rank * accumulation + k for k in range(accumulation)],
-                                         args.seed, args.per_device_train_batch_size, args.dataloader_num_workers)
+        self.streams = MicroBatchStreams(self.micro_datasets, args.seed, args.dataloader_num_workers)
         self._resume_state: Optional[dict] = None
         self._image_batch = None
         self._images_logged_at = 0  # the step of the last image log
         self._reader_logged = (0.0, 0)  # reader seconds and batches at the previous log
-        self._all_ranks_state: Dict[str, dict] = {}  # all processes' data ranks, gathered for a multi-process save
+        self._all_ranks_state: Dict[str, dict] = {}  # all processes' slots, gathered for a multi-process save
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0  # skipped updates (divergence guard)
         self._nonfinite_loss = False  # a micro-batch since the last optimizer step had a non-finite loss
         self.args.ignore_data_skip = True  # the dataset fast-forwards itself (see get_train_dataloader)
@@ -115,33 +115,27 @@ class StableDiffusionTrainer(Trainer):
 
     # -- data ------------------------------------------------------------------------------------
     @property
-    def data_world_size(self) -> int:
-        return self.args.dataset_world_size * self.args.gradient_accumulation_steps
+    def global_batch(self) -> int:
+        a = self.args
+        return a.dataset_world_size * a.gradient_accumulation_steps * a.per_device_train_batch_size
 
     def get_train_dataloader(self):
         """The micro-batch streams (sd/train_loader.py), fast-forwarded to the checkpoint when resuming."""
-        batch_size, workers = self.args.per_device_train_batch_size, self.args.dataloader_num_workers
         if self._resume_state is not None:
             state = self._resume_state
-            if (state.get("batch_size", batch_size), state.get("num_workers", workers)) != (batch_size, workers):
-                raise ValueError(f"resuming needs the checkpoint's per-device batch size and loader workers "
-                                 f"({state['batch_size']}, {state['num_workers']}), got ({batch_size}, {workers})")
-            if state.get("data_world_size") != self.data_world_size:
-                raise ValueError(f"the checkpoint was written with {state.get('data_world_size')} data ranks (ranks × "
-                                 f"accumulation steps), this run has {self.data_world_size}: resume with the same "
-                                 f"number of devices and --gradient_accumulation_steps (every rank's data stream is "
-                                 f"part of the checkpoint), or start a new run with --overwrite_output_dir")
-            self.streams.fast_forward(state["steps_per_data_rank"], state["data_ranks"])
+            if state["global_batch"] != self.global_batch:  # fit_global_batch makes them agree before the data is built
+                raise ValueError(f"the checkpoint's global batch is {state['global_batch']}, this run's {self.global_batch}")
+            self.streams.fast_forward(state["steps"], state["slots"])
             self._reader_logged = (self.streams.seconds, self.streams.batches)
-            logger.info(f"data streams fast-forwarded past {state['steps_per_data_rank']} batches per data rank "
-                        f"(positions {self.streams.positions})")
+            logger.info(f"data streams of slots {[j for d in self.micro_datasets for j in d.slots]} fast-forwarded "
+                        f"past {state['steps']} samples each (positions {self.streams.positions})")
         return self.streams
 
     # -- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False):
         if self._image_batch is None and "pixel_values" in inputs:  # what every image log shows (the same each time)
             self._image_batch = {k: inputs[k] for k in ("pixel_values", "input_ids")}
-        loss = model(**inputs)  # images and token ids (or precomputed latents), and the micro-batch's noise seed
+        loss = model(**inputs)  # images and token ids (or precomputed latents), and the samples' noise seeds
         return (loss, None) if return_outputs else loss
 
     # -- the update step -------------------------------------------------------------------------
@@ -217,8 +211,8 @@ class StableDiffusionTrainer(Trainer):
 
     def log(self, logs, **kwargs):
         if "loss" in logs:  # a training log (not the final summary): add what the stock Trainer does not
-            if self.streams.skipped:
-                logs["data_skipped"] = sum(n for s in self.streams.skipped.values() for n in s.values())  # this process
+            if any(self.streams.skipped.values()):
+                logs["data_skipped"] = sum(self.streams.skipped.values())  # this process's slots
             if self.nonfinite_total:
                 logs["nonfinite_steps_skipped"] = self.nonfinite_total
             # mean seconds per batch spent waiting for the loader since the last log
@@ -240,10 +234,13 @@ class StableDiffusionTrainer(Trainer):
             m.save_trained(output_dir)
         else:  # a whole pipeline folder, loadable on its own
             m.save_pipeline(output_dir)
-        data_ranks = self._all_ranks_state or self.streams.state()
-        state = {"data_world_size": self.data_world_size, "data_ranks": data_ranks,
-                 "steps_per_data_rank": self.streams.steps,
-                 "batch_size": self.args.per_device_train_batch_size, "num_workers": self.args.dataloader_num_workers,
+        a, data = self.args, self.run_config.get("data", {})
+        state = {"global_batch": self.global_batch, "slots": self._all_ranks_state or self.streams.state(),
+                 "steps": self.streams.steps,
+                 "layout": {"ranks": a.dataset_world_size, "accumulation": a.gradient_accumulation_steps,
+                            "per_device_batch": a.per_device_train_batch_size},  # how it was made (information)
+                 "data_order": {"seed": a.seed, "file_list": data.get("file_list") and os.path.abspath(data["file_list"]),
+                                "shuffle_buffer": data.get("shuffle_buffer")},
                  "ema_updates": m.ema.num_updates if m.ema is not None else 0,
                  "resolution": self.resolution, "model_paths": {k: os.path.abspath(v) if v and os.path.exists(v) else v for k, v in m.paths.items()}, "prediction_type": m.args.prediction_type}
         with open(os.path.join(output_dir, STATE_FILE), "w") as f:
@@ -255,10 +252,10 @@ class StableDiffusionTrainer(Trainer):
 
     def _save_checkpoint(self, model, metrics=None):
         """The stock checkpoint, written under ``.incomplete/`` and renamed into place once complete."""
-        if self.args.world_size > 1:  # every rank's data-stream position goes into rank 0's sd_state.json
+        if self.args.world_size > 1:  # every rank's slot positions go into rank 0's sd_state.json
             gathered = []
             paddle.distributed.all_gather_object(gathered, self.streams.state())
-            self._all_ranks_state = {d: s for part in gathered for d, s in part.items()}
+            self._all_ranks_state = {j: s for part in gathered for j, s in part.items()}
         final_root, name = self.args.output_dir, f"checkpoint-{self.state.global_step}"
         staging = staging_root(final_root)
         writer = self.args.should_save
@@ -358,30 +355,46 @@ class StableDiffusionTrainer(Trainer):
         return None
 
 
-def keep_data_ranks(training_args, checkpoint: Optional[str]) -> None:
-    """Resuming ``checkpoint`` on another number of ranks R: change the accumulation steps to D / R, where D is
-    the checkpoint's number of data ranks (ranks × accumulation when it was written).
+def fit_global_batch(training_args, data_args, checkpoint: Optional[str]) -> None:
+    """Resuming ``checkpoint`` with ranks × accumulation × per-device batch ≠ its global batch G: keep G.
 
-    Micro-batch k of rank r is data rank r·A + k of D (sd/train_loader.py), so the same D keeps every global
-    batch (its samples, noise and timesteps) as the uninterrupted run had it: losing one of two machines
-    continues on the survivor with accumulation 2. A per-device batch other than the checkpoint's is
-    refused later (the streams' positions count its batches).
+    Slot j of G is a stream of its own whichever rank reads it (sd/train_loader.py), so any layout with
+    R·A·b = G continues the run exactly. A layout given so is taken as it is. Otherwise, on R ranks,
+    the per-device batch becomes G / (R·A) if that is whole (the accumulation stays), else the
+    accumulation becomes G / (R·b) (the per-device batch stays); when neither is, the run stops with
+    one line. A data order other than the checkpoint's (seed, file list, shuffle buffer) is allowed and
+    logged: the run goes on, but not as the uninterrupted one would have.
     """
     state_file = os.path.join(checkpoint, STATE_FILE) if checkpoint else None
     if not (state_file and os.path.isfile(state_file)):
         return
     with open(state_file) as f:
-        saved = json.load(f).get("data_world_size")
-    ranks, accumulation = training_args.dataset_world_size, training_args.gradient_accumulation_steps
-    if not saved or saved == ranks * accumulation or not training_args.keep_data_ranks:
-        return
-    if saved % ranks:
-        raise ValueError(f"{checkpoint} was written by {saved} data ranks (ranks × accumulation steps); {ranks} "
-                         f"ranks cannot share them evenly: resume on a number of ranks that divides {saved}, or "
-                         f"start afresh with --overwrite_output_dir")
-    training_args.gradient_accumulation_steps = saved // ranks
-    logger.warning(f"resuming {checkpoint} on {ranks} rank(s): --gradient_accumulation_steps {accumulation} → "
-                   f"{saved // ranks}, the checkpoint's {saved} data ranks (--keep_data_ranks)")
+        state = json.load(f)
+    if "global_batch" not in state:
+        raise UserError(f"{checkpoint} holds no slot positions (written by an older version of this trainer, "
+                        f"whose data order was per data rank): start afresh with --overwrite_output_dir")
+    saved, a = state["global_batch"], training_args
+    ranks, accumulation, batch = a.dataset_world_size, a.gradient_accumulation_steps, a.per_device_train_batch_size
+    if ranks * accumulation * batch != saved:
+        if saved % (ranks * accumulation) == 0:
+            a.per_device_train_batch_size = saved // (ranks * accumulation)
+            logger.warning(f"resuming {checkpoint} (global batch {saved}) on {ranks} rank(s): "
+                           f"--per_device_train_batch_size {batch} → {a.per_device_train_batch_size}")
+        elif saved % (ranks * batch) == 0:
+            a.gradient_accumulation_steps = saved // (ranks * batch)
+            logger.warning(f"resuming {checkpoint} (global batch {saved}) on {ranks} rank(s): "
+                           f"--gradient_accumulation_steps {accumulation} → {a.gradient_accumulation_steps}")
+        else:
+            raise UserError(f"{checkpoint} was trained with a global batch of {saved} samples, which {ranks} rank(s) "
+                            f"cannot make with --gradient_accumulation_steps {accumulation} or "
+                            f"--per_device_train_batch_size {batch}: give both so that ranks × accumulation × "
+                            f"per-device batch = {saved}, run on a number of ranks that divides {saved}, or start "
+                            f"afresh with --overwrite_output_dir")
+    now = {"seed": a.seed, "file_list": os.path.abspath(data_args.file_list), "shuffle_buffer": data_args.shuffle_buffer}
+    changed = {k: (v, now[k]) for k, v in state.get("data_order", {}).items() if v is not None and v != now[k]}
+    if changed:
+        logger.warning(f"resuming {checkpoint} with another data order ({', '.join(f'--{k} {old} → {new}' for k, (old, new) in changed.items())}): "
+                       "training goes on from its slot positions, but not on the batches the interrupted run would have seen")
 
 
 def find_resume_checkpoint(training_args) -> Optional[str]:

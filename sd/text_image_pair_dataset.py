@@ -5,13 +5,14 @@
 
 A thin join of three parts, each in its own module:
 
-* ``sd/record_stream.py``: file lists and weights, sharding over ranks × loader workers, shuffling,
+* ``sd/record_stream.py``: file lists and weights, one stream per slot of the global batch, shuffling,
   resume positions, skip counts (the stream's rules are in its docstring);
 * ``sd/data_format.py``: the record decoder (part-file line → caption, image bytes);
 * ``sd/image_codec.py``: image bytes → the uint8 training crop (reduced JPEG decode, fast Lanczos).
 
-Here: per record, decode → crop → caption dropout → token ids (cached, since captions repeat); and
-``collate_fn``, which stacks a batch and converts it to float in one pass.
+Here: per record, decode → crop → caption dropout → token ids (cached, since captions repeat); the
+slots of a dataset taken together, one sample of each per step; and ``collate_fn``, which stacks a
+batch and converts it to float in one pass.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import argparse
 import os
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -55,7 +56,12 @@ class TokenCache:
 
 
 class TextImagePairDataset(IterableDataset):
-    """Infinite stream of ``{"pixel_values": uint8 (3, R, R), "input_ids": int64 (L,)}``.
+    """Infinite stream, per step, of the list of samples of its slots, in slot order; a sample is
+    ``{"pixel_values": uint8 (3, R, R), "input_ids": int64 (L,)}``.
+
+    Iterated by a DataLoader's workers, worker w of W takes the w-th of W contiguous blocks of the
+    slots (so each step is W consecutive loader outputs); ``DataLoader(dataset, batch_size=None,
+    collate_fn=collate_fn)`` collates each list into a batch.
 
     Args:
         file_list: a ``*.filelist.list`` (lines ``path/to/x.filelist [weight]``; relative paths by the
@@ -69,14 +75,15 @@ class TextImagePairDataset(IterableDataset):
         drop_caption_prob: probability of replacing the caption by "" (classifier-free guidance).
         allow_upscale: keep images smaller than R (upscaled); by default they are skipped, as in PaddleMIX.
         max_bad_fraction: raise once more than this fraction of records (after 1000) were bad.
-        seed, rank, world_size: the stream is a function of (seed, rank, worker, pass); rank and
-            world_size default to ``paddle.distributed``'s.
+        seed, num_slots: slot j's stream is a function of (seed, j, num_slots, file lists) only
+            (``sd/record_stream.py``); num_slots is the global batch.
+        slots: the slots this dataset streams (default: all ``num_slots``), e.g. one micro-batch's.
         model_max_length: token length L (default: the tokenizer's).
         report_every: log a skip summary every this many skipped records.
-        shuffle_buffer: undecoded records held to mix records within part files (1 = file order).
-        with_stream_state: put ``stream_state`` (int64 ``[stream, draws made, records skipped]``) into each
-            sample, so that ``collate_fn`` passes the last one of each batch on: what the trainer saves
-            for an exact ``fast_forward(positions=...)``. False gives exactly the two contract keys.
+        shuffle_buffer: undecoded records each slot holds to mix records within part files (1 = file order).
+        with_stream_state: put ``stream_state`` (int64 ``[slot, draws made, records skipped]``) into each
+            sample, which ``collate_fn`` stacks: what the trainer saves for an exact
+            ``fast_forward(positions=...)``. False gives exactly the two contract keys.
         return_meta: also put ``caption``, ``epoch`` (the pass) and ``skipped`` (counts by reason) into
             each sample (tests and the CLI; ``collate_fn`` turns ``skipped`` into ``skip_counts``).
     """
@@ -84,8 +91,8 @@ class TextImagePairDataset(IterableDataset):
     def __init__(self, file_list: str, tokenizer, resolution: int = 256, line_format: str = "laion400m",
                  interpolation: str = "lanczos", center_crop: bool = False, drop_caption_prob: float = 0.1,
                  allow_upscale: bool = False, max_bad_fraction: Optional[float] = None, seed: int = 0,
-                 rank: Optional[int] = None, world_size: Optional[int] = None,
-                 model_max_length: Optional[int] = None, report_every: int = 1000, shuffle_buffer: int = 256,
+                 slots: Optional[Sequence[int]] = None, num_slots: int = 1,
+                 model_max_length: Optional[int] = None, report_every: int = 1000, shuffle_buffer: int = 64,
                  with_stream_state: bool = True, return_meta: bool = False):
         if line_format not in LINE_FORMATS:
             raise ValueError(f"line_format must be one of {LINE_FORMATS}, got {line_format!r}")
@@ -94,17 +101,17 @@ class TextImagePairDataset(IterableDataset):
         self.images = ImageCodec(resolution, interpolation, center_crop, allow_upscale)
         entries = [e for e in read_filelist_list(file_list) if e.weight is None or e.weight > 0]  # weight 0: never drawn
         lists = [(e.path, e.weight, [p.path for p in read_filelist(e.path)]) for e in entries]
-        if rank is None or world_size is None:
-            rank, world_size = paddle.distributed.get_rank(), paddle.distributed.get_world_size()
-        self.stream = RecordStream(lists, seed, rank, world_size, shuffle_buffer, report_every, max_bad_fraction,
+        self.stream = RecordStream(lists, seed, num_slots, shuffle_buffer, report_every, max_bad_fraction,
                                    hint=self._no_usable_hint(line_format, resolution))
+        self.slots = list(range(num_slots) if slots is None else slots)
+        if not self.slots or not all(0 <= j < num_slots for j in self.slots):
+            raise ValueError(f"slots {self.slots} are not a non-empty subset of range({num_slots})")
         self.tokenizer = tokenizer
         self.tokenize = TokenCache(tokenizer, model_max_length or tokenizer.model_max_length)
         self.max_length = self.tokenize.max_length
         self.resolution, self.line_format, self.drop_caption_prob = resolution, line_format, drop_caption_prob
         self.with_stream_state, self.return_meta = with_stream_state, return_meta
-        self.rank, self.world_size = rank, world_size
-        self._resume: Optional[ResumePoint] = None
+        self._resume: Dict[int, ResumePoint] = {}  # slot → where it continues
 
     @staticmethod
     def _no_usable_hint(line_format: str, resolution: int) -> str:
@@ -117,31 +124,38 @@ class TextImagePairDataset(IterableDataset):
         return self.stream.lists
 
     # -- resume --------------------------------------------------------------------------------
-    def fast_forward(self, samples_consumed: int, batch_size: int, num_workers: Optional[int] = None,
-                     positions: Optional[Dict[int, int]] = None) -> None:
-        """Make the next iteration continue where a run that consumed ``samples_consumed`` samples stopped.
+    def fast_forward(self, samples_consumed: int, positions: Optional[Dict[int, int]] = None) -> None:
+        """Make the next iteration continue where a run that consumed ``samples_consumed`` steps stopped.
 
         Args:
-            samples_consumed: samples this rank has taken from its DataLoader (a multiple of batch_size).
-            batch_size, num_workers: those of the DataLoader, before and after the resume (must match).
-            positions: optional ``{stream: draws}`` from the last batch of each stream (``stream_state[:2]``
-                of ``collate_fn``). With it the replay is exact whatever the data; without it, skipped
-                records are checked usable or bad by their line, base64 and image header, which
-                differs from the run only for an image whose header is valid but whose pixel data is
-                corrupt. No image of a skipped sample is decoded. (How batches map to loader
-                workers: ``sd.record_stream.ResumePoint``.)
+            samples_consumed: samples each slot has given (one per step).
+            positions: optional ``{slot: draws}`` from the last sample of each slot (``stream_state[1]``).
+                With it the replay is exact whatever the data; without it, skipped records are
+                checked usable or bad by their line, base64 and image header, which differs from the
+                run only for an image whose header is valid but whose pixel data is corrupt. No image
+                of a skipped sample is decoded.
         """
-        self._resume = ResumePoint(samples_consumed, batch_size, num_workers,
-                                   None if positions is None else {int(k): int(v) for k, v in positions.items()})
+        if positions is not None and set(self.slots) - {int(j) for j in positions}:
+            raise ValueError(f"fast_forward: no position for slots {sorted(set(self.slots) - set(map(int, positions)))}")
+        self._resume = {j: ResumePoint(samples_consumed, None if positions is None else int(positions[j]))
+                        for j in self.slots}
 
     def state_dict(self) -> dict:
-        """Fast-forward settings and skip counters of the streams iterated in this process.
+        """Fast-forward settings and skip counters of the slots iterated in this process.
 
         With loader workers (W > 0) the streams live in the worker processes; their counters reach
-        the trainer through ``stream_state``/``skip_counts`` and the workers' own log lines.
+        the trainer through ``stream_state`` and the workers' own log lines.
         """
-        return {"fast_forward": None if self._resume is None else self._resume.as_dict(),
-                "skipped": {s: dict(state.skipped) for s, state in self.stream.states.items()}}
+        return {"fast_forward": {j: vars(r) for j, r in self._resume.items()},
+                "skipped": {j: dict(state.skipped) for j, state in self.stream.states.items()}}
+
+    def worker_slots(self, worker: int, num_workers: int) -> List[int]:
+        """The slots loader worker ``worker`` of ``num_workers`` streams: the worker-th of that many contiguous
+        blocks (so a step's loader outputs, joined in worker order, are in slot order)."""
+        n = len(self.slots)
+        if num_workers > n:
+            raise ValueError(f"{num_workers} loader workers for {n} slots: use at most {n} (one slot each)")
+        return self.slots[worker * n // num_workers:(worker + 1) * n // num_workers]
 
     # -- per-record work -----------------------------------------------------------------------
     def load_image(self, data: bytes, rng: Optional[np.random.Generator]) -> np.ndarray:
@@ -164,31 +178,40 @@ class TextImagePairDataset(IterableDataset):
         _, data = source.decode(record, self.line_format)
         self.images.check(data)
 
-    def __iter__(self):
-        info = get_worker_info()
-        loader_worker, loader_workers = (info.id, info.num_workers) if info is not None else (0, 0)
-        # One core per stream: OpenCV's own thread pool would compete with the other loader workers
-        # (and with the training step when num_workers=0). This is process-wide for OpenCV.
-        cv2.setNumThreads(1)
-        for sample, epoch, state in self.stream.samples(loader_worker, loader_workers, self._resume,
-                                                        self._make_sample, self._check_record):
+    def _slot_samples(self, slot: int):
+        for sample, epoch, state in self.stream.samples(slot, self._resume.get(slot), self._make_sample,
+                                                        self._check_record):
             if self.with_stream_state:
                 sample["stream_state"] = state.stream_state()
             if self.return_meta:
                 sample.update(epoch=epoch, skipped=dict(state.skipped))
             yield sample
 
+    def __iter__(self):
+        info = get_worker_info()
+        slots = self.slots if info is None else self.worker_slots(info.id, info.num_workers)
+        # One core per stream: OpenCV's own thread pool would compete with the other loader workers
+        # (and with the training step when num_workers=0). This is process-wide for OpenCV.
+        cv2.setNumThreads(1)
+        streams = [self._slot_samples(j) for j in slots]
+        try:
+            for step in zip(*streams):  # the slot streams are endless (or raise)
+                yield list(step)
+        finally:
+            for stream in streams:
+                stream.close()  # its end-of-stream summary now
+
 
 # ---------------------------------------------------------------------------------------------
 # Collation
 # ---------------------------------------------------------------------------------------------
 def add_stream_fields(batch: dict, samples: List[dict]) -> dict:
-    """Add ``stream_state`` and ``skip_counts`` of the batch's last sample (when present) to ``batch``."""
-    last = samples[-1]
-    if "stream_state" in last:
-        batch["stream_state"] = last["stream_state"]
-    if "skipped" in last:
-        batch["skip_counts"] = np.array([last["skipped"].get(r, 0) for r in SKIP_REASONS], dtype=np.int64)
+    """Add the samples' ``stream_state`` (B, 3) and ``skip_counts`` (B, len(SKIP_REASONS)) (when present) to ``batch``."""
+    if "stream_state" in samples[0]:
+        batch["stream_state"] = np.stack([s["stream_state"] for s in samples])
+    if "skipped" in samples[0]:
+        batch["skip_counts"] = np.array([[s["skipped"].get(r, 0) for r in SKIP_REASONS] for s in samples],
+                                        dtype=np.int64)
     return batch
 
 
@@ -196,8 +219,9 @@ def collate_fn(samples: List[dict]) -> dict:
     """Stack a batch; pixels become float32 in [-1, 1] here, once per batch (not per sample).
 
     Returns ``{"pixel_values": float32 (B, 3, R, R), "input_ids": int64 (B, L)}``, plus
-    ``"stream_state"`` (int64 ``[stream, draws made, records skipped]`` after the batch's last sample)
-    when the samples carry it, and ``"skip_counts"`` (int64, per ``SKIP_REASONS``) with ``return_meta``.
+    ``"stream_state"`` (int64 (B, 3): per sample ``[slot, draws made, records skipped]`` of its slot)
+    when the samples carry it, and ``"skip_counts"`` (int64 (B, len(SKIP_REASONS)): each sample's slot's
+    counts so far) with ``return_meta``.
     Called in the main process it returns paddle tensors; in a loader worker numpy arrays, which the
     DataLoader turns into paddle tensors (paddle tensors made in a worker process crash it).
     """
@@ -219,31 +243,31 @@ def collate_fn(samples: List[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m sd.text_image_pair_dataset",
-                                description="Stream K samples through a DataLoader; print samples/s, skips "
-                                "by reason and the shard layout.")
+                                description="Stream K samples through a DataLoader (one global batch of "
+                                "--batch_size slots); print samples/s, skips by reason and the slot layout.")
     p.add_argument("--file_list", required=True, help="a *.filelist.list")
     p.add_argument("--tokenizer", default=None,
                    help="CLIP tokenizer folder (e.g. ./tiny-sd/tokenizer); default: a byte-level one built on the fly")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--line_format", choices=LINE_FORMATS, default="laion400m")
     p.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default="lanczos")
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--num_workers", type=int, default=0, help="loader workers (at most --batch_size are used)")
+    p.add_argument("--batch_size", type=int, default=8, help="samples per batch: the slots")
     p.add_argument("--num_samples", type=int, default=512, help="samples to time (after one warm-up batch)")
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--world_size", type=int, default=1)
     a = p.parse_args(argv)
     try:  # a user's mistake (missing or malformed list, bad setting): one line, no traceback
         ds = TextImagePairDataset(a.file_list, load_tokenizer(a.tokenizer), a.resolution, a.line_format,
-                                  a.interpolation, rank=a.rank, world_size=a.world_size, return_meta=True)
+                                  a.interpolation, num_slots=a.batch_size, return_meta=True)
     except (ValueError, FileNotFoundError) as err:
         p.exit(2, f"{p.prog}: error: {err}\n")
-    for line in ds.stream.layout(a.num_workers):
+    for line in ds.stream.layout():
         print(line)
-    loader = paddle.io.DataLoader(ds, batch_size=a.batch_size, num_workers=a.num_workers, collate_fn=collate_fn)
+    workers = min(a.num_workers, a.batch_size)
+    loader = paddle.io.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=collate_fn)
     n, start, skips = 0, None, {}
-    for batch in loader:
-        skips[int(batch["stream_state"][0])] = batch["skip_counts"].numpy()
+    for batch in loader:  # each worker's share of a step (its slots)
+        for state, counts in zip(batch["stream_state"].numpy(), batch["skip_counts"].numpy()):
+            skips[int(state[0])] = counts
         if start is None:
             start = time.perf_counter()  # exclude start-up (worker launch, first batch) from the rate
             continue
@@ -253,7 +277,7 @@ def main(argv=None) -> None:
     elapsed = time.perf_counter() - start
     total = np.sum(list(skips.values()), axis=0)
     by_reason = {r: int(c) for r, c in zip(SKIP_REASONS, total) if c}
-    print(f"{n / elapsed:.1f} samples/s ({n} samples in {elapsed:.1f} s, {a.num_workers} workers, "
+    print(f"{n / elapsed:.1f} samples/s ({n} samples in {elapsed:.1f} s, {workers} workers, "
           f"resolution {a.resolution}, {a.interpolation}); records skipped: {by_reason or 'none'}")
 
 

@@ -1,14 +1,19 @@
-"""The training loader: the data streams of one process, one per accumulation micro-batch, taken in turn.
+"""The training loader: the micro-batches of one process, each the samples of its slots of the global batch.
 
-Micro-batch k of an optimizer step on rank r is *data rank* d = r·A + k of D = R·A (R ranks, A
-accumulation steps): it reads data shard d of D and draws its noise from the seed of (run seed, d,
-step). So R ranks × A accumulation train on the same samples with the same noise for any split of the
-same D: 2 GPUs = 1 GPU with accumulation 2, up to floating-point summation order.
+The global batch of G = R·A·b samples (R ranks, A accumulation steps, b per device) has G slots,
+each a record stream of its own (sd/record_stream.py). Micro-batch k of an optimizer step on rank r
+is data rank d = r·A + k and holds slots [d·b, (d+1)·b); every random draw of sample j at step t
+comes from its slot's stream (crop, caption dropout) or from :func:`sample_seed` (run seed, j, t)
+(posterior sample, noise, timestep). So any R, A, b with the same product train on the same samples
+with the same noise, up to floating-point summation order: 2 GPUs × 4 = 1 GPU × 8 = 1 GPU × 4 × 2.
 
-:class:`MicroBatchStreams` is what the trainer iterates. It hands out the batches of its streams in
-turn, each with the ``seed`` of its random draws, and keeps what a checkpoint needs and the log shows:
-every data rank's stream positions and skip counts, the batches handed out, and the time spent waiting
-for them. On resume it fast-forwards the streams (no image decoded).
+:class:`MicroBatchStreams` is what the trainer iterates. It hands out the micro-batches in turn, each
+with the ``seeds`` of its samples, and keeps what a checkpoint needs and the log shows: every slot's
+stream position and skip count, the batches handed out, and the time spent waiting for them. On
+resume it fast-forwards the slots (no image decoded). Loader workers: a micro-batch's DataLoader has
+W' = min(W, b) workers, worker w streaming the w-th of W' contiguous blocks of its slots; W'
+consecutive loader outputs are one micro-batch, joined in worker order (= slot order), so nothing
+depends on W.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import ctypes
 import signal
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 import paddle
@@ -25,9 +30,12 @@ import paddle
 from sd.text_image_pair_dataset import TextImagePairDataset, collate_fn
 
 
-def batch_seed(run_seed: int, data_rank: int, step: int) -> int:
-    """Seed of all random draws of one micro-batch (different on every data rank and step)."""
-    return int(np.random.SeedSequence([run_seed, data_rank, step]).generate_state(1)[0])
+def sample_seed(run_seed: int, slot: int, step: int) -> int:
+    """Seed of the model's random draws for the sample of ``slot`` at optimizer step ``step`` (0-based).
+
+    The 1 keeps these apart from the data streams' own draws, seeded ``(seed, 0, slot, draw)``.
+    """
+    return int(np.random.SeedSequence([run_seed, 1, slot, step]).generate_state(1)[0])
 
 
 def die_with_parent(worker_id: int = 0) -> None:
@@ -39,9 +47,9 @@ def die_with_parent(worker_id: int = 0) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def build_dataset(model, model_args, data_args, training_args, rank: int, world_size: int):
-    """The training stream of data rank ``rank`` of ``world_size``: images (VAE and text encoder run every
-    step) or precomputed latents."""
+def build_dataset(model, model_args, data_args, training_args, slots: Sequence[int], num_slots: int):
+    """The training streams of ``slots`` of a global batch of ``num_slots``: images (VAE and text encoder run
+    every step) or precomputed latents."""
     from sd import img2dataset
 
     img2dataset.configure(img2dataset.ShardOptions(  # .tar/.parquet shards in the lists (inherited by loader workers)
@@ -56,14 +64,14 @@ def build_dataset(model, model_args, data_args, training_args, rank: int, world_
                   "hidden_shape": [model_args.model_max_length, model.text_encoder.config.hidden_size]}
         return LatentDataset(data_args.file_list, model.tokenizer, drop_caption_prob=data_args.drop_caption_prob,
                              max_bad_fraction=data_args.max_bad_fraction, seed=training_args.seed,
-                             rank=rank, world_size=world_size,
+                             slots=slots, num_slots=num_slots,
                              shuffle_buffer=data_args.shuffle_buffer, expect=expect)
     return TextImagePairDataset(
         data_args.file_list, model.tokenizer, resolution=data_args.resolution, line_format=data_args.line_format,
         interpolation=data_args.interpolation, center_crop=data_args.center_crop,
         drop_caption_prob=data_args.drop_caption_prob, allow_upscale=data_args.allow_upscale,
         max_bad_fraction=data_args.max_bad_fraction, seed=training_args.seed,
-        rank=rank, world_size=world_size,
+        slots=slots, num_slots=num_slots,
         model_max_length=model_args.model_max_length, shuffle_buffer=data_args.shuffle_buffer)
 
 
@@ -86,19 +94,16 @@ class _RaiseInMainThread(paddle.io.IterableDataset):
 
 
 class MicroBatchStreams:
-    """The batches of ``datasets`` (one per micro-batch k, built for data rank ``data_ranks[k]``) in turn.
+    """The micro-batches of ``datasets`` (one per micro-batch k, each streaming its slots) in turn.
 
-    Each batch is the dataset's collated dict without its ``stream_state`` and with ``seed``, the
-    :func:`batch_seed` of its data rank and step. Iteration ends when any stream ends.
+    Each batch is the collated dict of its slots' samples (in slot order) without ``stream_state``, with
+    ``seeds``: the :func:`sample_seed` of each sample. Iteration ends when any stream ends.
     """
 
-    def __init__(self, datasets: List, data_ranks: List[int], run_seed: int, batch_size: int, num_workers: int):
-        if len(datasets) != len(data_ranks):
-            raise ValueError(f"{len(datasets)} datasets for {len(data_ranks)} data ranks")
-        self.datasets, self.data_ranks, self.run_seed = datasets, data_ranks, run_seed
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.positions: Dict[int, Dict[int, int]] = {}  # data rank → loader-worker stream → draws consumed
-        self.skipped: Dict[int, Dict[int, int]] = {}  # data rank → stream → records skipped so far
+    def __init__(self, datasets: List, run_seed: int, num_workers: int):
+        self.datasets, self.run_seed, self.num_workers = datasets, run_seed, num_workers
+        self.positions: Dict[int, int] = {}  # slot → draws consumed
+        self.skipped: Dict[int, int] = {}  # slot → records skipped so far
         self.batches = 0  # micro-batches handed out (this process, since the start of the run)
         self.seconds = 0.0  # spent waiting for them
 
@@ -108,40 +113,53 @@ class MicroBatchStreams:
         return self.batches // len(self.datasets)
 
     def state(self) -> Dict[str, dict]:
-        """{data rank: its streams' positions and skips}, as a checkpoint stores it."""
-        return {str(d): {"stream_positions": dict(self.positions.get(d, {})), "skipped": dict(self.skipped.get(d, {}))}
-                for d in self.data_ranks}
+        """{slot: its stream position and skips}, as a checkpoint stores it."""
+        return {str(j): {"position": self.positions.get(j, 0), "skipped": self.skipped.get(j, 0)}
+                for dataset in self.datasets for j in dataset.slots}
 
-    def fast_forward(self, steps: int, data_ranks_state: Dict[str, dict]) -> None:
+    def fast_forward(self, steps: int, slots_state: Dict[str, dict]) -> None:
         """Continue after ``steps`` optimizer steps, at the positions a checkpoint stored."""
         self.batches = steps * len(self.datasets)
-        for dataset, d in zip(self.datasets, self.data_ranks):
-            positions = {int(s): v for s, v in data_ranks_state[str(d)]["stream_positions"].items()}
-            dataset.fast_forward(steps * self.batch_size, self.batch_size, self.num_workers, positions=positions)
-            self.positions[d] = positions
+        for dataset in self.datasets:
+            positions = {j: slots_state[str(j)]["position"] for j in dataset.slots}
+            dataset.fast_forward(steps, positions=positions)
+            self.positions.update(positions)
+            self.skipped.update({j: slots_state[str(j)]["skipped"] for j in dataset.slots})
+
+    def _micro_batches(self, dataset):
+        """Endless joined micro-batches of one dataset: W' loader outputs each (see the module docstring)."""
+        workers = min(self.num_workers, len(dataset.slots))
+        source = dataset if workers else _RaiseInMainThread(dataset)
+        loader = paddle.io.DataLoader(source, batch_size=None, num_workers=workers,
+                                      collate_fn=getattr(dataset, "collate_fn", collate_fn),  # latents: their own
+                                      worker_init_fn=die_with_parent)
+        parts = iter(loader)
+        while True:
+            batch = []
+            for _ in range(max(workers, 1)):
+                try:
+                    batch.append(next(parts))
+                except StopIteration:
+                    if getattr(source, "error", None) is not None:
+                        raise source.error
+                    return
+            yield batch[0] if len(batch) == 1 else {k: paddle.concat([b[k] for b in batch]) for k in batch[0]}
 
     def __iter__(self):
-        sources = [d if self.num_workers else _RaiseInMainThread(d) for d in self.datasets]
-        loaders = [paddle.io.DataLoader(source, batch_size=self.batch_size, num_workers=self.num_workers,
-                                        collate_fn=getattr(dataset, "collate_fn", collate_fn),  # latents: their own
-                                        worker_init_fn=die_with_parent)
-                   for source, dataset in zip(sources, self.datasets)]
-        iterators = [iter(loader) for loader in loaders]
-        accumulation = len(iterators)
+        streams = [self._micro_batches(dataset) for dataset in self.datasets]
+        accumulation = len(streams)
         while True:
             k = self.batches % accumulation
             start = time.perf_counter()
-            try:
-                batch = next(iterators[k])
-            except StopIteration:
-                if getattr(sources[k], "error", None) is not None:
-                    raise sources[k].error
+            batch = next(streams[k], None)
+            if batch is None:
                 return
             self.seconds += time.perf_counter() - start
-            d = self.data_ranks[k]
-            stream, position, skipped = batch.pop("stream_state").numpy().tolist()  # after the batch's last sample
-            self.positions.setdefault(d, {})[stream] = position
-            self.skipped.setdefault(d, {})[stream] = skipped
-            batch["seed"] = batch_seed(self.run_seed, d, self.batches // accumulation)
+            step = self.batches // accumulation
+            slots = []
+            for slot, position, skipped in batch.pop("stream_state").numpy().tolist():  # after each sample
+                self.positions[slot], self.skipped[slot] = position, skipped
+                slots.append(slot)
+            batch["seeds"] = [sample_seed(self.run_seed, j, step) for j in slots]
             self.batches += 1
             yield batch
