@@ -175,7 +175,10 @@ class _ListReader:
         self.share = slot // len(files)
         self.seed, self.list_index, self.skipped = seed, list_index, skipped
         self.pass_no = -1
-        self.pass_length: Optional[int] = None  # this slot's records in one pass, known after the first
+        self.pass_length: Optional[int] = None  # the most records this slot got in one pass, known after the first
+        self.empty: set = set()  # files that gave this slot no record the last time it read them
+        self.covered: set = set()  # files read from start to end since the last reset_coverage()
+        self._coverage_mark = 0
         self._records_this_pass = 0
         self._records: Iterator[tuple] = iter(())
         self._warned: set = set()  # (path, reason) already logged
@@ -187,10 +190,11 @@ class _ListReader:
         else:
             files = [self.files[order[self.slot % len(self.files)]]]
         for path in files:
-            source = source_for(path)
+            source, mark, kept = source_for(path), self._coverage_mark, 0
             try:
                 for index, record in enumerate(source.read(path)):
                     if self.by_file or index % self.sharers == self.share:
+                        kept += 1
                         yield source, record
             except FileNotFoundError:  # listed at start-up, gone now (deleted or moved mid-run)
                 self._skip_file("missing_file", path, "is missing; skipped")
@@ -198,6 +202,14 @@ class _ListReader:
                 self._skip_file("unreadable_file", path, f"cannot be read ({err}); skipped")
             except (EOFError, OSError, zlib.error) as err:  # truncated or corrupt gzip, I/O error
                 self._skip_file("truncated_file", path, f"is truncated or corrupt ({err}); rest of the file skipped")
+            (self.empty.add if kept == 0 else self.empty.discard)(path)
+            if mark == self._coverage_mark:
+                self.covered.add(path)
+
+    def reset_coverage(self) -> None:
+        """Start counting the files read through anew (after a usable sample)."""
+        self._coverage_mark += 1
+        self.covered = set()
 
     def _skip_file(self, reason: str, path: str, what: str) -> None:
         """Count a file that could not be read in this pass; log it the first time only."""
@@ -207,13 +219,18 @@ class _ListReader:
             logger.warning(f"file {path} (listed in {self.name}) {what}; counted as {reason} in every pass it recurs")
 
     def next_record(self) -> tuple:
-        """The next ``(source, record)``, starting a new pass when this one is done."""
-        for _ in range(2):  # the current pass, else one fresh pass; two empty passes in a row is an error
+        """The next ``(source, record)``, starting a new pass when this one is done.
+
+        A pass may give this slot nothing (its one file is gone, say); once every listed file has, it raises.
+        """
+        while True:
             for item in self._records:
                 self._records_this_pass += 1
                 return item
             if self.pass_no >= 0:
-                self.pass_length = self._records_this_pass
+                self.pass_length = max(self.pass_length or 0, self._records_this_pass)
+                if self._records_this_pass == 0 and self.empty >= set(self.files):
+                    break
             self.pass_no += 1
             self._records_this_pass = 0
             self._records = self._pass_records(self.pass_no)
@@ -301,6 +318,8 @@ class RecordStream:
                     continue
                 state.produced += 1
                 state.bad_since_good = [0] * len(readers)
+                for r in readers:
+                    r.reset_coverage()
                 if sample is not None:
                     yield sample, epoch, state
         finally:
@@ -370,8 +389,10 @@ class RecordStream:
                 and state.bad / state.examined > self.max_bad_fraction):
             raise UnusableData(f"{where}: {state.bad} of {state.examined} records were bad, more than "
                                f"max_bad_fraction={self.max_bad_fraction}: {dict(state.skipped)}")
-        # Two full passes of every list (plus the buffer) without a usable sample: fail, never loop.
-        if all(not ok or (r.pass_length is not None and n >= 2 * r.pass_length + self.shuffle_buffer)
+        # Every file of every list read through, and two of the longest passes (plus the buffer), without a
+        # usable sample: fail, never loop.
+        if all(not ok or (r.pass_length is not None and n >= 2 * r.pass_length + self.shuffle_buffer
+                          and r.covered >= set(r.files))
                for r, n, ok in zip(readers, state.bad_since_good, state.alive)):
             raise UnusableData(
                 f"no usable sample in a full pass over {', '.join(r.name for r in readers)} ({where}; "

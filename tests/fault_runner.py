@@ -14,8 +14,8 @@ Faults are chosen by environment variables:
   SD_FAULT_RANK_DIES="1:2:raise"  rank 1 fails at its batch index 2 with a FileNotFoundError (as for a
                                 part file missing on one node); ":kill" instead kills it with SIGKILL.
 and one spy:
-  SD_SPY_DIR=DIR                each rank appends a line per batch to DIR/rank-R.txt: the batch's noise seed
-                                and a hash of each image it trained on.
+  SD_SPY_DIR=DIR                each rank appends a line per batch to DIR/rank-R.txt: per sample, its noise
+                                seed, a hash of its image and a hash of its token ids (``seed:image:ids``).
 """
 
 import errno
@@ -104,12 +104,15 @@ if os.environ.get("SD_SPY_DIR"):
 
     spied_forward = StableDiffusionModel.forward
 
-    def spy_forward(self, input_ids, pixel_values, seed, **kwargs):
-        hashes = [hashlib.sha1(x.tobytes()).hexdigest()[:16] for x in pixel_values.numpy()]
+    def spy_forward(self, input_ids, pixel_values, seeds, **kwargs):
+        def digest(a):
+            return hashlib.sha1(a.tobytes()).hexdigest()[:16]
+
+        samples = [f"{s}:{digest(x)}:{digest(i)}" for s, x, i in zip(seeds, pixel_values.numpy(), input_ids.numpy())]
         path = os.path.join(os.environ["SD_SPY_DIR"], f"rank-{paddle.distributed.get_rank()}.txt")
         with open(path, "a") as f:
-            f.write(f"{seed} {' '.join(hashes)}\n")
-        return spied_forward(self, input_ids, pixel_values, seed, **kwargs)
+            f.write(" ".join(samples) + "\n")
+        return spied_forward(self, input_ids, pixel_values, seeds, **kwargs)
 
     StableDiffusionModel.forward = spy_forward
 

@@ -62,54 +62,77 @@ def make_dataset(root, n_records, n_parts, name="train", gz=True, prefix="img"):
 def ds(file_list, tokenizer, **kw):
     kw.setdefault("resolution", 32)
     kw.setdefault("drop_caption_prob", 0.0)
-    kw.setdefault("rank", 0)
-    kw.setdefault("world_size", 1)
     kw.setdefault("return_meta", True)
     return TextImagePairDataset(file_list, tokenizer, **kw)
 
 
 def take(dataset, n, worker=None, monkeypatch=None):
+    """The first n samples of ``dataset``'s steps (one slot: that slot's stream), as a loader worker would see them."""
     if worker is not None:
         monkeypatch.setattr(tipd, "get_worker_info", lambda: SimpleNamespace(id=worker[0], num_workers=worker[1]))
-    return list(itertools.islice(iter(dataset), n))
+    return list(itertools.islice(itertools.chain.from_iterable(dataset), n))
 
 
 @pytest.mark.parametrize("n_parts", [1, 5])
-@pytest.mark.parametrize("ranks,workers", [(1, 0), (1, 1), (1, 3), (2, 0), (2, 1), (2, 3)])
-def test_sharding_disjoint_and_complete_per_pass(tmp_path, tokenizer, monkeypatch, n_parts, ranks, workers):
+@pytest.mark.parametrize("num_slots", [1, 2, 3, 6, 7])
+def test_slots_disjoint_and_complete_per_pass(tmp_path, tokenizer, n_parts, num_slots):
+    """Slot j of G, whatever its rank or worker: by file when a list has ≥ G files, else by record within the
+    file j mod F; either way each pass of the slots is the whole data, once."""
     fl = make_dataset(str(tmp_path), 30, n_parts)
     seen = []
-    for rank in range(ranks):
-        for w in range(max(workers, 1)):
-            d = ds(fl, tokenizer, rank=rank, world_size=ranks, shuffle_buffer=1)
-            first_pass = [s for s in take(d, 90, (w, max(workers, 1)), monkeypatch) if s["epoch"] == 0]
-            got = {s["caption"] for s in first_pass}
-            assert len(got) == len(first_pass)  # no repeats within a pass
-            seen.append(got)
+    for slot in range(num_slots):
+        d = ds(fl, tokenizer, slots=[slot], num_slots=num_slots, shuffle_buffer=1)
+        first_pass = [s for s in take(d, 90) if s["epoch"] == 0]
+        got = {s["caption"] for s in first_pass}
+        assert len(got) == len(first_pass)  # no repeats within a pass
+        assert first_pass and all(s["stream_state"][0] == slot for s in first_pass)
+        seen.append(got)
     assert set().union(*seen) == {f"img {i}" for i in range(30)}
     assert sum(len(s) for s in seen) == 30  # pairwise disjoint
 
 
-def _index_collate(samples):
-    """Test collate: which records (``img <i>``) of which pass each batch holds, as arrays."""
-    return {"idx": np.array([int(s["caption"].split()[1]) for s in samples]),
-            "epoch": np.array([s["epoch"] for s in samples]), "stream": np.array([s["stream_state"][0] for s in samples])}
+def test_a_slot_stream_is_the_same_wherever_it_is_read(tmp_path, tokenizer, monkeypatch):
+    """Slot 4 of 6 alone, among slots 3-5, or in loader worker 1 of 2 of all 6: the same samples."""
+    fl = make_dataset(str(tmp_path), 30, 2)
+
+    def slot_4(**kw):
+        steps = itertools.islice(ds(fl, tokenizer, num_slots=6, drop_caption_prob=0.3, **kw), 12)
+        return [next(s["caption"] for s in step if s["stream_state"][0] == 4) for step in steps]
+
+    alone = slot_4(slots=[4])
+    assert slot_4(slots=range(3, 6)) == alone
+    assert slot_4(slots=[4], seed=1) != alone
+    assert ds(fl, tokenizer, num_slots=6).worker_slots(1, 2) == [3, 4, 5]
+    with pytest.raises(ValueError, match="at most 2"):
+        ds(fl, tokenizer, slots=[0, 1], num_slots=6).worker_slots(0, 3)
+    monkeypatch.setattr(tipd, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
+    assert slot_4() == alone
 
 
 @pytest.mark.parametrize("n_parts", [1, 5])
-def test_real_dataloader_workers_round_robin_disjoint_complete(tmp_path, tokenizer, n_parts):
+def test_micro_batches_do_not_depend_on_loader_workers(tmp_path, tokenizer, n_parts):
+    """Two micro-batches of 3 slots each (global batch 6), read by 0-3 real loader workers: the same batches,
+    in slot order, with the same per-sample seeds; each pass of the 6 slots is the data once."""
+    from sd.train_loader import MicroBatchStreams, sample_seed
+
     fl = make_dataset(str(tmp_path), 24, n_parts)
-    loader = paddle.io.DataLoader(ds(fl, tokenizer, shuffle_buffer=4), batch_size=4, num_workers=3,
-                                  collate_fn=_index_collate)
-    batches = [{k: v.numpy() for k, v in b.items()} for b in itertools.islice(loader, 18)]
-    # Batch i comes from worker i mod W: the mapping fast_forward relies on.
-    assert [int(b["stream"][0]) for b in batches] == [0, 1, 2] * 6
-    first_pass = collections.defaultdict(list)
-    for b in batches:
-        for i, e, w in zip(b["idx"], b["epoch"], b["stream"]):
-            if e == 0:
-                first_pass[int(w)].append(int(i))
-    assert sorted(sum(first_pass.values(), [])) == list(range(24))  # disjoint and complete
+    runs = {}
+    for workers in (0, 1, 2, 3):
+        datasets = [ds(fl, tokenizer, slots=range(3 * k, 3 * k + 3), num_slots=6, shuffle_buffer=4,
+                       return_meta=False, drop_caption_prob=0.3) for k in range(2)]
+        streams = MicroBatchStreams(datasets, run_seed=5, num_workers=workers)
+        runs[workers] = [(b["input_ids"].numpy(), b["pixel_values"].numpy(), b["seeds"])
+                         for b in itertools.islice(streams, 8)]
+        assert sorted(streams.positions) == list(range(6))
+    for workers in (1, 2, 3):
+        assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) and x[2] == y[2]
+                   for x, y in zip(runs[0], runs[workers])), workers
+    assert runs[0][3][2] == [sample_seed(5, j, 1) for j in range(3, 6)]  # micro-batch 1 of step 1: slots 3-5
+    first_pass = collections.Counter()
+    for slot in range(6):
+        first_pass.update(s["caption"] for s in take(ds(fl, tokenizer, slots=[slot], num_slots=6, shuffle_buffer=1), 30)
+                          if s["epoch"] == 0)
+    assert first_pass == {f"img {i}": 1 for i in range(24)}
 
 
 def test_shuffle_buffer_mixes_within_a_part_file(tmp_path, tokenizer):
@@ -166,13 +189,12 @@ def test_fast_forward_equals_continuing(tmp_path, tokenizer, monkeypatch, use_po
     k = 27
     first = ds(fl, tokenizer, drop_caption_prob=0.3)
     decoded_first = _count_decodes(first, monkeypatch)
-    stream = iter(first)
+    stream = itertools.chain.from_iterable(first)  # its one slot's samples
     full = list(itertools.islice(stream, k))
     decoded_for_first_k = len(decoded_first)
     full += list(itertools.islice(stream, 70 - k))
     resumed = ds(fl, tokenizer, drop_caption_prob=0.3)
-    resumed.fast_forward(k, batch_size=1, num_workers=0,
-                         positions={0: full[k - 1]["stream_state"][1]} if use_positions else None)
+    resumed.fast_forward(k, positions={0: full[k - 1]["stream_state"][1]} if use_positions else None)
     decoded = _count_decodes(resumed, monkeypatch)
     after = take(resumed, 70 - k)
     assert [s["caption"] for s in after] == [s["caption"] for s in full[k:]]
@@ -183,49 +205,50 @@ def test_fast_forward_equals_continuing(tmp_path, tokenizer, monkeypatch, use_po
         assert after[-1]["skipped"] == full[-1]["skipped"]
 
 
-def _loader(dataset, batch_size, workers, collate=collate_fn):
-    return paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+def _loader(dataset, workers, collate=collate_fn):
+    """A DataLoader of the dataset's steps: with W workers, W consecutive outputs make one step."""
+    return paddle.io.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=collate)
 
 
-@pytest.mark.parametrize("workers,consumed_batches", [(3, 7), (2, 4), (0, 5)])
-def test_fast_forward_by_sample_count_through_dataloader(tmp_path, tokenizer, workers, consumed_batches):
-    """The trainer's resume: it knows only how many samples it consumed."""
+@pytest.mark.parametrize("workers,consumed_steps", [(3, 7), (2, 4), (0, 5)])
+def test_fast_forward_by_sample_count_through_dataloader(tmp_path, tokenizer, workers, consumed_steps):
+    """Resume knowing only how many samples each slot gave (one per step)."""
     fl = mixed_dataset(str(tmp_path))
-    b = 3
+    parts = max(workers, 1)
     def run(d, n):
-        return [{k: v.numpy() for k, v in x.items()} for x in itertools.islice(_loader(d, b, workers), n)]
-    full = run(ds(fl, tokenizer, drop_caption_prob=0.5), consumed_batches + 6)
-    resumed = ds(fl, tokenizer, drop_caption_prob=0.5)
-    resumed.fast_forward(consumed_batches * b, batch_size=b, num_workers=workers)
+        return [{k: v.numpy() for k, v in x.items()} for x in itertools.islice(_loader(d, workers), n * parts)]
+    full = run(ds(fl, tokenizer, num_slots=3, drop_caption_prob=0.5), consumed_steps + 6)
+    resumed = ds(fl, tokenizer, num_slots=3, drop_caption_prob=0.5)
+    resumed.fast_forward(consumed_steps)
     rest = run(resumed, 6)
-    for x, y in zip(rest, full[consumed_batches:]):
+    for x, y in zip(rest, full[consumed_steps * parts:]):
         assert np.array_equal(x["input_ids"], y["input_ids"]) and np.array_equal(x["pixel_values"], y["pixel_values"])
-        assert np.array_equal(x["stream_state"], y["stream_state"])  # same stream, position and skip counts
+        assert np.array_equal(x["stream_state"], y["stream_state"])  # same slots, positions and skip counts
 
 
 def test_fast_forward_by_positions_is_exact_across_corrupt_image_data(tmp_path, tokenizer):
     """A cut JPEG passes the header check; only recorded positions resume exactly across it."""
     fl = mixed_dataset(str(tmp_path), corrupt_body=True)
-    b, workers, consumed = 2, 2, 9
+    workers, consumed = 2, 9
     full = [{k: v.numpy() for k, v in x.items()}
-            for x in itertools.islice(_loader(ds(fl, tokenizer), b, workers), consumed + 6)]
-    assert sum(int(x["skip_counts"][tipd.SKIP_REASONS.index("bad_image")]) for x in full[:consumed]) > 0
-    positions = {int(x["stream_state"][0]): int(x["stream_state"][1]) for x in full[:consumed]}
-    resumed = ds(fl, tokenizer)
-    resumed.fast_forward(consumed * b, batch_size=b, num_workers=workers, positions=positions)
-    rest = [x["input_ids"].numpy() for x in itertools.islice(_loader(resumed, b, workers), 6)]
-    assert all(np.array_equal(x, y["input_ids"]) for x, y in zip(rest, full[consumed:]))
+            for x in itertools.islice(_loader(ds(fl, tokenizer, num_slots=2), workers), (consumed + 6) * workers)]
+    assert sum(int(x["skip_counts"][:, tipd.SKIP_REASONS.index("bad_image")].sum())
+               for x in full[:consumed * workers]) > 0
+    positions = {int(j): int(p) for x in full[:consumed * workers] for j, p, _ in x["stream_state"]}
+    resumed = ds(fl, tokenizer, num_slots=2)
+    resumed.fast_forward(consumed, positions=positions)
+    rest = [x["input_ids"].numpy() for x in itertools.islice(_loader(resumed, workers), 6 * workers)]
+    assert all(np.array_equal(x, y["input_ids"]) for x, y in zip(rest, full[consumed * workers:]))
 
 
-def test_fast_forward_rejects_other_loader_settings(tmp_path, tokenizer):
+def test_fast_forward_needs_every_slot_position(tmp_path, tokenizer):
     fl = make_dataset(str(tmp_path), 10, 1)
-    d = ds(fl, tokenizer)
-    with pytest.raises(ValueError, match="whole number of batches"):
-        d.fast_forward(7, batch_size=2, num_workers=0)
-    d.fast_forward(8, batch_size=2, num_workers=2)
-    with pytest.raises(ValueError, match="num_workers=2"):
-        take(d, 1)  # iterated in-process, not by 2 workers
-    assert d.state_dict()["fast_forward"]["samples_consumed"] == 8
+    d = ds(fl, tokenizer, slots=[1, 2], num_slots=3)
+    with pytest.raises(ValueError, match=r"no position for slots \[2\]"):
+        d.fast_forward(4, positions={1: 5})
+    d.fast_forward(4, positions={1: 5, 2: 6})
+    assert d.state_dict()["fast_forward"] == {1: {"samples_consumed": 4, "position": 5},
+                                             2: {"samples_consumed": 4, "position": 6}}
 
 
 def test_bad_data_skipped_and_counted(tmp_path, tokenizer):
@@ -394,11 +417,12 @@ def test_collate_normalises_to_unit_range(demo_file_list, tokenizer):
     assert isinstance(ids, paddle.Tensor) and ids.dtype == paddle.int64 and ids.shape == [4, tokenizer.model_max_length]
     expected = np.stack([s["pixel_values"] for s in samples]) / 127.5 - 1
     np.testing.assert_allclose(px.numpy(), expected, atol=1e-6)  # 0 → -1, 255 → 1
-    loader = paddle.io.DataLoader(ds(demo_file_list, tokenizer, return_meta=False), batch_size=2, num_workers=1,
-                                  collate_fn=collate_fn)
+    loader = paddle.io.DataLoader(ds(demo_file_list, tokenizer, return_meta=False, num_slots=2), batch_size=None,
+                                  num_workers=1, collate_fn=collate_fn)
     b = next(iter(loader))
     assert b["pixel_values"].dtype == paddle.float32 and b["input_ids"].dtype == paddle.int64
-    assert b["stream_state"].numpy().tolist()[0] == 0  # by default: [stream, draws made, records skipped]
+    state = b["stream_state"].numpy()  # by default, per sample: [slot, draws made, records skipped]
+    assert state[:, 0].tolist() == [0, 1] and state[:, 1].min() >= 1
 
 
 def test_reads_paddlemix_files_from_another_folder(tmp_path, tokenizer, monkeypatch):
@@ -546,7 +570,7 @@ def test_part_files_vanishing_mid_run_are_skipped_and_counted(tmp_path, tokenize
     a_parts = [l.strip() for l in open(a) if l.strip()]
     b_part = open(b).read().strip()
     d = ds(str(tmp_path / "ab.filelist.list"), tokenizer, shuffle_buffer=1)
-    stream = iter(d)
+    stream = itertools.chain.from_iterable(d)  # the samples of its one slot
     first = [next(stream) for _ in range(20)]
     os.remove(a_parts[0])  # deleted mid-run
     os.remove(a_parts[1])
@@ -574,13 +598,13 @@ def test_vanishing_part_files_through_dataloader_workers(tmp_path, tokenizer, mo
     """Workers skip a deleted part and report it in the batches' skip counts; all gone raises, no hang."""
     fl = make_dataset(str(tmp_path), 24, 4)
     parts = [l.strip() for l in open(open(fl).read().strip()) if l.strip()]
-    loader = _loader(ds(fl, tokenizer, shuffle_buffer=2), 4, 2)
+    loader = _loader(ds(fl, tokenizer, shuffle_buffer=2, num_slots=4), 2)
     it = iter(loader)
     for _ in range(4):
         next(it)
     os.remove(parts[0])
     counts = [next(it)["skip_counts"].numpy() for _ in range(30)]
-    assert max(int(c[tipd.SKIP_REASONS.index("missing_file")]) for c in counts) >= 1
+    assert max(int(c[:, tipd.SKIP_REASONS.index("missing_file")].max()) for c in counts) >= 1
     for p in parts[1:]:
         os.remove(p)
     # paddle re-raises a worker's error in its reader thread (the dataset's message) and then, in the
@@ -661,7 +685,7 @@ def test_check_takes_the_decisions_of_decode():
 
 
 def test_cli_layout_rate_and_no_temp_folder_left(demo_file_list, tmp_path):
-    """``python -m sd.text_image_pair_dataset``: the shard layout, the rate line; its byte-level tokenizer's
+    """``python -m sd.text_image_pair_dataset``: the slot layout, the rate line; its byte-level tokenizer's
     temporary folder is removed."""
     import subprocess
     import sys
@@ -674,8 +698,7 @@ def test_cli_layout_rate_and_no_temp_folder_left(demo_file_list, tmp_path):
                        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    assert lines[0].endswith("3 part-file entries, weight None, split by file over 2 shard(s) "
-                             "(1 rank(s) × 2 worker stream(s))"), lines
+    assert lines[0].endswith("3 part-file entries, weight None, split by record within files over 4 slot(s)"), lines
     assert re.fullmatch(r"[\d.]+ samples/s \(8 samples in [\d.]+ s, 2 workers, resolution 32, lanczos\); "
                         r"records skipped: none", lines[-1]), lines
     assert not [p for p in os.listdir(tmp) if p.startswith("sd-tokenizer-")]  # none left behind

@@ -11,6 +11,7 @@ missing.
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -194,3 +195,51 @@ def test_a_new_node_joins_the_running_job(etcd, tmp_path):
         assert any(f"/2 starts at step {rejoined_at}" in read(tmp_path / f"launch_{n}.out") for n in "bc")
     finally:
         stop_all(nodes.values())
+
+
+def start_trainer_node(port, name, tmp_path, command):
+    """One "node" of the real trainer: an elastic launcher with one rank running ``command``'s script and arguments."""
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--master", f"etcd://127.0.0.1:{port}",
+           "--nnodes", "1:2", "--nproc_per_node", "1", "--job_id", "sdtrain", "--elastic_level", "1",
+           "--max_restart", "3", "--elastic_timeout", "10", "--log_dir", str(tmp_path / f"log_{name}"), *command[1:]]
+    with open(tmp_path / f"launch_{name}.out", "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_the_trainer_survives_a_lost_node_with_its_global_batch(etcd, tmp_path, tiny_kit, demo_file_list):
+    """Two launchers of the real trainer (one rank × batch 4 each, a checkpoint every 2 steps); the node of rank 0
+    is killed after checkpoint-4. The survivor's launcher restarts the same command on one rank, which resumes the
+    newest complete checkpoint with per-device batch 8 (the global batch kept) and ends with the weights of an
+    uninterrupted 1 × 8 run, to float summation order."""
+    import numpy as np
+    from conftest import train_command
+    from safetensors.numpy import load_file
+
+    steps = ["--max_steps", "12", "--save_steps", "2", "--dataloader_num_workers", "1", "--use_ema", "True",
+             "--report_to", "none", "--image_logging_steps", "0"]
+    out = tmp_path / "out"
+    command = train_command(tiny_kit, demo_file_list, out, *steps)
+    nodes = {name: start_trainer_node(etcd, name, tmp_path, command) for name in "ab"}
+    try:
+        wait_until(lambda: (out / "checkpoint-4").exists(), 240, "checkpoint-4 of the 2-node job", nodes.values())
+        victim = next(n for n in "ab"  # the node of rank 0 (paddlenlp logs each rank's arguments)
+                      if re.search(r" process_index +: 0\b", read(tmp_path / f"log_{n}" / "workerlog.0")))
+        survivor = "b" if victim == "a" else "a"
+        kill_node(nodes[victim])
+        rc = nodes[survivor].wait(timeout=300)
+        log = read(tmp_path / f"log_{survivor}" / "workerlog.0")
+        assert rc == 0, read(tmp_path / f"launch_{survivor}.out")[-3000:] + log[-3000:]
+    finally:
+        stop_all(nodes.values())
+    assert "global batch = 4 per device × 2 rank(s) × 1 accumulation = 8" in log
+    assert "--per_device_train_batch_size 4 → 8" in log and "global batch = 8 per device × 1 rank(s)" in log
+    reference = command.copy()
+    reference[reference.index("--output_dir") + 1] = str(tmp_path / "reference")
+    reference[reference.index("--per_device_train_batch_size") + 1] = "8"
+    r = subprocess.run(reference, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("diffusion_paddle_model.safetensors", "diffusion_paddle_model.ema.safetensors"):
+        a = load_file(out / "checkpoint-12" / "unet" / name)
+        b = load_file(tmp_path / "reference" / "checkpoint-12" / "unet" / name)
+        assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-4, name

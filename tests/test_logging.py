@@ -15,7 +15,7 @@ LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+\] \[ *(INFO|WARNING)\](?:\x1b\[0m)
 
 
 def one_part_with_bad_records(demo_file_list, folder, n_good=10):
-    """A list of ONE part file (so 2 loader workers shard it by record): n_good demo records, 2 bad lines."""
+    """A list of ONE part file (so the slots of a global batch share it by record): n_good demo records, 2 bad lines."""
     part = read_filelist(read_filelist_list(demo_file_list)[0].path)[0].path
     good = [raw for _, raw in zip(range(n_good), iter_part_file(part))]
     lines = good[:5] + [b"only\ttwo\n"] + good[5:] + [b"x\tNONE\t \n"]
@@ -38,7 +38,7 @@ def test_dataset_lines_reach_stderr_whatever_the_root_logger_says(tmp_path, toke
     root.addHandler(other)
     root.setLevel(logging.CRITICAL)
     try:
-        d = TextImagePairDataset(fl, tokenizer, resolution=32, rank=0, world_size=2, shuffle_buffer=1)
+        d = TextImagePairDataset(fl, tokenizer, resolution=32, slots=[0], num_slots=2, shuffle_buffer=1)
         with pytest.raises(RuntimeError, match="no usable sample"):  # every record is bad: it gives up
             next(iter(d))
     finally:
@@ -59,8 +59,8 @@ def test_trainer_and_tools_share_the_logger():
 
 
 def test_training_run_shows_the_shard_notice_and_pass_summaries(tiny_kit, demo_file_list, tmp_path):
-    """A default training run, its data sharded by record over 2 loader workers: the dataset's lines from
-    inside the workers are in the run's output, in the trainer's format."""
+    """A default training run, its one-file list sharded by record over the 4 slots of its batch, read by 2
+    loader workers: the dataset's lines from inside the workers are in the run's output, in the trainer's format."""
     fl = one_part_with_bad_records(demo_file_list, str(tmp_path / "data"))
     cmd = train_command(tiny_kit, fl, tmp_path / "run", "--max_steps", "3", "--dataloader_num_workers", "2",
                         "--shuffle_buffer", "1", "--report_to", "none", "--image_logging_steps", "0",
@@ -69,8 +69,8 @@ def test_training_run_shows_the_shard_notice_and_pass_summaries(tiny_kit, demo_f
     log = (r.stdout + r.stderr).splitlines()
     assert r.returncode == 0, "\n".join(log[-40:])
     notice = [l for l in log if "sharding it by record instead of by file" in l]
-    passes = [l for l in log if re.search(r"stream \d: pass \d+ of .*one\.filelist done", l)]
+    passes = [l for l in log if re.search(r"slot \d: pass \d+ of .*one\.filelist done", l)]
     losses = [l for l in log if " - loss: " in l]
-    assert len(notice) == 1, "\n".join(log[-60:])  # shard 0 only
+    assert len(notice) == 1, "\n".join(log[-60:])  # slot 0 only
     assert passes and any("too_few_fields" in l or "empty_image" in l for l in passes), "\n".join(log[-60:])
     assert losses and all(LINE.search(l) for l in notice + passes + losses[:1]), notice + passes + losses[:1]

@@ -59,7 +59,7 @@ def test_one_step_changes_only_trainable_parameters(tiny_kit):
     unet_before = snapshot(m.unet)
     opt = paddle.optimizer.AdamW(learning_rate=1e-3, parameters=[p for _, ps in m.trainable_groups() for p in ps])
     ids, px = batch(m)
-    loss = m(ids, px, seed=1)
+    loss = m(ids, px, seeds=[1, 11])
     loss.backward()
     opt.step()
     assert not m.vae.training and not m.text_encoder.training  # frozen parts stay in eval mode
@@ -75,14 +75,14 @@ def test_loss_equals_hand_computation(tiny_kit, prediction_type):
     m = make(tiny_kit, prediction_type=prediction_type, snr_gamma=5.0)
     perturb_zero_initialised(m.unet)
     ids, px = batch(m)
-    loss = float(m(ids, px, seed=7))
-    # Replay the documented draw order by hand.
-    rng = np.random.default_rng(7)
+    loss = float(m(ids, px, seeds=[7, 8]))
+    # Replay the documented draw order by hand: each sample's own generator gives its ε, noise, timestep.
+    rngs = [np.random.default_rng(7), np.random.default_rng(8)]
     dist = m.vae.encode(px).latent_dist
-    eps = rng.standard_normal(dist.mean.shape, dtype=np.float32)
+    eps = np.stack([r.standard_normal(dist.mean.shape[1:], dtype=np.float32) for r in rngs])
     x0 = ((dist.mean + dist.std * paddle.to_tensor(eps)) * m.scaling_factor).numpy()
-    noise = rng.standard_normal(x0.shape, dtype=np.float32)
-    t = rng.integers(0, 1000, x0.shape[0])
+    noise = np.stack([r.standard_normal(x0.shape[1:], dtype=np.float32) for r in rngs])
+    t = np.array([r.integers(0, 1000) for r in rngs])
     a = np.asarray(m.noise_scheduler.alphas_cumprod, np.float64)[t][:, None, None, None]
     noisy = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
     pred = m.unet(paddle.to_tensor(noisy.astype(np.float32)), paddle.to_tensor(t),
@@ -93,6 +93,22 @@ def test_loss_equals_hand_computation(tiny_kit, prediction_type):
     w = np.minimum(snr, 5.0) / (snr if prediction_type == "epsilon" else snr + 1)
     expected = float(np.mean(((pred - target) ** 2).mean(axis=(1, 2, 3)) * w))
     assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_samples_draws_do_not_depend_on_its_batch(tiny_kit):
+    """Each sample draws from its own seed: a batch's loss is the mean of its samples' losses taken one
+    by one (what makes 2 ranks × 4 train as 1 × 8), and the seeds must be one per sample."""
+    m = make(tiny_kit, noise_offset=0.1, input_perturbation=0.1)
+    perturb_zero_initialised(m.unet)
+    ids, px = batch(m, 3)
+    with paddle.no_grad():
+        together = float(m(ids, px, seeds=[4, 5, 6]))
+        alone = [float(m(ids[i:i + 1], px[i:i + 1], seeds=[s])) for i, s in enumerate([4, 5, 6])]
+        swapped = float(m(ids, px, seeds=[5, 4, 6]))
+    assert together == pytest.approx(np.mean(alone), rel=1e-5)
+    assert abs(swapped - together) > 1e-4  # the seed belongs to the sample
+    with pytest.raises(ValueError, match="2 seeds for a batch of 3"):
+        m(ids, px, seeds=[4, 5])
 
 
 def capture_unet_inputs(m, monkeypatch):
@@ -115,7 +131,7 @@ def test_noise_offset_adds_a_per_channel_constant(tiny_kit, monkeypatch):
         m = make(tiny_kit, noise_offset=offset)
         seen = capture_unet_inputs(m, monkeypatch)
         ids, px = batch(m)
-        m(ids, px, seed=3)
+        m(ids, px, seeds=[3, 13])
         runs.append(seen)
     assert np.array_equal(runs[0]["t"], runs[1]["t"])
     diff = runs[1]["noisy"] - runs[0]["noisy"]
@@ -129,7 +145,7 @@ def test_input_perturbation_changes_input_not_target(tiny_kit, monkeypatch):
         m = make(tiny_kit, input_perturbation=p)
         seen = capture_unet_inputs(m, monkeypatch)
         ids, px = batch(m)
-        m(ids, px, seed=3)
+        m(ids, px, seeds=[3, 13])
         runs.append(seen)
     assert not np.allclose(runs[0]["noisy"], runs[1]["noisy"])
     assert np.array_equal(runs[0]["target"], runs[1]["target"])
@@ -172,7 +188,7 @@ def test_recompute_gives_the_same_loss_and_gradients(tiny_kit):
         perturb_zero_initialised(m.unet)  # else the UNet predicts 0 and most gradients vanish
         m.train()
         ids, px = batch(m)
-        loss = m(ids, px, seed=2)
+        loss = m(ids, px, seeds=[2, 12])
         loss.backward()
         grads.append((float(loss), {n: p.grad.numpy().copy() for n, p in m.unet.named_parameters() if p.grad is not None}))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)

@@ -1,5 +1,6 @@
 """Precomputed latents: the tool's output, the dataset's stream (same as the images'), resume, and the loss path."""
 
+import itertools
 import json
 import os
 
@@ -23,8 +24,8 @@ def latents(tiny_kit, demo_file_list, tmp_path_factory):
 
 
 def take(ds, n):
-    it = iter(ds)
-    return [next(it) for _ in range(n)]
+    """The first n samples of a one-slot dataset."""
+    return list(itertools.islice(itertools.chain.from_iterable(ds), n))
 
 
 def test_line_format_round_trip_and_errors():
@@ -54,7 +55,7 @@ def test_tool_output_matches_the_vae_and_text_encoder(latents, tiny_kit, demo_fi
     assert len(parts) == 3
     # The first record against the models, on the image as training centre-crops it.
     images = TextImagePairDataset(demo_file_list, tokenizer, resolution=32, center_crop=True, drop_caption_prob=0.0,
-                                  model_max_length=16, rank=0, world_size=1)
+                                  model_max_length=16)
     from sd.data_format import decode_part_record, iter_part_file, read_filelist, read_filelist_list
 
     src_part = read_filelist(read_filelist_list(demo_file_list)[0].path)[0].path
@@ -78,13 +79,13 @@ def test_tool_output_matches_the_vae_and_text_encoder(latents, tiny_kit, demo_fi
     np.testing.assert_allclose(decode_array(info["empty_caption_hidden_states"]), states[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2)])
-def test_streams_and_shards_like_the_images(latents, demo_file_list, tokenizer, rank, world_size):
-    """Same seed, rank and shard layout → the same records in the same order, the same caption drops."""
+@pytest.mark.parametrize("slot,num_slots", [(0, 1), (1, 2), (4, 6)])
+def test_streams_and_shards_like_the_images(latents, demo_file_list, tokenizer, slot, num_slots):
+    """Same seed and slot of the same global batch → the same records in the same order, the same caption drops."""
     images = TextImagePairDataset(demo_file_list, tokenizer, resolution=32, center_crop=True, drop_caption_prob=0.3,
-                                  model_max_length=16, seed=3, rank=rank, world_size=world_size, shuffle_buffer=8,
+                                  model_max_length=16, seed=3, slots=[slot], num_slots=num_slots, shuffle_buffer=8,
                                   return_meta=True)
-    lat = LatentDataset(latents, tokenizer, drop_caption_prob=0.3, seed=3, rank=rank, world_size=world_size,
+    lat = LatentDataset(latents, tokenizer, drop_caption_prob=0.3, seed=3, slots=[slot], num_slots=num_slots,
                         shuffle_buffer=8, return_meta=True)
     a, b = take(images, 40), take(lat, 40)
     assert [s["caption"] for s in a] == [s["caption"] for s in b]
@@ -99,9 +100,9 @@ def test_streams_and_shards_like_the_images(latents, demo_file_list, tokenizer, 
 def test_fast_forward_continues_the_stream(latents, tokenizer):
     full = take(LatentDataset(latents, tokenizer, seed=1, shuffle_buffer=8, return_meta=True), 12)
     by_count = LatentDataset(latents, tokenizer, seed=1, shuffle_buffer=8, return_meta=True)
-    by_count.fast_forward(8, batch_size=4, num_workers=0)
+    by_count.fast_forward(8)
     exact = LatentDataset(latents, tokenizer, seed=1, shuffle_buffer=8, return_meta=True)
-    exact.fast_forward(8, batch_size=4, num_workers=0, positions={0: int(full[7]["stream_state"][1])})
+    exact.fast_forward(8, positions={0: int(full[7]["stream_state"][1])})
     for ds in (by_count, exact):
         rest = take(ds, 4)
         assert [s["caption"] for s in rest] == [s["caption"] for s in full[8:]]
@@ -112,7 +113,7 @@ def test_collate_and_settings_check(latents, tokenizer):
     ds = LatentDataset(latents, tokenizer, seed=0)
     batch = LatentDataset.collate_fn(take(ds, 3))
     assert batch["latent_mean"].shape == [3, 4, 16, 16] and batch["encoder_hidden_states"].shape == [3, 16, 32]
-    assert batch["stream_state"].shape == [3]
+    assert batch["stream_state"].shape == [3, 3]  # per sample: [slot, draws made, records skipped]
     with pytest.raises(ValueError, match="resolution=32"):
         LatentDataset(latents, tokenizer, expect={"resolution": 64})
 
@@ -151,16 +152,17 @@ def test_loss_samples_mean_plus_std_noise(latents, tiny_kit, demo_file_list, tok
     img_batch, lat_batch = collate_fn(take(images, 4)), LatentDataset.collate_fn(take(lat, 4))
     assert np.array_equal(img_batch["input_ids"].numpy(), lat_batch["input_ids"].numpy())
     with paddle.no_grad():
-        faithful = float(model(img_batch["input_ids"], img_batch["pixel_values"], seed=11))
-        pre = float(model(seed=11, **{k: v for k, v in lat_batch.items() if k != "stream_state"}))
-        no_std = float(model(seed=11, latent_mean=lat_batch["latent_mean"], latent_std=paddle.zeros_like(lat_batch["latent_std"]),
+        seeds = [11, 12, 13, 14]
+        faithful = float(model(img_batch["input_ids"], img_batch["pixel_values"], seeds=seeds))
+        pre = float(model(seeds=seeds, **{k: v for k, v in lat_batch.items() if k != "stream_state"}))
+        no_std = float(model(seeds=seeds, latent_mean=lat_batch["latent_mean"], latent_std=paddle.zeros_like(lat_batch["latent_std"]),
                              encoder_hidden_states=lat_batch["encoder_hidden_states"]))
     assert abs(faithful - pre) < 1e-4 * abs(faithful)
     assert abs(no_std - pre) > 1e-6
-    # sample_latents is (μ + σ·ε)·scale with ε drawn first from the step's generator
+    # sample_latents is (μ + σ·ε)·scale with each ε drawn first from its sample's generator
     mean, std = lat_batch["latent_mean"], lat_batch["latent_std"]
-    z = model.sample_latents(mean, std, np.random.default_rng(5)).numpy()
-    eps = np.random.default_rng(5).standard_normal(mean.shape, dtype=np.float32)
+    z = model.sample_latents(mean, std, [np.random.default_rng(5 + i) for i in range(4)]).numpy()
+    eps = np.stack([np.random.default_rng(5 + i).standard_normal(mean.shape[1:], dtype=np.float32) for i in range(4)])
     np.testing.assert_allclose(z, (mean.numpy() + std.numpy() * eps) * model.scaling_factor, rtol=1e-6, atol=1e-6)
 
 
@@ -196,4 +198,4 @@ def test_training_script_runs_on_precomputed_latents(latents, tiny_kit, tmp_path
     assert "image logging needs image batches: off with --precomputed_latents" in runs[0].stdout + runs[0].stderr
     assert "the newest complete checkpoint" in runs[1].stdout + runs[1].stderr  # the second run resumed at step 2
     state = json.load(open(tmp_path / "out" / "sd_state.json"))  # the final save, after step 3
-    assert state["steps_per_data_rank"] == 3 and state["data_ranks"]["0"]["stream_positions"]
+    assert state["steps"] == 3 and state["global_batch"] == 4 and state["slots"]["3"]["position"] >= 3

@@ -30,12 +30,12 @@ def test_frozen_inference_encodes_as_the_eager_encoders(tiny_kit):
     pixels = paddle.uniform([3, 3, 32, 32], min=-1, max=1)
     ids = paddle.to_tensor(np.random.default_rng(0).integers(0, 50, (3, 16)), dtype="int64")
     with paddle.no_grad():
-        eager = model.encode_images(pixels, np.random.default_rng(1)).numpy()
+        eager = model.encode_images(pixels, [np.random.default_rng(i) for i in range(3)]).numpy()
         eager_text = model.encode_text(ids).numpy()
         model.args.frozen_inference = True  # what --frozen_inference sets: predictors are built on the next call
-        fast = model.encode_images(pixels, np.random.default_rng(1)).numpy()
+        fast = model.encode_images(pixels, [np.random.default_rng(i) for i in range(3)]).numpy()
         fast_text = model.encode_text(ids).numpy()
-        other = model.encode_images(pixels[:2] * 0.5, np.random.default_rng(1)).numpy()  # another batch, same predictor
+        other = model.encode_images(pixels[:2] * 0.5, [np.random.default_rng(i) for i in range(2)]).numpy()  # another batch, same predictor
     assert {type(model._static[k]).__name__ for k in ("vae", "text")} == {"InferenceFunction"}
     np.testing.assert_allclose(fast, eager, rtol=1e-4, atol=1e-5 * np.abs(eager).max())
     np.testing.assert_allclose(fast_text, eager_text, rtol=1e-4, atol=1e-5 * np.abs(eager_text).max())

@@ -131,9 +131,10 @@ def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path)
     assert config["model"]["prediction_type"] == "v_prediction" and config["model"]["snr_gamma"] == 5.0
     assert config["model"]["ema_decay"] == 0.999 and config["model"]["noise_offset"] == 0.1
     assert config["data"]["resolution"] == 32 and not (tmp_path / "tiny-sd").exists()
-    # One data-parallel process per core (up to 2) by default: both ranks logged, both data streams saved.
+    # One data-parallel process per core (up to 2) by default: both ranks logged, every slot's stream saved.
     ranks = 2 if len(os.sched_getaffinity(0)) >= 2 and os.cpu_count() >= 2 else 1
-    assert json.load(open(ckpt / "sd_state.json"))["data_world_size"] == ranks
+    state = json.load(open(ckpt / "sd_state.json"))
+    assert state["layout"]["ranks"] == ranks and sorted(state["slots"], key=int) == [str(j) for j in range(2 * ranks)]
     assert (tmp_path / "out" / "launch_logs" / f"workerlog.{ranks - 1}").is_file() == (ranks == 2)
 
 
@@ -162,7 +163,7 @@ def test_text_encoder_training_gets_its_own_learning_rate(tiny_kit, tmp_path):
     px = paddle.uniform([2, 3, 32, 32], min=-1, max=1)
     before = {n: {k: v.numpy().copy() for k, v in getattr(model, n).state_dict().items()} for n in ("text_encoder", "vae")}
     model.train()
-    model(ids, px, seed=0).backward()
+    model(ids, px, seeds=[0, 1]).backward()
     trainer.optimizer.step()
     after = {n: {k: v.numpy() for k, v in getattr(model, n).state_dict().items()} for n in ("text_encoder", "vae")}
     assert any(not np.array_equal(before["text_encoder"][k], after["text_encoder"][k]) for k in before["text_encoder"])
