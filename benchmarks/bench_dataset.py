@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import statistics
@@ -135,8 +136,8 @@ def shards_main(a) -> None:
           f"{os.path.getsize(shard) / 2 ** 20:.1f} MiB; resolution {a.resolution}, batch {a.batch_size}, "
           f"{a.rounds} rounds; load average {os.getloadavg()[0]:.1f}")
     tokenizer = load_tokenizer(None)
-    streams = {name: iter(TextImagePairDataset(fl, tokenizer, a.resolution, rank=0, world_size=1, shuffle_buffer=16,
-                                               allow_upscale=True))
+    streams = {name: itertools.chain.from_iterable(  # the samples of one slot
+        TextImagePairDataset(fl, tokenizer, a.resolution, shuffle_buffer=16, allow_upscale=True))
                for name, fl in lists.items()}
 
     def run(name):
@@ -213,9 +214,8 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(None)
     streams = {}
     for interp in a.interpolation:
-        ds = TextImagePairDataset(file_list, tokenizer, r, interpolation=interp, rank=0, world_size=1,
-                                  shuffle_buffer=16)
-        streams[interp] = iter(ds)
+        ds = TextImagePairDataset(file_list, tokenizer, r, interpolation=interp, shuffle_buffer=16)
+        streams[interp] = itertools.chain.from_iterable(ds)  # the samples of one slot
 
     def ours(interp):
         def run():
