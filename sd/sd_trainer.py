@@ -127,8 +127,9 @@ class StableDiffusionTrainer(Trainer):
                 raise ValueError(f"the checkpoint's global batch is {state['global_batch']}, this run's {self.global_batch}")
             self.streams.fast_forward(state["steps"], state["slots"])
             self._reader_logged = (self.streams.seconds, self.streams.batches)
-            logger.info(f"data streams of slots {[j for d in self.micro_datasets for j in d.slots]} fast-forwarded "
-                        f"past {state['steps']} samples each (positions {self.streams.positions})")
+            slots, positions = sorted(self.streams.positions), self.streams.positions
+            logger.info(f"data streams of slots {slots[0]}-{slots[-1]} fast-forwarded past {state['steps']} samples "
+                        f"each (at {min(positions.values())}-{max(positions.values())} records read)")
         return self.streams
 
     # -- loss ------------------------------------------------------------------------------------
@@ -393,8 +394,9 @@ def fit_global_batch(training_args, data_args, checkpoint: Optional[str]) -> Non
     now = {"seed": a.seed, "file_list": os.path.abspath(data_args.file_list), "shuffle_buffer": data_args.shuffle_buffer}
     changed = {k: (v, now[k]) for k, v in state.get("data_order", {}).items() if v is not None and v != now[k]}
     if changed:
-        logger.warning(f"resuming {checkpoint} with another data order ({', '.join(f'--{k} {old} → {new}' for k, (old, new) in changed.items())}): "
-                       "training goes on from its slot positions, but not on the batches the interrupted run would have seen")
+        what = ", ".join(f"--{k} {old} → {new}" for k, (old, new) in changed.items())
+        logger.warning(f"resuming {checkpoint} with another data order ({what}): training goes on from its slot "
+                       "positions, but not on the batches the interrupted run would have seen")
 
 
 def find_resume_checkpoint(training_args) -> Optional[str]:

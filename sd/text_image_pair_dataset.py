@@ -206,7 +206,7 @@ class TextImagePairDataset(IterableDataset):
 # Collation
 # ---------------------------------------------------------------------------------------------
 def add_stream_fields(batch: dict, samples: List[dict]) -> dict:
-    """Add the samples' ``stream_state`` (B, 3) and ``skip_counts`` (B, len(SKIP_REASONS)) (when present) to ``batch``."""
+    """Add the samples' ``stream_state`` (B, 3) and ``skip_counts`` (B, len(SKIP_REASONS)), when present, to ``batch``."""
     if "stream_state" in samples[0]:
         batch["stream_state"] = np.stack([s["stream_state"] for s in samples])
     if "skipped" in samples[0]:
