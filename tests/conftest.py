@@ -31,6 +31,24 @@ def train_command(tiny_kit, file_list, output_dir, *extra, entry="train_txt2img_
             "--model_max_length", "16", "--num_inference_steps", "2", "--logging_steps", "1", "--seed", "5", *extra]
 
 
+WEIGHT_FILES = ("unet/diffusion_paddle_model.safetensors", "unet/diffusion_paddle_model.ema.safetensors")
+
+
+def weight_difference(a_dir, b_dir):
+    """(largest |a - b|, ||a - b|| / ||a||) over the UNet and EMA weights of two checkpoints, each the worse of the two."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    largest, relative = 0.0, 0.0
+    for name in WEIGHT_FILES:
+        a, b = load_file(os.path.join(a_dir, name)), load_file(os.path.join(b_dir, name))
+        assert a.keys() == b.keys(), name
+        x, y = (np.concatenate([t[k].ravel().astype(np.float64) for k in sorted(a)]) for t in (a, b))
+        largest = max(largest, float(np.abs(x - y).max()))
+        relative = max(relative, float(np.linalg.norm(x - y) / np.linalg.norm(x)))
+    return largest, relative
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A CLIP BPE tokenizer learned from the demo captions (no model)."""
