@@ -103,6 +103,47 @@ def test_finalize_rounds_image_logging_and_refuses_cpu_half_precision(monkeypatc
     assert any("--fp16" in s for s in said) and any("--bf16" in s for s in said) and any("xformers" in s for s in said)
 
 
+def test_resuming_keeps_the_checkpoints_global_batch(tmp_path):
+    """fit_global_batch: a layout that makes the saved global batch is kept; else the per-device batch, else the
+    accumulation changes; else one line (a UserError) names the flags; another data order is logged."""
+    from types import SimpleNamespace
+
+    import logging
+
+    from sd.distributed import UserError
+    from sd.log import logger
+    from sd.sd_trainer import fit_global_batch
+
+    said = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger.logger.addHandler(handler)
+
+    (tmp_path / "sd_state.json").write_text(json.dumps({"global_batch": 8, "data_order": {
+        "seed": 5, "file_list": str(tmp_path / "a.filelist.list"), "shuffle_buffer": 64}}))
+    data = SimpleNamespace(file_list=str(tmp_path / "a.filelist.list"), shuffle_buffer=64)
+
+    def fit(ranks, accumulation, batch, seed=5):
+        a = SimpleNamespace(dataset_world_size=ranks, gradient_accumulation_steps=accumulation,
+                            per_device_train_batch_size=batch, seed=seed)
+        fit_global_batch(a, data, str(tmp_path))
+        return a.gradient_accumulation_steps, a.per_device_train_batch_size
+
+    assert fit(1, 2, 4) == (2, 4) and fit(2, 1, 4) == (1, 4)  # given so: kept
+    assert fit(1, 1, 4) == (1, 8) and fit(2, 1, 8) == (1, 4) and fit(4, 1, 4) == (1, 2)  # the per-device batch
+    assert fit(2, 3, 2) == (2, 2)  # 8 / (2·3) is not whole: the accumulation
+    with pytest.raises(UserError, match="global batch of 8 samples, which 3 rank\\(s\\) cannot make with "
+                                        "--gradient_accumulation_steps 1 or --per_device_train_batch_size 4"):
+        fit(3, 1, 4)
+    assert "--per_device_train_batch_size 4 → 8" in said[0] and not any("data order" in m for m in said)
+    fit(1, 1, 8, seed=6)
+    logger.logger.removeHandler(handler)
+    assert "another data order (--seed 5 → 6)" in said[-1]
+    (tmp_path / "sd_state.json").write_text(json.dumps({"data_world_size": 2}))  # the per-data-rank format
+    with pytest.raises(UserError, match="holds no slot positions"):
+        fit(1, 1, 8)
+
+
 def test_bad_arguments_raise_early():
     with pytest.raises(ValueError, match="prediction_type"):
         ModelArguments(prediction_type="sample")
