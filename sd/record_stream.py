@@ -23,9 +23,10 @@ What a stream is (the contract with the trainer is in docs/ARCHITECTURE.md):
   (``BadRecord(reason)``), part files missing, unreadable or truncated (also when they vanish
   mid-run: counted once per pass, logged once). A summary is logged every ``report_every`` skips,
   at the end of each pass of a list and when the stream ends; ``max_bad_fraction`` turns too much
-  bad data into an error; two full passes of every list without one usable record is an error,
-  never an endless loop. A list whose files all vanished is dropped (logged) while other lists
-  still give records; when none does, the stream raises.
+  bad data into an error; every file of every list read through (and two of a slot's longest
+  passes) without one usable record is an error, never an endless loop. A pass may give a slot
+  nothing (its one file vanished, say); a list that gave it nothing from any of its files is
+  dropped (logged) while other lists still give records; when none does, the stream raises.
 
 **Record sources** (how to read a new kind of file). The reader of a listed file is chosen by its
 name: the registered ``RecordSource`` with the longest matching suffix, else ``PART_FILES`` (plain
