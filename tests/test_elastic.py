@@ -4,7 +4,8 @@ Two "nodes" (two launchers on this machine, one rank each) run tests/elastic_toy
 ``--master etcd://127.0.0.1:PORT --nnodes 1:2 --elastic_level 1``; one node is killed outright
 (launcher and rank, SIGKILL, like a machine that disappears) mid-run; the survivor's launcher must
 restart the job with one node, from the step counter the job saved last, and finish. Slow variants: the
-other node lost, a frozen node (SIGSTOP), and a third launcher that joins the job running on the survivor.
+other node lost, a frozen node (SIGSTOP), a third launcher that joins the job running on the survivor, and
+the real trainer losing a node (about 2 minutes: the survivor resumes on one rank with the global batch kept).
 
 Skipped when the etcd server (Debian's etcd-server) or the etcd3 client (requirements-elastic.txt) is
 missing.
