@@ -86,12 +86,8 @@ def etcd(tmp_path):
             time.sleep(0.2)
         yield client
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        server.kill()  # its data dir is the test's own temporary folder
+        server.wait(timeout=10)
 
 
 def start_node(port, name, tmp_path, job_id, steps=STEPS, step_seconds=STEP_SECONDS):

@@ -198,8 +198,11 @@ def test_paddle_path_never_imports_torch(tmp_path):
 
 def test_cli_user_mistakes_are_one_line(tmp_path):
     a = write_images(str(tmp_path / "a"), 2, seed=1, size=16)
+    corrupt = tmp_path / "pt_inception.safetensors"
+    corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
     cases = [("fid", a, str(tmp_path / "none"), "--inception_weights", str(tmp_path / "w.safetensors")),
              ("fid", a, a, "--fid_features", "clip"),
+             ("fid", a, a, "--inception_weights", str(corrupt)),  # a truncated download
              ("clip_score", "--clip_model_name_or_path", str(tmp_path), "--images", a, "--captions", str(tmp_path / "c.txt"))]
     for args in cases:
         out = run_cli(*args, env={"HOME": str(tmp_path)})  # no cached Inception weights either
