@@ -146,6 +146,7 @@ def fid_parity(tmp_path_factory):
             **{f"ours_{k}": inception_features(list_images(d), model, batch_size=5) for k, d in dirs.items()}}
 
 
+@pytest.mark.long
 def test_fid_features_equal_pytorch_fid(fid_parity):
     """Features within 1e-4 (relative, per image) of pytorch-fid's (the FID itself: the next test)."""
     p = fid_parity
@@ -156,6 +157,7 @@ def test_fid_features_equal_pytorch_fid(fid_parity):
         assert rel.max() <= 1e-4, rel.max()
 
 
+@pytest.mark.long
 def test_fid_cli_with_pth_or_safetensors_and_npz_statistics(fid_parity, tmp_path):
     """``python -m sd.metrics fid DIR stats.npz`` prints pytorch-fid's FID last, with pytorch-fid's own
     .pth (torchvision's state dict, read with weights_only=True) when PyTorch is installed, else with
