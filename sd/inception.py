@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
 import sys
 from typing import Dict, Optional
@@ -215,7 +216,17 @@ def _from_paddlemix_name(key: str) -> Optional[str]:
 
 
 def read_weight_file(path: str) -> Dict[str, np.ndarray]:
-    """The tensors of a ``.pth``, ``.safetensors`` or ``.pdparams`` file, as numpy, under their own names."""
+    """The tensors of a ``.pth``, ``.safetensors`` or ``.pdparams`` file, as numpy, under their own names;
+    ValueError (naming the file) for a file its loader cannot read (truncated, corrupt, another format)."""
+    from safetensors import SafetensorError
+
+    try:
+        return _read_weight_file(path)
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, SafetensorError) as e:  # torch, paddle, safetensors
+        raise ValueError(f"{path} is not a readable weight file ({type(e).__name__}: {e}); download it again") from None
+
+
+def _read_weight_file(path: str) -> Dict[str, np.ndarray]:
     if path.endswith(".pth") or path.endswith(".pt"):
         try:
             import torch
@@ -305,13 +316,12 @@ def main(argv=None) -> int:
     c.add_argument("src")
     c.add_argument("dst")
     a = p.parse_args(argv)
+    if not os.path.isfile(a.src):
+        p.exit(2, f"error: {a.src} does not exist\n")
     try:
-        if not os.path.isfile(a.src):
-            raise FileNotFoundError(f"{a.src} does not exist")
         convert(a.src, a.dst)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # not a weight file of the FID network
+        p.exit(2, f"error: {e}\n")
     print(f"wrote {a.dst}")
     return 0
 

@@ -52,29 +52,29 @@ if os.environ.get("SD_FAULT_NAN_BATCHES"):
 
     StableDiffusionModel.forward = nan_forward
 
-if os.environ.get("SD_FAULT_FAIL_SAVE_STEP"):
-    fail_dir = f"checkpoint-{int(os.environ['SD_FAULT_FAIL_SAVE_STEP'])}"
-    save = StableDiffusionTrainer._save
 
-    def failing_save(self, output_dir=None, *args, **kwargs):
-        if output_dir and os.path.basename(os.path.normpath(output_dir)) == fail_dir:
-            self.sd_model.save_trained(output_dir)  # part of the checkpoint reaches the disk, then it is full
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(output_dir, "sd_state.json"))
+def break_save(step: int, then) -> None:
+    """Saving checkpoint-``step`` writes the trained modules, then calls ``then(output_dir)`` (which raises or kills)."""
+    save, broken_dir = StableDiffusionTrainer._save, f"checkpoint-{step}"
+
+    def broken_save(self, output_dir=None, *args, **kwargs):
+        if output_dir and os.path.basename(os.path.normpath(output_dir)) == broken_dir:
+            self.sd_model.save_trained(output_dir)  # part of the checkpoint reaches the disk
+            then(output_dir)
         return save(self, output_dir, *args, **kwargs)
 
-    StableDiffusionTrainer._save = failing_save
+    StableDiffusionTrainer._save = broken_save
+
+
+def disk_full(output_dir):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(output_dir, "sd_state.json"))
+
+
+if os.environ.get("SD_FAULT_FAIL_SAVE_STEP"):
+    break_save(int(os.environ["SD_FAULT_FAIL_SAVE_STEP"]), disk_full)
 
 if os.environ.get("SD_FAULT_KILL_SAVE_STEP"):
-    kill_dir = f"checkpoint-{int(os.environ['SD_FAULT_KILL_SAVE_STEP'])}"
-    save_before_kill = StableDiffusionTrainer._save
-
-    def killed_save(self, output_dir=None, *args, **kwargs):
-        if output_dir and os.path.basename(os.path.normpath(output_dir)) == kill_dir:
-            self.sd_model.save_trained(output_dir)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return save_before_kill(self, output_dir, *args, **kwargs)
-
-    StableDiffusionTrainer._save = killed_save
+    break_save(int(os.environ["SD_FAULT_KILL_SAVE_STEP"]), lambda output_dir: os.kill(os.getpid(), signal.SIGKILL))
 
 if os.environ.get("SD_FAULT_KILL_FAST_FORWARD"):
     from sd.text_image_pair_dataset import TextImagePairDataset

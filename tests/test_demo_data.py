@@ -30,7 +30,7 @@ def test_shape_is_inside_and_large_enough():
 def test_checker_agrees_with_ground_truth():
     rng = np.random.default_rng(123)
     total = wrong = wrong_jpeg = 0
-    for i in range(360):
+    for i in range(144):  # 4 images of each of the 36 prompts
         c, s, b, _ = all_prompts()[i % 36]
         img = render(c, s, b, 64, rng)
         buf = io.BytesIO()
@@ -41,7 +41,7 @@ def test_checker_agrees_with_ground_truth():
     assert wrong / total <= 0.01 and wrong_jpeg / total <= 0.01
 
 
-def _agreement(size, transform, n=216, seed=5):
+def _agreement(size, transform, n=108, seed=5):
     rng, noise_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     ok = 0
     for i in range(n):

@@ -234,6 +234,7 @@ def test_ranks_end_with_their_launcher(tiny_kit, demo_file_list, tmp_path):
     shm.remove_dead_segments(pids=processes)  # what the next run's start-up would remove
 
 
+@pytest.mark.long  # 35 s of rank-0 work by design
 def test_other_ranks_outwait_rank_zero_work_longer_than_a_gloo_collective(tmp_path):
     """Rank 0 works alone for 35 s (as when it draws sample grids on a loaded machine); a gloo collective
     gives up after 30 s, so the ranks must meet through after_rank_zero_work's store wait first.

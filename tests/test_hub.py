@@ -113,7 +113,7 @@ def test_a_name_the_hub_does_not_have_is_a_404(tiny_kit, tmp_path):
     assert r.returncode == 2 and "HTTP 404 (not found)" in r.stderr and "other-org/missing/vae" in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("server", ["hf", "ppdiffusers"])
+@pytest.mark.parametrize("server", [pytest.param("hf", marks=pytest.mark.long), "ppdiffusers"])
 def test_eval_downloads_a_pipeline_by_name_then_uses_the_cache(tiny_kit, tmp_path, server):
     """The whole kit by name into a fresh cache; the second run sends no request; the images equal
     those of the same folder loaded locally (wrong weights would show)."""

@@ -26,8 +26,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSING = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"interop tests need {', '.join(MISSING)} (PyTorch side): "
-                                                      "pip install -r requirements-interop.txt")
+pytestmark = [pytest.mark.long, pytest.mark.skipif(bool(MISSING), reason=f"interop tests need {', '.join(MISSING)} (PyTorch side): "
+                                                                         "pip install -r requirements-interop.txt")]
 TOL = 1e-4  # max |paddle - torch| / max |torch| allowed; measured values are ~1e-6 (float32, CPU)
 PROMPTS = ["a red circle on a white background", "a blue square"]
 TORCH_LIBS = {"torch", "diffusers", "transformers"}

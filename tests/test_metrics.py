@@ -146,6 +146,7 @@ def fid_parity(tmp_path_factory):
             **{f"ours_{k}": inception_features(list_images(d), model, batch_size=5) for k, d in dirs.items()}}
 
 
+@pytest.mark.long
 def test_fid_features_equal_pytorch_fid(fid_parity):
     """Features within 1e-4 (relative, per image) of pytorch-fid's (the FID itself: the next test)."""
     p = fid_parity
@@ -156,6 +157,7 @@ def test_fid_features_equal_pytorch_fid(fid_parity):
         assert rel.max() <= 1e-4, rel.max()
 
 
+@pytest.mark.long
 def test_fid_cli_with_pth_or_safetensors_and_npz_statistics(fid_parity, tmp_path):
     """``python -m sd.metrics fid DIR stats.npz`` prints pytorch-fid's FID last, with pytorch-fid's own
     .pth (torchvision's state dict, read with weights_only=True) when PyTorch is installed, else with
@@ -198,8 +200,11 @@ def test_paddle_path_never_imports_torch(tmp_path):
 
 def test_cli_user_mistakes_are_one_line(tmp_path):
     a = write_images(str(tmp_path / "a"), 2, seed=1, size=16)
+    corrupt = tmp_path / "pt_inception.safetensors"
+    corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
     cases = [("fid", a, str(tmp_path / "none"), "--inception_weights", str(tmp_path / "w.safetensors")),
              ("fid", a, a, "--fid_features", "clip"),
+             ("fid", a, a, "--inception_weights", str(corrupt)),  # a truncated download
              ("clip_score", "--clip_model_name_or_path", str(tmp_path), "--images", a, "--captions", str(tmp_path / "c.txt"))]
     for args in cases:
         out = run_cli(*args, env={"HOME": str(tmp_path)})  # no cached Inception weights either

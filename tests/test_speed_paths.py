@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import paddle
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -42,6 +43,7 @@ def test_frozen_inference_encodes_as_the_eager_encoders(tiny_kit):
     assert other.shape == (2,) + eager.shape[1:] and not np.allclose(other, eager[:2], atol=1e-3)
 
 
+@pytest.mark.long
 def test_to_static_and_frozen_inference_train_as_the_golden_eager_run(tiny_kit, demo_file_list, tmp_path):
     """The golden run's first steps with both switches (and the EMA of the golden run): same losses to 1e-4."""
     steps = 4

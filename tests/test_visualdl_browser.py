@@ -21,8 +21,8 @@ sys.path.insert(0, ROOT)
 from scripts.readme_figures import (dump_dom, find_chromium, loss_curve_figure, samples_over_steps_figure,  # noqa: E402
                                     screenshot, serve_visualdl, visualdl_api)
 
-pytestmark = pytest.mark.skipif(find_chromium() is None,
-                                reason="no chromium for the VisualDL browser test: apt-get install -y chromium")
+pytestmark = [pytest.mark.long, pytest.mark.skipif(find_chromium() is None,
+                                                  reason="no chromium for the VisualDL browser test: apt-get install -y chromium")]
 IMAGE_TAGS = {"images/original", "images/reconstruction", "images/guidance_1.0", "images/guidance_7.5"}
 
 
