@@ -4,8 +4,9 @@ Two "nodes" (two launchers on this machine, one rank each) run tests/elastic_toy
 ``--master etcd://127.0.0.1:PORT --nnodes 1:2 --elastic_level 1``; one node is killed outright
 (launcher and rank, SIGKILL, like a machine that disappears) mid-run; the survivor's launcher must
 restart the job with one node, from the step counter the job saved last, and finish. Slow variants: the
-other node lost, a frozen node (SIGSTOP), a third launcher that joins the job running on the survivor, and
-the real trainer losing a node (about 2 minutes: the survivor resumes on one rank with the global batch kept).
+other node lost, a frozen node (SIGSTOP), and a third launcher that joins the job running on the survivor.
+Long (run by CI after the suite): the real trainer losing a node (about 2 minutes: the survivor resumes on one
+rank with the global batch kept).
 
 Skipped when the etcd server (Debian's etcd-server) or the etcd3 client (requirements-elastic.txt) is
 missing.
@@ -203,7 +204,7 @@ def start_trainer_node(port, name, tmp_path, command):
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-@pytest.mark.slow
+@pytest.mark.long  # about 2 minutes: two trainer start-ups, the launcher's restart, a reference run
 def test_the_trainer_survives_a_lost_node_with_its_global_batch(etcd, tmp_path, tiny_kit, demo_file_list):
     """Two launchers of the real trainer (one rank × batch 4 each, a checkpoint every 2 steps); the node of rank 0
     is killed after checkpoint-4. The survivor's launcher restarts the same command on one rank, which resumes the
