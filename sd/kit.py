@@ -570,7 +570,9 @@ def _json_close(a, b, rtol: float, atol: float) -> bool:
     return a == b
 
 
-VOLATILE_REPORT_KEYS = ("build_seconds",)  # kit_report.json fields that differ between two builds of the same kit
+# kit_report.json fields that differ between two builds of the same kit: the time, and the size, which
+# counts the parameter names clip/model_state.pdparams records (they number the layers made before)
+VOLATILE_REPORT_KEYS = ("build_seconds", "disk_bytes")
 
 
 def compare_kits(ours: str, rebuilt: str, rtol: float, atol: float) -> Tuple[List[str], List[str]]:
@@ -578,7 +580,7 @@ def compare_kits(ours: str, rebuilt: str, rtol: float, atol: float) -> Tuple[Lis
 
     Weights (``.safetensors``, ``.pdparams``): the same tensor names and shapes, values within
     ``np.allclose(ours, rebuilt, rtol, atol)``; JSON: the same structure, floats within the same tolerance
-    (``kit_report.json`` without its build time); other files: the same bytes.
+    (``kit_report.json`` without its build time and size); other files: the same bytes.
     """
     a, b = file_digests(ours), file_digests(rebuilt)
     problems = [f"{rel}: only in {ours}" for rel in a if rel not in b] + [f"{rel}: only in {rebuilt}" for rel in b if rel not in a]
@@ -620,23 +622,24 @@ def check_kit(folder: str, rtol: float = 1e-4, atol: float = 1e-6, processes: in
 
     True when ``folder`` matches its manifest and the rebuild matches ``folder`` within the tolerance
     (``compare_kits``); what differs is logged, and which files are not byte-identical (on the CPU and
-    Paddle build that made the kit every file but the report's build time is expected identical).
+    Paddle build that made the kit every file is expected identical, the report's build time and size aside).
     """
-    if not os.path.isfile(os.path.join(folder, UNET_INIT)):
-        write_unet_init(folder, log)
-    problems = manifest_problems(folder)
     report = read_json(os.path.join(folder, "kit_report.json"))
     cfg = KitConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["config"].items()})
     with tempfile.TemporaryDirectory(prefix="kit-check-") as tmp:
         rebuilt = os.path.join(tmp, "kit")
+        # first: clip/model_state.pdparams records Paddle's parameter names, which count the layers made before
         build_kit(rebuilt, cfg, report["seed"], log, captions_file=report.get("captions_file"), processes=processes)
+        if not os.path.isfile(os.path.join(folder, UNET_INIT)):
+            write_unet_init(folder, log)
+        problems = manifest_problems(folder)
         differences, not_identical = compare_kits(folder, rebuilt, rtol, atol)
     problems += differences
     for line in problems:
         log(f"kit check: {line}")
     identical = "every file byte-identical" if not not_identical else f"not byte-identical: {', '.join(not_identical)}"
     log(f"kit check: {folder} {'matches' if not problems else 'does NOT match'} a rebuild "
-        f"(rtol {rtol}, atol {atol}); {identical} (kit_report.json's build time aside)")
+        f"(rtol {rtol}, atol {atol}); {identical} (kit_report.json's build time and size aside)")
     return not problems
 
 
