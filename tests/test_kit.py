@@ -268,7 +268,7 @@ def test_shipped_kit_is_what_the_code_builds(tiny_kit, tmp_path):
     assert report["seed"] == 0 and report["captions_file"] is None
     assert report["config"] == json.loads(json.dumps(asdict(cfg)))  # built with today's defaults
     save_tokenizer(str(tmp_path / "tok"), learn_bpe([p[3] for p in all_prompts()], max_merges=cfg.max_merges), cfg.max_length)
-    for name in ("merges.txt", "vocab.json", "special_tokens_map.json"):
+    for name in ("merges.txt", "vocab.json"):
         assert (tmp_path / "tok" / name).read_bytes() == open(os.path.join(DEFAULT_KIT, "tokenizer", name), "rb").read(), name
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(DEFAULT_KIT, "tokenizer"))
     shipped = {part: json.load(open(os.path.join(DEFAULT_KIT, part, "config.json"))) for part in ("vae", "text_encoder", "unet")}
