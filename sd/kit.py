@@ -21,8 +21,13 @@ Every config has the fields of ``CompVis/stable-diffusion-v1-4``'s own files (e.
 ``clip_sample: false``), so a scheduler built with ``from_config`` from the kit samples as with SD v1.
 
 ``kit_report.json`` records the measured figures (retrieval accuracy, token separation, PSNR, checker
-agreement, sizes, build time). Options: ``--seed``, ``--resolution`` (default 32), ``--max_length``
-(default 77), ``--captions FILE`` (extra tokenizer captions), ``--preset test`` (seconds, for tests).
+agreement, sizes, build time), the config and the seed; ``SHA256SUMS`` every file's digest. Options:
+``--seed``, ``--resolution`` (default 32), ``--max_length`` (default 77), ``--captions FILE`` (extra
+tokenizer captions), ``--preset test`` (seconds, for tests), ``--processes 1|2`` (the VAE trained in a
+second process while the text encoder trains: the same files).
+
+    python -m sd.kit --check ./tiny-sd        # rebuild from its kit_report.json and compare (check_kit)
+    python -m sd.kit --unet_init ./tiny-sd    # remake the untrained UNet weights the repository does not ship
 """
 
 from __future__ import annotations
@@ -541,12 +546,13 @@ def write_unet_init(kit_dir: str, log=print) -> str:
         made = os.path.join(tmp, os.path.basename(UNET_INIT))
         with open(made, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
-        listed = _manifest(kit_dir).get(UNET_INIT)
+        listed = _manifest(kit_dir).get(UNET_INIT) if os.path.isfile(os.path.join(kit_dir, MANIFEST)) else None
         if listed is not None and digest != listed:
             raise ValueError(f"{target}: the UNet init made here has SHA-256 {digest[:12]}…, {MANIFEST} lists {listed[:12]}… "
                              f"(another Paddle build?); rebuild the kit with `python -m sd.kit --output_dir {kit_dir}`")
         os.replace(made, target)
-    log(f"kit: wrote the UNet's initial weights {target} (from unet/config.json and seed; matches {MANIFEST})")
+    checked = f"the SHA-256 {MANIFEST} lists" if listed else f"not checked: no {UNET_INIT} in a {MANIFEST}"
+    log(f"kit: wrote the UNet's initial weights {target} from unet/config.json and the kit's seed ({checked})")
     return target
 
 
