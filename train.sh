@@ -19,7 +19,7 @@ cd "$(dirname "$0")"
 MODE=${MODE:-auto}                                       # auto | gpu | cpu; auto = gpu when a GPU and SD_WEIGHTS exist
 SD_WEIGHTS=${SD_WEIGHTS:-CompVis/stable-diffusion-v1-4}  # local folder of the real SD v1 weights (GPU recipe)
 KIT_DIR=${KIT_DIR:-./tiny-sd}                            # the offline kit (CPU default): shipped; built if missing
-KIT_BUILD=${KIT_BUILD:-0}                                # 1: rebuild KIT_DIR first (python -m sd.kit, ~5 min on 2 cores)
+KIT_BUILD=${KIT_BUILD:-0}                                # 1: rebuild KIT_DIR first (python -m sd.kit; README section 4)
 PRESET=${PRESET:-}                                       # CPU default: "" (1000 steps, ~9 min) | long (1500 steps)
 # --- data and output ----------------------------------------------------------------------------
 FILE_LIST=${FILE_LIST:-./data/filelist/train.filelist.list}  # *.filelist.list to train on
@@ -97,7 +97,7 @@ else
   esac
   RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-$DEFAULT_STEPS}
   LR=${LR:-6e-3}; SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-500}
-  # a first grid about a minute into training on 2 idle cores (≈ 2 steps/s), under 3 minutes when loaded
+  # a first grid about a minute into training on 2 idle cores (≈ 2 steps/s); 2.5 min measured at load 4
   FIRST_IMAGE_LOGGING_STEP=${FIRST_IMAGE_LOGGING_STEP:-100}
   # the frozen encoders through Paddle Inference: a faster step (benchmarks/THROUGHPUT.md); outputs ≈ 1e-6 from eager
   FROZEN_INFERENCE=${FROZEN_INFERENCE:-True}

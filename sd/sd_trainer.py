@@ -12,7 +12,8 @@
   ``text_encoder/``) plus ``sd_state.json`` (every rank's data-stream positions, batch count, EMA
   count) beside the Trainer's optimizer/scheduler/trainer state; resume loads exactly those. A
   checkpoint is written under a staging name and renamed into place when complete (sd/checkpoints.py);
-* images: on rank 0 at ``first_image_logging_step`` and every ``image_logging_steps``, reconstructions and DDIM samples to VisualDL and a PNG.
+* images: on rank 0 at ``first_image_logging_step`` and every ``image_logging_steps``, reconstructions and
+  DDIM samples to VisualDL and a PNG.
 """
 
 from __future__ import annotations
