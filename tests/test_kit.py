@@ -345,7 +345,7 @@ def test_kit_comparison_tolerates_rounding_only(tiny_kit, tmp_path):
 
 @pytest.mark.slow
 def test_shipped_kit_matches_a_rebuild(tmp_path):
-    """`python -m sd.kit --check ./tiny-sd` (a whole build: 31 min here at load 4-6): a rebuild from the report's
+    """`python -m sd.kit --check ./tiny-sd` (a whole build: 11 min here at load 1-2): a rebuild from the report's
     config and seed equals the shipped kit within rtol 1e-4 (byte-identical on the machine that made it)."""
     kit = tmp_path / "tiny-sd"
     shutil.copytree(DEFAULT_KIT, kit)  # the check may write the UNet init: not into the repository
