@@ -9,8 +9,8 @@
 #   NPROC=1 sh train.sh              # one CPU process (the CPU default runs 2, one per core, when it can)
 #   ELASTIC=etcd://10.0.0.1:2379 NNODES=1:2 sh train.sh  # on every node: survives losing one (docs/elastic.md)
 #
-# The CPU default needs no download: it builds the offline kit (./tiny-sd) and the demo shapes data
-# (./data, PaddleMIX's demo layout) once, then trains the kit's tiny UNet on the CPU.
+# The CPU default needs no download: it trains the tiny UNet of the offline kit the repository ships
+# (./tiny-sd; KIT_BUILD=1 rebuilds it) on the demo shapes data (./data, PaddleMIX's demo layout, made once).
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi  # `sh train.sh` (dash) → bash
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,7 +18,8 @@ cd "$(dirname "$0")"
 # --- which recipe -------------------------------------------------------------------------------
 MODE=${MODE:-auto}                                       # auto | gpu | cpu; auto = gpu when a GPU and SD_WEIGHTS exist
 SD_WEIGHTS=${SD_WEIGHTS:-CompVis/stable-diffusion-v1-4}  # local folder of the real SD v1 weights (GPU recipe)
-KIT_DIR=${KIT_DIR:-./tiny-sd}                            # the offline kit (CPU default); built if missing
+KIT_DIR=${KIT_DIR:-./tiny-sd}                            # the offline kit (CPU default): shipped; built if missing
+KIT_BUILD=${KIT_BUILD:-0}                                # 1: rebuild KIT_DIR first (python -m sd.kit; README section 4)
 PRESET=${PRESET:-}                                       # CPU default: "" (1000 steps, ~9 min) | long (1500 steps)
 # --- data and output ----------------------------------------------------------------------------
 FILE_LIST=${FILE_LIST:-./data/filelist/train.filelist.list}  # *.filelist.list to train on
@@ -47,6 +48,7 @@ NODE_NAME=${NODE_NAME:-$(hostname)}                      # with ELASTIC: this no
 # WARMUP_STEPS       linear warm-up steps                                     0 | 0
 # SAVE_STEPS         checkpoint every N steps                                 10000 | 500
 # IMAGE_LOGGING_STEPS  sample grid every N steps (multiple of LOGGING_STEPS)  1000 | 500
+# FIRST_IMAGE_LOGGING_STEP  one more sample grid at this step (0 = none)      0 | 100
 # LOGGING_STEPS      log loss, LR, speed every N steps                        10 | 50
 # NUM_WORKERS        data loader worker processes                             4 | 1
 # SNR_GAMMA          Min-SNR-γ loss weighting ("" = off)                      off | 5.0
@@ -54,6 +56,7 @@ NODE_NAME=${NODE_NAME:-$(hostname)}                      # with ELASTIC: this no
 # NUM_INFERENCE_STEPS  DDIM steps of the logged samples                       50 | 25
 # EMA_DECAY          decay of the UNet's EMA (used when EMA is on)            0.9999 | 0.999
 # BF16               bf16 mixed precision (A100/3090-class GPUs)              False | (CPU: no effect)
+# FROZEN_INFERENCE   frozen VAE encoder + text encoder via Paddle Inference   False | True
 # FLAG_USE_EMA, FLAG_RECOMPUTE, FLAG_XFORMERS, FLAG_FUSED_LINEAR: PaddleMIX's switches (0/1). The GPU
 #   recipe exports PaddleMIX's values (0, 1, 1, 0) unless set, the CPU default FLAG_USE_EMA=1 (the EMA
 #   UNet, unet/*.ema.safetensors, samples better after 1000 steps); a --flag on the command line beats them.
@@ -71,6 +74,7 @@ if [ "$MODE" = gpu ]; then
   UNET_CONFIG=${UNET_CONFIG:-./unet_config.json}
   RESOLUTION=${RESOLUTION:-256}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-200000}
   LR=${LR:-1e-4}; SAVE_STEPS=${SAVE_STEPS:-10000}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-1000}
+  FIRST_IMAGE_LOGGING_STEP=${FIRST_IMAGE_LOGGING_STEP:-0}; FROZEN_INFERENCE=${FROZEN_INFERENCE:-False}
   LOGGING_STEPS=${LOGGING_STEPS:-10}; NUM_WORKERS=${NUM_WORKERS:-4}
   SNR_GAMMA=${SNR_GAMMA:-}; NOISE_OFFSET=${NOISE_OFFSET:-0}; NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-50}
   DISABLE_TQDM=${DISABLE_TQDM:-True}; EMA_DECAY=${EMA_DECAY:-0.9999}
@@ -93,12 +97,19 @@ else
   esac
   RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-$DEFAULT_STEPS}
   LR=${LR:-6e-3}; SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-500}
+  # a first grid about a minute into training on 2 idle cores (≈ 2 steps/s); 2.5 min measured at load 4
+  FIRST_IMAGE_LOGGING_STEP=${FIRST_IMAGE_LOGGING_STEP:-100}
+  # the frozen encoders through Paddle Inference: a faster step (benchmarks/THROUGHPUT.md); outputs ≈ 1e-6 from eager
+  FROZEN_INFERENCE=${FROZEN_INFERENCE:-True}
   LOGGING_STEPS=${LOGGING_STEPS:-50}; NUM_WORKERS=${NUM_WORKERS:-1}
   SNR_GAMMA=${SNR_GAMMA-5.0}; NOISE_OFFSET=${NOISE_OFFSET:-0.1}; NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-25}
   export FLAG_USE_EMA=${FLAG_USE_EMA:-1}; EMA_DECAY=${EMA_DECAY:-0.999}  # with the EMA warm-up min(decay, (1+n)/(10+n)) the decay is 0.991 at step 1000 (≈ the last 110 steps)
-  if [ ! -f "$KIT_DIR/model_index.json" ] && [ "$PRETRAINED" = "$KIT_DIR" ]; then
-    echo "== building the offline kit in $KIT_DIR (once)"
+  if [ "$PRETRAINED" = "$KIT_DIR" ] && { [ "$KIT_BUILD" = 1 ] || [ ! -f "$KIT_DIR/model_index.json" ]; }; then
+    echo "== building the offline kit in $KIT_DIR"
     python -m sd.kit --output_dir "$KIT_DIR"
+  fi
+  if [ "$PRETRAINED" = "$KIT_DIR" ] && [ ! -f "$KIT_DIR/unet/diffusion_paddle_model.safetensors" ]; then
+    python -m sd.kit --unet_init "$KIT_DIR"  # not shipped: a function of unet/config.json and the seed (seconds)
   fi
   if [ ! -f "$FILE_LIST" ] && [ "$FILE_LIST" = ./data/filelist/train.filelist.list ]; then
     echo "== making the demo shapes dataset in ./data (once)"
@@ -142,6 +153,8 @@ $LAUNCH train_txt2img_laion400m_trainer.py \
   --lr_scheduler_type "${LR_SCHEDULER:-constant}" \
   --warmup_steps "${WARMUP_STEPS:-0}" \
   --image_logging_steps "$IMAGE_LOGGING_STEPS" \
+  --first_image_logging_step "$FIRST_IMAGE_LOGGING_STEP" \
+  --frozen_inference "$FROZEN_INFERENCE" \
   --logging_steps "$LOGGING_STEPS" \
   --save_steps "$SAVE_STEPS" \
   --save_total_limit "${SAVE_TOTAL_LIMIT:-20}" \

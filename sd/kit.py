@@ -21,25 +21,34 @@ Every config has the fields of ``CompVis/stable-diffusion-v1-4``'s own files (e.
 ``clip_sample: false``), so a scheduler built with ``from_config`` from the kit samples as with SD v1.
 
 ``kit_report.json`` records the measured figures (retrieval accuracy, token separation, PSNR, checker
-agreement, sizes, build time). Options: ``--seed``, ``--resolution`` (default 32), ``--max_length``
-(default 77), ``--captions FILE`` (extra tokenizer captions), ``--preset test`` (seconds, for tests).
+agreement, sizes, build time), the config and the seed; ``SHA256SUMS`` every file's digest. Options:
+``--seed``, ``--resolution`` (default 32), ``--max_length`` (default 77), ``--captions FILE`` (extra
+tokenizer captions), ``--preset test`` (seconds, for tests), ``--processes 1|2`` (the VAE trained in a
+second process while the text encoder trains: the same files).
+
+    python -m sd.kit --check ./tiny-sd        # rebuild from its kit_report.json and compare (check_kit)
+    python -m sd.kit --unet_init ./tiny-sd    # remake the untrained UNet weights the repository does not ship
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from sd import demo_data
-from sd.components import latent_factor, sd_scheduler
+from sd.components import latent_factor, read_json, sd_scheduler
 from sd.kit_tokenizer import learn_bpe, save_tokenizer
 
 
@@ -135,6 +144,28 @@ def token_separation(text_encoder, tokenizer, max_length: int) -> float:
     return float(np.mean(shifts))
 
 
+def text_encoder_config(cfg: KitConfig, tokenizer):
+    """The kit's ``CLIPTextConfig``: the sizes of ``cfg``, the vocabulary and special ids of ``tokenizer``."""
+    from ppdiffusers.transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=cfg.text_hidden,
+                          intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
+                          num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.max_length,
+                          projection_dim=cfg.text_hidden, pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def new_vae(cfg: KitConfig):
+    """The kit's ``AutoencoderKL``, freshly initialised from the global RNG: SD's block layout with ``cfg``'s sizes."""
+    from ppdiffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.vae_channels),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=min(32, min(cfg.vae_channels)),
+                         sample_size=cfg.resolution)
+
+
 def build_text_encoder(cfg: KitConfig, tokenizer, seed: int, log=print):
     """Train a CLIPTextModel contrastively against a small image tower on demo pairs.
 
@@ -145,16 +176,11 @@ def build_text_encoder(cfg: KitConfig, tokenizer, seed: int, log=print):
     """
     import paddle
     import paddle.nn.functional as F
-    from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
+    from ppdiffusers.transformers import CLIPTextModel
     from tqdm import tqdm
 
     _seed_everything(seed)
-    config = CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=cfg.text_hidden,
-                            intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
-                            num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.max_length,
-                            projection_dim=cfg.text_hidden, pad_token_id=tokenizer.pad_token_id,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    text = CLIPTextModel(config)
+    text = CLIPTextModel(text_encoder_config(cfg, tokenizer))
     image = _image_tower(2 * cfg.text_hidden)
     proj = paddle.nn.Linear(cfg.text_hidden, cfg.text_hidden)
     log_scale = paddle.create_parameter([1], "float32", default_initializer=paddle.nn.initializer.Constant(math.log(10.0)))
@@ -220,15 +246,10 @@ def build_text_encoder(cfg: KitConfig, tokenizer, seed: int, log=print):
 def build_vae(cfg: KitConfig, seed: int, log=print):
     """Train a small AutoencoderKL on demo images; returns (vae, figures dict)."""
     import paddle
-    from ppdiffusers import AutoencoderKL
     from tqdm import tqdm
 
     _seed_everything(seed)
-    n = len(cfg.vae_channels)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-                        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.vae_channels),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=min(32, min(cfg.vae_channels)),
-                        sample_size=cfg.resolution)
+    vae = new_vae(cfg)
     opt = paddle.optimizer.AdamW(learning_rate=cfg.vae_lr, parameters=vae.parameters(), weight_decay=0.0)
     prompts = demo_data.all_prompts()
     rng = np.random.default_rng(seed + 2)
@@ -273,6 +294,24 @@ def build_vae(cfg: KitConfig, seed: int, log=print):
     return vae, figures
 
 
+def _vae_job(cfg: KitConfig, seed: int):
+    """``build_vae`` in a process of its own: (config, weights as numpy arrays, figures), all picklable."""
+    vae, figures = build_vae(cfg, seed)
+    return dict(vae.config), {k: v.numpy() for k, v in vae.state_dict().items()}, figures
+
+
+def _vae_from(config: Dict, weights: Dict[str, np.ndarray]):
+    """The VAE that ``_vae_job`` described (the same float32 values, so the same saved bytes)."""
+    import paddle
+    from ppdiffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(config)
+    vae.register_to_config(scaling_factor=config["scaling_factor"])  # from_config restores the class default
+    vae.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.items()})
+    vae.eval()
+    return vae
+
+
 def _to_pil(x: np.ndarray):
     from PIL import Image
 
@@ -287,6 +326,15 @@ def unet_config(cfg: KitConfig, factor: int) -> Dict:
                 block_out_channels=list(cfg.unet_channels), layers_per_block=1, down_block_types=down,
                 up_block_types=up, cross_attention_dim=cfg.text_hidden,
                 attention_head_dim=cfg.unet_attention_head_dim, norm_num_groups=min(32, min(cfg.unet_channels)))
+
+
+def new_unet(config: Dict, seed: int):
+    """The kit's UNet with its initial weights: ``UNet2DConditionModel.from_config(config)`` right after seeding
+    everything with ``seed``, i.e. a function of the config, the seed and Paddle's RNG alone (no training)."""
+    from ppdiffusers import UNet2DConditionModel
+
+    _seed_everything(seed)
+    return UNet2DConditionModel.from_config(config)
 
 
 def read_captions(path: str) -> List[str]:
@@ -437,8 +485,172 @@ def _disk_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
 
+MANIFEST = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` inside the kit checks it too
+UNET_INIT = "unet/diffusion_paddle_model.safetensors"  # the UNet's initial weights: remade by write_unet_init
+
+
+def file_digests(folder: str) -> Dict[str, str]:
+    """SHA-256 of every file below ``folder`` but the manifest, by path relative to it ('/'-separated)."""
+    digests = {}
+    for d, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(d, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            if rel != MANIFEST:
+                with open(path, "rb") as f:
+                    digests[rel] = hashlib.sha256(f.read()).hexdigest()
+    return dict(sorted(digests.items()))
+
+
+def write_manifest(folder: str) -> None:
+    """Write ``folder/SHA256SUMS`` in ``sha256sum``'s format: one ``<digest>  <path>`` line per file."""
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+        f.writelines(f"{digest}  {rel}\n" for rel, digest in file_digests(folder).items())
+
+
+def _manifest(folder: str) -> Dict[str, str]:
+    """``folder/SHA256SUMS`` as {path: digest}; ValueError naming the line that is not ``<sha256>  <path>``."""
+    path, listed = os.path.join(folder, MANIFEST), {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            digest, sep, rel = line.rstrip("\n").partition("  ")
+            if not sep or len(digest) != 64:
+                raise ValueError(f"{path}:{n}: not a '<sha256>  <path>' line")
+            listed[rel] = digest
+    return listed
+
+
+def manifest_problems(folder: str) -> List[str]:
+    """How ``folder`` differs from its ``SHA256SUMS``: missing, changed and unlisted files (empty: it matches)."""
+    if not os.path.isfile(os.path.join(folder, MANIFEST)):
+        return [f"{os.path.join(folder, MANIFEST)}: no manifest"]
+    listed = _manifest(folder)
+    actual = file_digests(folder)
+    return ([f"{rel}: missing" for rel in listed if rel not in actual]
+            + [f"{rel}: not in {MANIFEST}" for rel in actual if rel not in listed]
+            + [f"{rel}: SHA-256 differs from {MANIFEST}" for rel in actual if rel in listed and listed[rel] != actual[rel]])
+
+
+def write_unet_init(kit_dir: str, log=print) -> str:
+    """Write the kit's untrained UNet weights (``UNET_INIT``) from ``unet/config.json`` and the kit's seed.
+
+    They are what ``build_kit`` saved (``new_unet``), so the repository need not carry them: training
+    initialises its UNet from the config with its own seed, and only ``from_pretrained(kit)`` without a
+    ``unet=`` reads them. The file must have the SHA-256 the kit's ``SHA256SUMS`` lists (else ValueError:
+    another Paddle draws other numbers). Returns the file's path.
+    """
+    target = os.path.join(kit_dir, UNET_INIT)
+    unet = new_unet(read_json(os.path.join(kit_dir, "unet", "config.json")), read_json(os.path.join(kit_dir, "kit_report.json"))["seed"])
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(target), prefix=".init-") as tmp:
+        unet.save_pretrained(tmp)
+        made = os.path.join(tmp, os.path.basename(UNET_INIT))
+        with open(made, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        listed = _manifest(kit_dir).get(UNET_INIT) if os.path.isfile(os.path.join(kit_dir, MANIFEST)) else None
+        if listed is not None and digest != listed:
+            raise ValueError(f"{target}: the UNet init made here has SHA-256 {digest[:12]}…, {MANIFEST} lists {listed[:12]}… "
+                             f"(another Paddle build?); rebuild the kit with `python -m sd.kit --output_dir {kit_dir}`")
+        os.replace(made, target)
+    checked = f"the SHA-256 {MANIFEST} lists" if listed else f"not checked: no {UNET_INIT} in a {MANIFEST}"
+    log(f"kit: wrote the UNet's initial weights {target} from unet/config.json and the kit's seed ({checked})")
+    return target
+
+
+def _tensors(path: str) -> Dict[str, np.ndarray]:
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return load_file(path)
+    import paddle
+
+    return {k: v.numpy() for k, v in paddle.load(path, return_numpy=False).items()}
+
+
+def _json_close(a, b, rtol: float, atol: float) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_close(a[k], b[k], rtol, atol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_close(x, y, rtol, atol) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
+    return a == b
+
+
+# kit_report.json fields that differ between two builds of the same kit: the time, and the size, which
+# counts the parameter names clip/model_state.pdparams records (they number the layers made before)
+VOLATILE_REPORT_KEYS = ("build_seconds", "disk_bytes")
+
+
+def compare_kits(ours: str, rebuilt: str, rtol: float, atol: float) -> Tuple[List[str], List[str]]:
+    """Compare two kit folders file by file: (differences beyond the tolerance, files not byte-identical).
+
+    Weights (``.safetensors``, ``.pdparams``): the same tensor names and shapes, values within
+    ``np.allclose(ours, rebuilt, rtol, atol)``; JSON: the same structure, floats within the same tolerance
+    (``kit_report.json`` without its build time and size); other files: the same bytes.
+    """
+    a, b = file_digests(ours), file_digests(rebuilt)
+    problems = [f"{rel}: only in {ours}" for rel in a if rel not in b] + [f"{rel}: only in {rebuilt}" for rel in b if rel not in a]
+    not_identical = []
+    for rel in sorted(set(a) & set(b)):
+        if a[rel] == b[rel]:
+            continue
+        pa, pb = os.path.join(ours, rel), os.path.join(rebuilt, rel)
+        if rel == "kit_report.json":
+            ja, jb = ({k: v for k, v in read_json(p).items() if k not in VOLATILE_REPORT_KEYS} for p in (pa, pb))
+            if ja == jb:
+                continue
+            not_identical.append(rel)
+            if not _json_close(ja, jb, rtol, atol):
+                problems.append(f"{rel}: the figures differ beyond rtol {rtol}, atol {atol}")
+            continue
+        not_identical.append(rel)
+        if rel.endswith((".safetensors", ".pdparams")):
+            ta, tb = _tensors(pa), _tensors(pb)
+            if ta.keys() != tb.keys():
+                problems.append(f"{rel}: tensor names differ ({sorted(set(ta) ^ set(tb))[:5]})")
+                continue
+            for k in sorted(ta):
+                if ta[k].shape != tb[k].shape:
+                    problems.append(f"{rel}: {k} has shape {ta[k].shape} vs {tb[k].shape}")
+                elif not np.allclose(ta[k], tb[k], rtol=rtol, atol=atol):
+                    gap = float(np.abs(ta[k].astype(np.float64) - tb[k]).max())
+                    problems.append(f"{rel}: {k} differs by up to {gap:.3g} (rtol {rtol}, atol {atol})")
+        elif rel.endswith(".json"):
+            if not _json_close(read_json(pa), read_json(pb), rtol, atol):
+                problems.append(f"{rel}: the JSON differs beyond rtol {rtol}, atol {atol}")
+        else:
+            problems.append(f"{rel}: the bytes differ")
+    return problems, not_identical
+
+
+def check_kit(folder: str, rtol: float = 1e-4, atol: float = 1e-6, processes: int = 1, log=print) -> bool:
+    """Rebuild the kit in ``folder`` from its ``kit_report.json`` (config, seed, captions) and compare.
+
+    True when ``folder`` matches its manifest and the rebuild matches ``folder`` within the tolerance
+    (``compare_kits``); what differs is logged, and which files are not byte-identical (on the CPU and
+    Paddle build that made the kit every file is expected identical, the report's build time and size aside).
+    """
+    report = read_json(os.path.join(folder, "kit_report.json"))
+    cfg = KitConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["config"].items()})
+    with tempfile.TemporaryDirectory(prefix="kit-check-") as tmp:
+        rebuilt = os.path.join(tmp, "kit")
+        # first: clip/model_state.pdparams records Paddle's parameter names, which count the layers made before
+        build_kit(rebuilt, cfg, report["seed"], log, captions_file=report.get("captions_file"), processes=processes)
+        if not os.path.isfile(os.path.join(folder, UNET_INIT)):
+            write_unet_init(folder, log)
+        problems = manifest_problems(folder)
+        differences, not_identical = compare_kits(folder, rebuilt, rtol, atol)
+    problems += differences
+    for line in problems:
+        log(f"kit check: {line}")
+    identical = "every file byte-identical" if not not_identical else f"not byte-identical: {', '.join(not_identical)}"
+    log(f"kit check: {folder} {'matches' if not problems else 'does NOT match'} a rebuild "
+        f"(rtol {rtol}, atol {atol}); {identical} (kit_report.json's build time and size aside)")
+    return not problems
+
+
 def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0, log=print,
-              captions_file: Optional[str] = None) -> Dict:
+              captions_file: Optional[str] = None, processes: int = 1) -> Dict:
     """Build the whole kit into ``output_dir``; returns the report (also saved as ``kit_report.json``).
 
     Args:
@@ -449,12 +661,14 @@ def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0
         seed: fixes everything (python, numpy, paddle); the same seed gives identical weights.
         captions_file: extra captions (``.jsonl`` or one per line) for the tokenizer's merges,
             learned together with the demo captions.
+        processes: 2 trains the VAE in a second process while this one trains the text encoder
+            (the same files, in about half the time on 2 cores); 1 trains them one after the other.
     """
     import shutil
 
     import paddle
     from paddlenlp.transformers import CLIPTokenizer
-    from ppdiffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from ppdiffusers import StableDiffusionPipeline
 
     cfg = config or KitConfig()
     output_dir = os.path.normpath(output_dir)
@@ -477,10 +691,16 @@ def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0
     split = [w for w in words if tokenizer.tokenize(w) != [w + "</w>"]]
     if split:
         raise ValueError(f"demo words {split} are not single tokens after {len(merges)} merges; raise max_merges")
-    text_encoder, text_figures = build_text_encoder(cfg, tokenizer, seed, log)
-    vae, vae_figures = build_vae(cfg, seed, log)
-    _seed_everything(seed)
-    unet = UNet2DConditionModel(**unet_config(cfg, latent_factor(vae.config)))
+    if processes > 1:  # the VAE in a second process meanwhile: each part seeds itself, so the bytes are the same
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            vae_job = pool.submit(_vae_job, cfg, seed)
+            text_encoder, text_figures = build_text_encoder(cfg, tokenizer, seed, log)
+            vae_config, vae_weights, vae_figures = vae_job.result()
+        vae = _vae_from(vae_config, vae_weights)
+    else:
+        text_encoder, text_figures = build_text_encoder(cfg, tokenizer, seed, log)
+        vae, vae_figures = build_vae(cfg, seed, log)
+    unet = new_unet(unet_config(cfg, latent_factor(vae.config)), seed)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=sd_scheduler("PNDMScheduler"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -503,6 +723,7 @@ def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0
               "paddle": paddle.__version__}
     with open(os.path.join(work, "kit_report.json"), "w") as f:
         json.dump(report, f, indent=2)
+    write_manifest(work)
     if os.path.isdir(output_dir):
         shutil.rmtree(output_dir)
     os.replace(work, output_dir)
@@ -521,7 +742,28 @@ def main(argv=None) -> None:
     p.add_argument("--captions", default=None, help="extra captions (.jsonl or one per line) for the tokenizer merges")
     p.add_argument("--clip_steps", type=int, default=None, help="contrastive text-encoder steps")
     p.add_argument("--vae_steps", type=int, default=None, help="VAE training steps")
+    p.add_argument("--processes", type=int, default=min(2, len(os.sched_getaffinity(0))),
+                   help="2: train the VAE and the text encoder at the same time (same files); default 2 on ≥ 2 cores")
+    p.add_argument("--check", metavar="DIR", default=None,
+                   help="rebuild the kit in DIR from its kit_report.json and compare (exit status 1 when it differs)")
+    p.add_argument("--unet_init", metavar="DIR", default=None,
+                   help=f"write the kit DIR's untrained UNet weights ({UNET_INIT}) from its config and seed, and stop")
+    p.add_argument("--rtol", type=float, default=1e-4, help="--check: relative tolerance of weights and figures")
+    p.add_argument("--atol", type=float, default=1e-6, help="--check: absolute tolerance of weights and figures")
     a = p.parse_args(argv)
+    if a.processes not in (1, 2):
+        p.error("--processes must be 1 or 2")
+    for flag, folder in (("--check", a.check), ("--unet_init", a.unet_init)):
+        if folder and not os.path.isfile(os.path.join(folder, "kit_report.json")):
+            p.error(f"{flag} {folder}: no kit_report.json there (not a kit folder)")
+    if a.unet_init:
+        try:
+            write_unet_init(a.unet_init)
+        except ValueError as e:
+            p.error(str(e))
+        return
+    if a.check:
+        raise SystemExit(0 if check_kit(a.check, a.rtol, a.atol, a.processes) else 1)
     cfg = KitConfig.test_preset() if a.preset == "test" else KitConfig()
     overrides = {k: v for k, v in (("resolution", a.resolution), ("max_length", a.max_length),
                                    ("clip_steps", a.clip_steps), ("vae_steps", a.vae_steps)) if v is not None}
@@ -529,7 +771,7 @@ def main(argv=None) -> None:
     if cfg.resolution < 16 or cfg.max_length < 10:
         p.error("--resolution must be ≥ 16 and --max_length ≥ 10 (a demo caption is 9 tokens)")
     try:
-        report = build_kit(a.output_dir, cfg, a.seed, captions_file=a.captions)
+        report = build_kit(a.output_dir, cfg, a.seed, captions_file=a.captions, processes=a.processes)
     except ValueError as e:
         p.error(str(e))
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))

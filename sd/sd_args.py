@@ -50,6 +50,9 @@ class ModelArguments:
     image_logging_steps: int = field(
         default=1000, metadata={"help": "log reconstructions and samples every N steps (rounded to a multiple of "
                                         "--logging_steps; 0 = never)"})
+    first_image_logging_step: int = field(
+        default=0, metadata={"help": "also log images once at this optimizer step (0 = not): an early look at the "
+                                     "samples, before the first multiple of --image_logging_steps"})
     use_ema: bool = field(default=False, metadata={"help": "keep an EMA of the UNet (env FLAG_USE_EMA)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step"})
     enable_xformers_memory_efficient_attention: bool = field(
@@ -76,8 +79,9 @@ class ModelArguments:
         for name in ("unet_learning_rate", "text_encoder_learning_rate"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
-        if self.num_inference_steps < 1 or self.image_logging_steps < 0:
-            raise ValueError("--num_inference_steps must be ≥ 1 and --image_logging_steps ≥ 0 (0 = never)")
+        if self.num_inference_steps < 1 or self.image_logging_steps < 0 or self.first_image_logging_step < 0:
+            raise ValueError("--num_inference_steps must be ≥ 1, --image_logging_steps and --first_image_logging_step "
+                             "≥ 0 (0 = never)")
 
     def component_paths(self) -> Dict[str, Optional[str]]:
         """Where each component comes from: its own flag, else ``<pretrained>/<component>``."""

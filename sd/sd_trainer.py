@@ -12,7 +12,8 @@
   ``text_encoder/``) plus ``sd_state.json`` (the global batch, every slot's stream position, step count,
   EMA count) beside the Trainer's optimizer/scheduler/trainer state; resume loads exactly those. A
   checkpoint is written under a staging name and renamed into place when complete (sd/checkpoints.py);
-* images: on rank 0 every ``image_logging_steps``, reconstructions and DDIM samples to VisualDL and a PNG;
+* images: on rank 0 at ``first_image_logging_step`` and every ``image_logging_steps``, reconstructions and
+  DDIM samples to VisualDL and a PNG;
 * resuming on another layout (:func:`fit_global_batch`): the per-device batch or the accumulation is
   chosen to keep the checkpoint's global batch; what cannot keep it is refused in one line.
 """
@@ -200,10 +201,11 @@ class StableDiffusionTrainer(Trainer):
                                      f"loss or gradient (no weights were updated with them); {where}")
 
     def _maybe_log_save_evaluate(self, tr_loss, model, epoch, ignore_keys_for_eval, **kwargs):
-        """After each optimizer step (and at the end): rank 0 logs images every ``image_logging_steps``,
-        then the stock logging and checkpointing."""
-        every, step = self.sd_model.args.image_logging_steps, self.state.global_step
-        if every > 0 and step % every == 0 and step != self._images_logged_at:
+        """After each optimizer step (and at the end): rank 0 logs images at ``first_image_logging_step`` and
+        every ``image_logging_steps``, then the stock logging and checkpointing."""
+        m, step = self.sd_model.args, self.state.global_step
+        due = step == m.first_image_logging_step or (m.image_logging_steps > 0 and step % m.image_logging_steps == 0)
+        if step > 0 and due and step != self._images_logged_at:
             if self.is_world_process_zero():
                 self.log_images(step)
             self._images_logged_at = step

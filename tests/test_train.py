@@ -55,6 +55,24 @@ def test_end_to_end_checkpoints_images_logs(tiny_kit, demo_file_list, tmp_path):
     assert {"images/original", "images/reconstruction", "images/guidance_1.0", "images/guidance_7.5"} <= tags["image"]
 
 
+def test_image_logging_leaves_training_unchanged(tiny_kit, demo_file_list, tmp_path):
+    """A grid at --first_image_logging_step and every --image_logging_steps: sampling draws nothing that training
+    draws and leaves the UNet as it was, so losses, weights and EMA equal those of a run without grids."""
+    common = ["--max_steps", "6", "--save_steps", "6", "--use_ema", "True", "--report_to", "none",
+              "--dataloader_num_workers", "1"]
+    shown = train(tiny_kit, demo_file_list, tmp_path / "shown", *common, "--first_image_logging_step", "1",
+                  "--image_logging_steps", "4")
+    plain = train(tiny_kit, demo_file_list, tmp_path / "plain", *common, "--image_logging_steps", "0")
+    assert sorted(os.listdir(tmp_path / "shown" / "images")) == [
+        "step-0000001.png", "step-0000001.txt", "step-0000004.png", "step-0000004.txt"]
+    assert not (tmp_path / "plain" / "images").exists()
+    assert len(losses(shown)) == 6 and losses(shown) == losses(plain)
+    for name in ("diffusion_paddle_model.safetensors", "diffusion_paddle_model.ema.safetensors"):
+        a = load_file(tmp_path / "shown" / "checkpoint-6" / "unet" / name)
+        b = load_file(tmp_path / "plain" / "checkpoint-6" / "unet" / name)
+        assert all(np.array_equal(a[k], b[k]) for k in a), name
+
+
 def test_resume_is_exact(tiny_kit, demo_file_list, tmp_path):
     args = ["--max_steps", "6", "--save_steps", "3", "--dataloader_num_workers", "1", "--use_ema", "True",
             "--report_to", "none", "--image_logging_steps", "0"]
