@@ -45,6 +45,7 @@ def test_flop_count_of_known_layers():
     assert count_forward_flops(attn, x, encoder_hidden_states=ctx) == projections + 2 * 2 * 10 * 6 * 16
 
 
+@pytest.mark.long
 def test_flops_only_cli_scales_with_resolution(tiny_kit):
     cfg = os.path.join(tiny_kit, "unet", "config.json")
     out = {}
@@ -138,6 +139,7 @@ def test_parse_log_reads_both_trainers_lines():
         {"global_step": 10, "samples_per_s": 2.1417}, {"global_step": 20, "samples_per_s": 26.6667}]
 
 
+@pytest.mark.long
 def test_versus_interleaves_and_reads_each_trainers_own_figures(standin_example, tiny_kit, demo_file_list, tmp_path):
     from sd.benchmark_versus import describe_versus, versus
 

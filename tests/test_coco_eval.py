@@ -88,6 +88,7 @@ def _losses(log):
     return [line.split(" - loss: ")[1].split(",")[0] for line in log.splitlines() if " - loss: " in line]
 
 
+@pytest.mark.long
 def test_scores_during_training_are_logged_and_change_nothing(tiny_kit, demo_jsonl, demo_file_list, tmp_path):
     """--eval_steps 2 over 4 steps: two evaluations in scores.jsonl and VisualDL (eval/ tags beside the
     loss); the losses and final weights equal those of the same run without scoring."""

@@ -117,6 +117,7 @@ def test_only_rank_zero_writes(two_ranks):
     assert "rng_state_2.pth" in os.listdir(out / "checkpoint-20")
 
 
+@pytest.mark.long
 def test_one_process_with_accumulation_2_is_the_same_training(two_ranks, tiny_kit, demo_file_list, tmp_path):
     """Micro-batch k holds the slots of data rank r·A + k: 1 process × 2 accumulation steps of 4 reads and
     draws exactly what 2 ranks of 4 do, on batches of the same size, so the runs agree bit for bit here."""
@@ -144,6 +145,7 @@ def test_one_process_with_double_batch_is_the_same_training(two_ranks, one_proce
     assert same_to_float_order(root / "out" / "checkpoint-20", two_ranks / "out" / "checkpoint-20")
 
 
+@pytest.mark.long
 def test_failing_rank_ends_the_job_and_resume_continues_exactly(two_ranks, tiny_kit, demo_file_list, tmp_path):
     out = tmp_path / "out"
     r, seconds = launch(tiny_kit, demo_file_list, out, tmp_path / "log", env={"SD_FAULT_RANK_DIES": "1:12:raise"})

@@ -102,6 +102,7 @@ def test_euler_ancestral_through_the_cli(workdir, tmp_path):
     assert json.load(open(tmp_path / "a" / "manifest.json"))["images"][0]["scheduler"] == "euler-ancestral"
 
 
+@pytest.mark.long
 def test_whole_pipeline_checkpoint_with_trained_text_encoder(tiny_kit, demo_file_list, tmp_path):
     train(tiny_kit, demo_file_list, tmp_path / "run", "--max_steps", "1", "--save_steps", "1",
           "--only_save_updated_model", "False", "--train_text_encoder", "True")

@@ -140,6 +140,7 @@ def test_eval_downloads_a_pipeline_by_name_then_uses_the_cache(tiny_kit, tmp_pat
     assert json.load(open(tmp_path / "a" / "manifest.json"))["unet"] == f"{REPO}/unet"
 
 
+@pytest.mark.long
 def test_training_downloads_by_name_from_the_hf_hub(tiny_kit, demo_file_list, tmp_path):
     with HubMimic({REPO: tiny_kit}) as hub:
         env = hub_env(tmp_path / "cache", hub.url)

@@ -496,6 +496,7 @@ def test_train_on_webdataset_shards_directly_and_resume_exactly(outputs, tiny_ki
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.long
 def test_training_flags_filter_the_shards(outputs, tiny_kit, tmp_path):
     """--where reaches the shards read by training: a threshold no sample passes leaves nothing usable,
     which stops the run with a one-line error counting the filtered samples; a malformed one stops at parsing."""

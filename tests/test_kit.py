@@ -135,6 +135,7 @@ def test_token_separation_measures_word_differences(tiny_kit):
     assert token_separation(text, tok, 16) == pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.long
 def test_cli_build_is_deterministic(tiny_kit, tmp_path):
     """The fixture trained the VAE after the text encoder in one process; here a second process trains it
     meanwhile: the same files either way (the CLIP's .pdparams also records Paddle's parameter names, which

@@ -181,6 +181,7 @@ def test_fid_cli_with_pth_or_safetensors_and_npz_statistics(fid_parity, tmp_path
     assert p["fid"] > 1.0  # two different image sets: a distance well above rounding
 
 
+@pytest.mark.long
 def test_paddle_path_never_imports_torch(tmp_path):
     """With .safetensors weights the FID features run without PyTorch (here: with torch made unimportable;
     ``fid_stats``, the same path as ``fid`` up to the distance, which is numpy/scipy only)."""

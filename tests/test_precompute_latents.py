@@ -183,6 +183,7 @@ def test_precomputed_latents_refuse_a_trained_text_encoder():
                  SDTrainingArguments(output_dir="/tmp/unused"), lambda msg, changed=True: None, argv=[])
 
 
+@pytest.mark.long
 def test_training_script_runs_on_precomputed_latents(latents, tiny_kit, tmp_path):
     """The user's command: train_txt2img_laion400m_trainer.py --precomputed_latents true, with a resume."""
     import subprocess

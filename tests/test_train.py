@@ -73,6 +73,7 @@ def test_image_logging_leaves_training_unchanged(tiny_kit, demo_file_list, tmp_p
         assert all(np.array_equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.long
 def test_resume_is_exact(tiny_kit, demo_file_list, tmp_path):
     args = ["--max_steps", "6", "--save_steps", "3", "--dataloader_num_workers", "1", "--use_ema", "True",
             "--report_to", "none", "--image_logging_steps", "0"]
