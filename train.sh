@@ -20,7 +20,7 @@ MODE=${MODE:-auto}                                       # auto | gpu | cpu; aut
 SD_WEIGHTS=${SD_WEIGHTS:-CompVis/stable-diffusion-v1-4}  # local folder of the real SD v1 weights (GPU recipe)
 KIT_DIR=${KIT_DIR:-./tiny-sd}                            # the offline kit (CPU default): shipped; built if missing
 KIT_BUILD=${KIT_BUILD:-0}                                # 1: rebuild KIT_DIR first (python -m sd.kit; README section 4)
-PRESET=${PRESET:-}                                       # CPU default: "" (1000 steps, ~9 min) | long (1500 steps)
+PRESET=${PRESET:-}                                       # CPU default: "" (1000 steps) | long (1500 steps)
 # --- data and output ----------------------------------------------------------------------------
 FILE_LIST=${FILE_LIST:-./data/filelist/train.filelist.list}  # *.filelist.list to train on
 DEMO_IMAGES=${DEMO_IMAGES:-4000}                         # demo images made when FILE_LIST is the missing default
@@ -92,7 +92,7 @@ else
   UNET_CONFIG=${UNET_CONFIG:-$PRETRAINED/unet/config.json}
   case "$PRESET" in
     "") DEFAULT_STEPS=1000 ;;
-    long) DEFAULT_STEPS=1500 ;;  # a margin over the default's figures (README section 6); ~13 min on 2 cores
+    long) DEFAULT_STEPS=1500 ;;  # a margin over the default's figures (README section 6)
     *) echo "PRESET=$PRESET: unknown (use long, or leave it unset)" >&2; exit 2 ;;
   esac
   RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-$DEFAULT_STEPS}
