@@ -107,9 +107,13 @@ def check_env_flags(environ=os.environ, switches: Optional[Dict[str, str]] = Non
 
 def shm_bytes_needed(batch_size: int, resolution: int, num_workers: int, loaders: int, processes: int,
                      prefetch: int = PREFETCH) -> int:
-    """Shared memory of the batches in flight: per batch ``batch × 3 × resolution² × 4`` bytes (float32
-    pixels, collated in the worker), ``prefetch`` per worker, for every loader of every process on this machine."""
-    return batch_size * 3 * resolution * resolution * 4 * prefetch * num_workers * loaders * processes
+    """Shared memory of the batches in flight, for every loader of every process on this machine: each of a
+    micro-batch's W' = min(W, batch) workers keeps ``prefetch`` parts of batch / W' samples of
+    ``3 × resolution² × 4`` bytes (float32 pixels, collated in the worker; sd/train_loader.py), so a loader
+    holds ``prefetch × batch`` samples whatever W; none without workers (the batches stay in the process)."""
+    if num_workers == 0:
+        return 0
+    return batch_size * 3 * resolution * resolution * 4 * prefetch * loaders * processes
 
 
 def check_shm(needed: int, shm_dir: str = "/dev/shm") -> List[Finding]:
@@ -122,8 +126,8 @@ def check_shm(needed: int, shm_dir: str = "/dev/shm") -> List[Finding]:
     free = st.f_bavail * st.f_frsize
     what = (f"the loader workers keep about {_gib(needed)} of batches in flight, {shm_dir} has {_gib(free)} free")
     if needed > free:
-        return [("stop", f"{what}: enlarge it (docker: --shm-size), or lower --dataloader_num_workers or "
-                         f"--per_device_train_batch_size")]
+        return [("stop", f"{what}: enlarge it (docker: --shm-size), lower "
+                         f"--per_device_train_batch_size, or load in the training process (--dataloader_num_workers 0)")]
     if needed > free / 2:
         return [("warn", f"{what}: little room left for anything else")]
     return [("ok", what)]

@@ -122,9 +122,10 @@ def test_env_flags():
 
 
 def test_shm_and_disk_and_port(tmp_path):
-    # 32 images of 3×512×512 float32, 2 in flight per worker, 4 workers, 1 loader, 8 processes: 6 GiB
+    # 32 images of 3×512×512 float32, twice the batch in flight whatever the workers, 1 loader, 8 processes: 1.5 GiB
     needed = preflight.shm_bytes_needed(32, 512, 4, 1, 8)
-    assert needed == 32 * 3 * 512 * 512 * 4 * 2 * 4 * 8
+    assert needed == 32 * 3 * 512 * 512 * 4 * 2 * 8 == preflight.shm_bytes_needed(32, 512, 1, 1, 8)
+    assert preflight.shm_bytes_needed(32, 512, 0, 1, 8) == 0  # no workers: nothing in /dev/shm
     st = os.statvfs(tmp_path)
     free = st.f_bavail * st.f_frsize
     assert preflight.check_shm(free * 2, str(tmp_path))[0][0] == "stop"
