@@ -497,9 +497,13 @@ def file_digests(folder: str) -> Dict[str, str]:
             path = os.path.join(d, name)
             rel = os.path.relpath(path, folder).replace(os.sep, "/")
             if rel != MANIFEST:
-                with open(path, "rb") as f:
-                    digests[rel] = hashlib.sha256(f.read()).hexdigest()
+                digests[rel] = _sha256(path)
     return dict(sorted(digests.items()))
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def write_manifest(folder: str) -> None:
@@ -544,8 +548,7 @@ def write_unet_init(kit_dir: str, log=print) -> str:
     with tempfile.TemporaryDirectory(dir=os.path.dirname(target), prefix=".init-") as tmp:
         unet.save_pretrained(tmp)
         made = os.path.join(tmp, os.path.basename(UNET_INIT))
-        with open(made, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
+        digest = _sha256(made)
         listed = _manifest(kit_dir).get(UNET_INIT) if os.path.isfile(os.path.join(kit_dir, MANIFEST)) else None
         if listed is not None and digest != listed:
             raise ValueError(f"{target}: the UNet init made here has SHA-256 {digest[:12]}…, {MANIFEST} lists {listed[:12]}… "
