@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 from paddlenlp.trainer import PdArgumentParser, set_seed
 
-from sd import preflight
+from sd import cpu, preflight
 from sd.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
 from sd.components import ComponentError
 from sd.distributed import UserError, after_rank_zero_work, run
@@ -72,6 +72,8 @@ def parse_arguments():
 def build_model(model_args, data_args, training_args) -> StableDiffusionModel:
     if model_args.fused_linear:  # GPU only (finalize switched it off elsewhere); before any model is built
         paddle.nn.Linear = paddle.incubate.nn.FusedLinear
+    if cpu.CHOICE:  # set at `import sd` (sd/cpu.py)
+        logger.info(cpu.CHOICE)
     set_seed(training_args.seed)
     model = StableDiffusionModel(model_args, recompute=training_args.recompute)
     if data_args.resolution % model.latent_factor:

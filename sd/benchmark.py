@@ -527,6 +527,9 @@ def main(argv=None) -> None:
                    help="--versus: extra flags for our trainer, one string; repeat for several variants, each run in "
                         "every round (\"\" = the default command; default: only the default command)")
     p.add_argument("--example_args", default="", help="--versus: extra flags for the example only, one string")
+    p.add_argument("--example_env", action="append", default=[], metavar="NAME=VALUE ...",
+                   help="--versus: one more example run per round with these environment variables (e.g. "
+                        "MKL_DEBUG_CPU_TYPE=5: the example on the kernels sd/cpu.py chooses for ours); repeatable")
     a, rest = p.parse_known_args(argv)
     extra = {}
     for i in range(0, len(rest), 2):  # more trainer/model/data arguments: --name value
@@ -571,6 +574,7 @@ def _main_versus(a, rest) -> None:
         raise SystemExit(f"--versus: unexpected arguments {rest}; flags for one side go in --ours_args / --example_args")
     try:
         benchmark_versus.check_example_folder(a.versus)
+        example_envs = [benchmark_versus.parse_env(e) for e in a.example_env]
     except ValueError as e:
         raise SystemExit(str(e)) from None
     kit, file_list = resolve_inputs(a)
@@ -579,7 +583,8 @@ def _main_versus(a, rest) -> None:
                                      batch_size=a.batch_size, resolution=a.resolution, num_workers=a.num_workers,
                                      model_max_length=a.model_max_length,
                                      ours_variants=[shlex.split(v) for v in (a.ours_args or [""])],
-                                     example_args=shlex.split(a.example_args))
+                                     example_args=shlex.split(a.example_args),
+                                     example_envs=example_envs)
     print(benchmark_versus.describe_versus(result), flush=True)
     if a.json:
         with open(a.json, "w") as f:

@@ -16,6 +16,12 @@ folder as its working directory and nothing of this repository on its path. It d
 every ``--*_name_or_path`` is a local folder. Its data must be in its part-file format with
 ``laion400m`` in the part files' paths (how it picks the line layout); ``create_pretraining_data.py``
 writes exactly that.
+
+The example runs in the environment a user of it would have: when ``import sd`` chose MKL's AVX2
+kernels for this process (``sd/cpu.py``; the example does not), the variable is taken out of the
+example's environment. ``example_envs`` adds example runs with variables of their own (e.g.
+``MKL_DEBUG_CPU_TYPE=5``: the example on the same kernels as ours), each in every round; ratios stay
+against the plain example.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import sys
 import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
+
+from sd import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = "train_txt2img_laion400m_trainer.py"
@@ -92,18 +100,21 @@ def parse_log(text: str) -> List[Dict[str, float]]:
     return rows
 
 
-def _environment(side: str) -> Dict[str, str]:
+def _environment(side: str, extra_env: Dict[str, str]) -> Dict[str, str]:
     env = dict(os.environ, USE_TORCH="0", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("PADDLE_TRAINER_ID", None)
-    if side == "example":  # its own sd/ package, not this repository's
+    if side.startswith("example"):  # its own sd/ package, not this repository's
         env.pop("PYTHONPATH", None)
+        if cpu.CHOICE:  # set by `import sd` in this process, not by the user: not the example's
+            env.pop(cpu.MKL_VARIABLE, None)
     else:
         env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra_env)
     return env
 
 
 def run_side(side: str, script: str, cwd: str, command_args: dict, extra: Sequence[str], work: str, round_: int,
-             warmup_logs: int, timeout: float) -> dict:
+             warmup_logs: int, timeout: float, extra_env: Optional[Dict[str, str]] = None) -> dict:
     """One training run of one side (its files in ``work/round-<k>``); returns its per-interval and median
     throughput and its timing."""
     out = os.path.join(work, f"round-{round_}")
@@ -111,7 +122,7 @@ def run_side(side: str, script: str, cwd: str, command_args: dict, extra: Sequen
     os.makedirs(out, exist_ok=True)
     load_before, start = os.getloadavg()[0], time.time()
     with open(os.path.join(out, "log.txt"), "w") as log:
-        r = subprocess.run(cmd, cwd=cwd, env=_environment(side), stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        r = subprocess.run(cmd, cwd=cwd, env=_environment(side, extra_env or {}), stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     end = time.time()
     with open(os.path.join(out, "log.txt"), errors="replace") as f:
         text = f.read()
@@ -134,10 +145,22 @@ def side_name(ours_args: Sequence[str]) -> str:
     return " ".join(["ours", *ours_args])
 
 
+def parse_env(pairs: str) -> Dict[str, str]:
+    """``"A=1 B=2"`` → ``{"A": "1", "B": "2"}`` (an --example_env value)."""
+    env = {}
+    for pair in shlex.split(pairs):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--example_env: {pair!r} is not NAME=VALUE")
+        env[key] = value
+    return env
+
+
 def versus(example_dir: str, kit: str, file_list: str, rounds: int = 3, steps: int = 60, logging_steps: int = 10,
            warmup_logs: int = 1, batch_size: int = 4, resolution: int = 64, num_workers: int = 1,
            model_max_length: int = 77, ours_variants: Sequence[Sequence[str]] = ((),),
-           example_args: Sequence[str] = (), work_dir: Optional[str] = None, timeout: float = 1800) -> dict:
+           example_args: Sequence[str] = (), example_envs: Sequence[Dict[str, str]] = (),
+           work_dir: Optional[str] = None, timeout: float = 1800) -> dict:
     """Run the example and this repository's trainer interleaved for ``rounds`` rounds (see module doc).
 
     Args:
@@ -147,6 +170,7 @@ def versus(example_dir: str, kit: str, file_list: str, rounds: int = 3, steps: i
         ours_variants: one entry per run of ours in each round, each a list of extra flags (``[]`` = the
             default command; e.g. ``[[], ["--frozen_inference", "True"]]``: A B C A B C ...).
         example_args: extra flags for the example only.
+        example_envs: one more example run per entry in each round, with these environment variables.
     Returns:
         ``{"sides": [example, ours...], "runs": [...] in run order, "rounds": [{"samples_per_s": {side: x},
         "ratio": {side: x / example}}], "ratio": {side: median ratio}, "samples_per_s": {side: median},
@@ -168,15 +192,19 @@ def versus(example_dir: str, kit: str, file_list: str, rounds: int = 3, steps: i
     command_args = dict(kit=os.path.abspath(kit), file_list=file_list, steps=steps,
                         batch_size=batch_size, resolution=resolution, num_workers=num_workers,
                         logging_steps=logging_steps, model_max_length=model_max_length, device=device)
-    sides = {"example": (os.path.join(example_copy, ENTRY), example_copy, list(example_args))}
+    example = (os.path.join(example_copy, ENTRY), example_copy, list(example_args))
+    sides = {"example": (*example, {})}
+    for env in example_envs:
+        sides[" ".join(["example", *(f"{k}={v}" for k, v in env.items())])] = (*example, dict(env))
     for variant in ours_variants:
-        sides[side_name(variant)] = (os.path.join(ROOT, ENTRY), ROOT, list(variant))
+        sides[side_name(variant)] = (os.path.join(ROOT, ENTRY), ROOT, list(variant), {})
     runs, per_round, failed = [], [], None
     for k in range(1, rounds + 1):
         speeds = {}
-        for n, (side, (script, cwd, extra)) in enumerate(sides.items()):
+        for n, (side, (script, cwd, extra, extra_env)) in enumerate(sides.items()):
             try:
-                run = run_side(side, script, cwd, command_args, extra, os.path.join(work, f"{n}"), k, warmup_logs, timeout)
+                run = run_side(side, script, cwd, command_args, extra, os.path.join(work, f"{n}"), k, warmup_logs,
+                               timeout, extra_env)
             except RuntimeError as e:  # a crashed run (e.g. a loader worker's segfault) ends the series, keeps the rounds done
                 if not per_round:
                     raise
@@ -193,7 +221,8 @@ def versus(example_dir: str, kit: str, file_list: str, rounds: int = 3, steps: i
             "samples_per_s": {s: statistics.median(r["samples_per_s"][s] for r in per_round) for s in sides},
             "load": (min(loads), max(loads)), "failed": failed,
             "config": {**command_args, "rounds": rounds, "warmup_logs": warmup_logs,
-                       "ours_variants": [list(v) for v in ours_variants], "example_args": list(example_args)},
+                       "ours_variants": [list(v) for v in ours_variants], "example_args": list(example_args),
+                       "example_envs": [dict(e) for e in example_envs]},
             "work_dir": work}
 
 

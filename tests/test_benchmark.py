@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 import pytest
 
+from sd import cpu
 from sd.benchmark import count_forward_flops, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +113,7 @@ for step in range(1, steps + 1):
         t0 = time.perf_counter()
 with open(os.path.join(a.output_dir, "standin.json"), "w") as f:
     json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "sd": os.path.dirname(os.path.abspath(sd.__file__)),
-               "start": start, "end": time.time()}, f)
+               "start": start, "end": time.time(), "mkl": os.environ.get("MKL_DEBUG_CPU_TYPE")}, f)
 '''
 
 
@@ -146,8 +147,8 @@ def test_versus_interleaves_and_reads_each_trainers_own_figures(standin_example,
     before = sorted(os.listdir(standin_example))
     r = versus(standin_example, tiny_kit, demo_file_list, rounds=2, steps=4, logging_steps=2, warmup_logs=1,
                batch_size=2, resolution=32, num_workers=0, model_max_length=16, work_dir=str(tmp_path / "work"),
-               ours_variants=[["--max_grad_norm", "1.0"]], timeout=600)
-    sides = ["example", "ours --max_grad_norm 1.0"]
+               ours_variants=[["--max_grad_norm", "1.0"]], example_envs=[{"MKL_DEBUG_CPU_TYPE": "7"}], timeout=600)
+    sides = ["example", "example MKL_DEBUG_CPU_TYPE=7", "ours --max_grad_norm 1.0"]
     runs = r["runs"]
     assert r["sides"] == sides
     assert [(x["side"], x["round"]) for x in runs] == [(s, k) for k in (1, 2) for s in sides]  # A B C A B C
@@ -162,7 +163,7 @@ def test_versus_interleaves_and_reads_each_trainers_own_figures(standin_example,
     for s in sides:
         assert r["ratio"][s] == pytest.approx(np.median([x["ratio"][s] for x in r["rounds"]]))
     # the variant's flag reached our trainer (which logs its arguments), over the common command's -1
-    log = open(os.path.join(runs[1]["folder"], "log.txt")).read()
+    log = open(os.path.join(runs[2]["folder"], "log.txt")).read()
     assert re.search(r"max_grad_norm\s*:\s*(-?[0-9.]+)", log).group(1) == "1.0"
     # the stand-in ran inside its example window, from a copy of its folder, with its own sd package
     for x in (x for x in runs if x["side"] == "example"):
@@ -172,11 +173,29 @@ def test_versus_interleaves_and_reads_each_trainers_own_figures(standin_example,
         argv = seen["argv"]
         assert argv[argv.index("--unet_name_or_path") + 1] == os.path.join(os.path.abspath(tiny_kit), "unet", "config.json")
         assert argv[argv.index("--resolution") + 1] == "32"
+    # each example run had its own environment: the variable of its variant, none that `import sd` chose for ours
+    seen = [json.load(open(os.path.join(x["folder"], "output", "standin.json")))["mkl"] for x in runs[:2]]
+    assert seen == [None if cpu.CHOICE else os.environ.get("MKL_DEBUG_CPU_TYPE"), "7"]
     # the stand-in's interval figures are at most 2 × 2 / (2 × 0.01 s) = 200 samples/s: nothing is invented by the parser
     assert 20 < r["samples_per_s"]["example"] <= 200
     assert sorted(os.listdir(standin_example)) == before  # the example folder itself is never written
     text = describe_versus(r)
     assert "round 2:" in text and f"{r['ratio'][sides[1]]:.2f}×" in text and "load average" in text
+
+
+def test_the_example_runs_without_the_kernel_choice_made_for_ours(monkeypatch):
+    """sd/cpu.py's MKL variable, set by `import sd`, is ours: the example runs as its users run it."""
+    from sd.benchmark_versus import _environment, parse_env
+
+    monkeypatch.setattr(cpu, "CHOICE", "MKL_DEBUG_CPU_TYPE=5: ...")
+    monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", "5")
+    assert "MKL_DEBUG_CPU_TYPE" not in _environment("example", {})
+    assert _environment("example MKL_DEBUG_CPU_TYPE=5", parse_env("MKL_DEBUG_CPU_TYPE=5"))["MKL_DEBUG_CPU_TYPE"] == "5"
+    assert _environment("ours", {})["MKL_DEBUG_CPU_TYPE"] == "5"
+    monkeypatch.setattr(cpu, "CHOICE", None)  # the user exported it: both sides keep it
+    assert _environment("example", {})["MKL_DEBUG_CPU_TYPE"] == "5"
+    with pytest.raises(ValueError, match="not NAME=VALUE"):
+        parse_env("MKL_DEBUG_CPU_TYPE")
 
 
 def test_versus_cli_refuses_a_folder_that_is_not_the_example(tmp_path):

@@ -2,7 +2,9 @@
 
 The asset ``tests/assets/golden_run.json`` holds the first 20 logged losses and digests of the final UNet
 and EMA weights of one deterministic CPU run (the test kit, the 72-image demo list, seed 5, one loader
-worker). It is only valid for the CPU stack pinned in requirements.txt. After a change that is *meant*
+worker). It is only valid for the CPU stack pinned in requirements.txt and the matrix kernels MKL runs
+(sd/cpu.py: on an AMD CPU with AVX2 the AVX2 ones, as on the machine that wrote it; other kernels
+round differently). After a change that is *meant*
 to alter the numbers, regenerate it on that stack and commit it with the reason:
 
     python tests/test_golden.py --regenerate
