@@ -82,7 +82,7 @@ if [ "$MODE" = gpu ]; then
   export FLAG_FUSED_LINEAR=${FLAG_FUSED_LINEAR:-0}
   export FLAGS_conv_workspace_size_limit=${FLAGS_conv_workspace_size_limit:-4096}  # cuDNN workspace, MB
 else
-  # The embedded CPU default: the offline kit and the demo shapes, ≤ 10 minutes of training on 2 cores.
+  # The embedded CPU default: the offline kit and the demo shapes, ≈ 10 minutes of training on 2 idle cores.
   # Paddle's CPU kernels use about one core per process, so the default trains 2 data-parallel
   # processes, one per core: twice the images in the same time (docs/ablation.md). NPROC=1 for one
   # process. A high LR is what learns shape within the 10 minutes (docs/ablation.md: the LR series).
@@ -97,7 +97,7 @@ else
   esac
   RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-$DEFAULT_STEPS}
   LR=${LR:-6e-3}; SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-500}
-  # a first grid about a minute into training on 2 idle cores (≈ 2 steps/s); 2.5 min measured at load 4
+  # a first grid about a minute into training on 2 idle cores (≈ 1.65 steps/s: 68 s measured)
   FIRST_IMAGE_LOGGING_STEP=${FIRST_IMAGE_LOGGING_STEP:-100}
   # the frozen encoders through Paddle Inference: a faster step (benchmarks/THROUGHPUT.md); outputs ≈ 1e-6 from eager
   FROZEN_INFERENCE=${FROZEN_INFERENCE:-True}
