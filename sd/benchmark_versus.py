@@ -122,7 +122,8 @@ def run_side(side: str, script: str, cwd: str, command_args: dict, extra: Sequen
     os.makedirs(out, exist_ok=True)
     load_before, start = os.getloadavg()[0], time.time()
     with open(os.path.join(out, "log.txt"), "w") as log:
-        r = subprocess.run(cmd, cwd=cwd, env=_environment(side, extra_env or {}), stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        r = subprocess.run(cmd, cwd=cwd, env=_environment(side, extra_env or {}), stdout=log, stderr=subprocess.STDOUT,
+                           timeout=timeout)
     end = time.time()
     with open(os.path.join(out, "log.txt"), errors="replace") as f:
         text = f.read()
