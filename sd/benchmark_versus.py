@@ -100,10 +100,10 @@ def parse_log(text: str) -> List[Dict[str, float]]:
     return rows
 
 
-def _environment(side: str, extra_env: Dict[str, str]) -> Dict[str, str]:
+def _environment(example: bool, extra_env: Dict[str, str]) -> Dict[str, str]:
     env = dict(os.environ, USE_TORCH="0", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("PADDLE_TRAINER_ID", None)
-    if side.startswith("example"):  # its own sd/ package, not this repository's
+    if example:  # its own sd/ package, not this repository's
         env.pop("PYTHONPATH", None)
         if cpu.CHOICE:  # set by `import sd` in this process, not by the user: not the example's
             env.pop(cpu.MKL_VARIABLE, None)
@@ -114,7 +114,7 @@ def _environment(side: str, extra_env: Dict[str, str]) -> Dict[str, str]:
 
 
 def run_side(side: str, script: str, cwd: str, command_args: dict, extra: Sequence[str], work: str, round_: int,
-             warmup_logs: int, timeout: float, extra_env: Optional[Dict[str, str]] = None) -> dict:
+             warmup_logs: int, timeout: float, example: bool, extra_env: Dict[str, str]) -> dict:
     """One training run of one side (its files in ``work/round-<k>``); returns its per-interval and median
     throughput and its timing."""
     out = os.path.join(work, f"round-{round_}")
@@ -122,7 +122,7 @@ def run_side(side: str, script: str, cwd: str, command_args: dict, extra: Sequen
     os.makedirs(out, exist_ok=True)
     load_before, start = os.getloadavg()[0], time.time()
     with open(os.path.join(out, "log.txt"), "w") as log:
-        r = subprocess.run(cmd, cwd=cwd, env=_environment(side, extra_env or {}), stdout=log, stderr=subprocess.STDOUT,
+        r = subprocess.run(cmd, cwd=cwd, env=_environment(example, extra_env), stdout=log, stderr=subprocess.STDOUT,
                            timeout=timeout)
     end = time.time()
     with open(os.path.join(out, "log.txt"), errors="replace") as f:
@@ -194,18 +194,18 @@ def versus(example_dir: str, kit: str, file_list: str, rounds: int = 3, steps: i
                         batch_size=batch_size, resolution=resolution, num_workers=num_workers,
                         logging_steps=logging_steps, model_max_length=model_max_length, device=device)
     example = (os.path.join(example_copy, ENTRY), example_copy, list(example_args))
-    sides = {"example": (*example, {})}
+    sides = {"example": (*example, True, {})}  # name: (script, folder, flags, is the example, environment)
     for env in example_envs:
-        sides[" ".join(["example", *(f"{k}={v}" for k, v in env.items())])] = (*example, dict(env))
+        sides[" ".join(["example", *(f"{k}={v}" for k, v in env.items())])] = (*example, True, dict(env))
     for variant in ours_variants:
-        sides[side_name(variant)] = (os.path.join(ROOT, ENTRY), ROOT, list(variant), {})
+        sides[side_name(variant)] = (os.path.join(ROOT, ENTRY), ROOT, list(variant), False, {})
     runs, per_round, failed = [], [], None
     for k in range(1, rounds + 1):
         speeds = {}
-        for n, (side, (script, cwd, extra, extra_env)) in enumerate(sides.items()):
+        for n, (side, (script, cwd, extra, is_example, extra_env)) in enumerate(sides.items()):
             try:
                 run = run_side(side, script, cwd, command_args, extra, os.path.join(work, f"{n}"), k, warmup_logs,
-                               timeout, extra_env)
+                               timeout, is_example, extra_env)
             except RuntimeError as e:  # a crashed run (e.g. a loader worker's segfault) ends the series, keeps the rounds done
                 if not per_round:
                     raise

@@ -189,11 +189,11 @@ def test_the_example_runs_without_the_kernel_choice_made_for_ours(monkeypatch):
 
     monkeypatch.setattr(cpu, "CHOICE", "MKL_DEBUG_CPU_TYPE=5: ...")
     monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", "5")
-    assert "MKL_DEBUG_CPU_TYPE" not in _environment("example", {})
-    assert _environment("example MKL_DEBUG_CPU_TYPE=5", parse_env("MKL_DEBUG_CPU_TYPE=5"))["MKL_DEBUG_CPU_TYPE"] == "5"
-    assert _environment("ours", {})["MKL_DEBUG_CPU_TYPE"] == "5"
+    assert "MKL_DEBUG_CPU_TYPE" not in _environment(True, {})
+    assert _environment(True, parse_env("MKL_DEBUG_CPU_TYPE=5"))["MKL_DEBUG_CPU_TYPE"] == "5"
+    assert _environment(False, {})["MKL_DEBUG_CPU_TYPE"] == "5"
     monkeypatch.setattr(cpu, "CHOICE", None)  # the user exported it: both sides keep it
-    assert _environment("example", {})["MKL_DEBUG_CPU_TYPE"] == "5"
+    assert _environment(True, {})["MKL_DEBUG_CPU_TYPE"] == "5"
     with pytest.raises(ValueError, match="not NAME=VALUE"):
         parse_env("MKL_DEBUG_CPU_TYPE")
 
