@@ -21,7 +21,8 @@ from sd.distributed import UserError, after_rank_zero_work, run
 from sd.log import logger
 from sd.model import StableDiffusionModel
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
-from sd.sd_trainer import NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint, fit_global_batch
+from sd.sd_trainer import (NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint, fit_global_batch,
+                           warn_if_schedule_moves)
 from sd.train_loader import build_dataset
 
 
@@ -58,6 +59,7 @@ def parse_arguments():
         check_output_dir(training_args.output_dir)
     resume = find_resume_checkpoint(training_args) if training_args.do_train else None
     fit_global_batch(training_args, data_args, resume)  # another number of ranks: the same global batch
+    warn_if_schedule_moves(training_args, resume)
     ranks_here = int(os.environ.get("PADDLE_LOCAL_SIZE", "1"))  # processes of this job on this machine
     workers = training_args.dataloader_num_workers
     preflight.report(

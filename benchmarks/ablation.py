@@ -61,6 +61,8 @@ ROWS: Dict[str, Row] = {
     "lr 3e-3": Row("--learning_rate 3e-3", env={"LR": "3e-3"}),
     "lr 6e-3": Row("--learning_rate 6e-3", env={"LR": "6e-3"}),
     "cosine": Row("cosine LR decay to 0 with 5 % warm-up", env={"LR_SCHEDULER": "cosine", "WARMUP_STEPS": "{warmup}"}),
+    "constant LR": Row("constant LR instead of the linear decay to 0", env={"LR_SCHEDULER": "constant"}),
+    "beta2 0.999": Row("AdamW's β2 0.999 (PaddleMIX's) instead of 0.99", env={"ADAM_BETA2": "0.999"}),
     "batch 16": Row("batch 16, twice the steps", env={"BATCH_SIZE": "16"}, batch=16),
     "batch 64": Row("batch 64, half the steps", env={"BATCH_SIZE": "64"}, batch=64),
     "1 process": Row("NPROC=1: one process of batch 32 (half the images)", env={"NPROC": "1"}),

@@ -401,6 +401,22 @@ def fit_global_batch(training_args, data_args, checkpoint: Optional[str]) -> Non
                        "positions, but not on the batches the interrupted run would have seen")
 
 
+def warn_if_schedule_moves(training_args, checkpoint: Optional[str]) -> None:
+    """A decaying LR schedule is laid over ``--max_steps``: resuming a checkpoint toward another step count
+    changes the LR from there on (e.g. a linear decay that ended at 0 after 1000 steps restarts at a third
+    of its peak when resumed toward 1500), which is logged."""
+    path = os.path.join(checkpoint, "trainer_state.json") if checkpoint else None
+    schedule = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    if schedule in ("constant", "constant_with_warmup") or not (path and os.path.isfile(path)):
+        return
+    with open(path) as f:
+        planned = json.load(f).get("max_steps")
+    if planned is not None and planned != training_args.max_steps:
+        logger.warning(f"resuming {checkpoint}, a run of {planned} steps, with --max_steps {training_args.max_steps}: "
+                       f"the {schedule} LR schedule now runs over {training_args.max_steps} steps, so from here on the "
+                       f"LR is not the one of either run from the start (a fresh run in another --output_dir is)")
+
+
 def find_resume_checkpoint(training_args) -> Optional[str]:
     """``--resume_from_checkpoint`` if given, else the newest checkpoint in output_dir (unless
     ``--overwrite_output_dir``)."""

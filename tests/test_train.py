@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -191,11 +192,38 @@ def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path)
     assert config["model"]["prediction_type"] == "v_prediction" and config["model"]["snr_gamma"] == 5.0
     assert config["model"]["ema_decay"] == 0.999 and config["model"]["noise_offset"] == 0.1
     assert config["data"]["resolution"] == 32 and not (tmp_path / "tiny-sd").exists()
+    log = r.stdout + r.stderr  # rank 0's printout of its training arguments: the CPU recipe's optimizer settings
+    assert re.search(r"- learning_rate\s+: 0\.012\b", log) and re.search(r"- adam_beta2\s+: 0\.99\b", log)
+    assert re.search(r"- lr_scheduler_type\s+: SchedulerType\.LINEAR", log)
     # One data-parallel process per core (up to 2) by default: both ranks logged, every slot's stream saved.
     ranks = 2 if len(os.sched_getaffinity(0)) >= 2 and os.cpu_count() >= 2 else 1
     state = json.load(open(ckpt / "sd_state.json"))
     assert state["layout"]["ranks"] == ranks and sorted(state["slots"], key=int) == [str(j) for j in range(2 * ranks)]
     assert (tmp_path / "out" / "launch_logs" / f"workerlog.{ranks - 1}").is_file() == (ranks == 2)
+
+
+def test_resuming_toward_another_step_count_warns_when_the_schedule_decays(tmp_path):
+    from types import SimpleNamespace
+
+    import logging
+
+    from sd.log import logger
+    from sd.sd_trainer import warn_if_schedule_moves
+
+    said = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger.logger.addHandler(handler)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 1000, "max_steps": 1000}))
+    try:
+        for schedule, steps in (("linear", 1000), ("constant", 1500), ("constant_with_warmup", 1500)):
+            warn_if_schedule_moves(SimpleNamespace(lr_scheduler_type=schedule, max_steps=steps), str(tmp_path))
+        warn_if_schedule_moves(SimpleNamespace(lr_scheduler_type="linear", max_steps=1500), None)  # nothing to resume
+        assert said == []
+        warn_if_schedule_moves(SimpleNamespace(lr_scheduler_type="linear", max_steps=1500), str(tmp_path))
+    finally:
+        logger.logger.removeHandler(handler)
+    assert len(said) == 1 and "a run of 1000 steps, with --max_steps 1500: the linear LR schedule" in said[0]
 
 
 def test_text_encoder_training_gets_its_own_learning_rate(tiny_kit, tmp_path):
