@@ -43,9 +43,8 @@ NODE_NAME=${NODE_NAME:-$(hostname)}                      # with ELASTIC: this no
 # RESOLUTION         training image side, pixels                              256 | 32
 # BATCH_SIZE         images per device per step                               32 | 32
 # MAX_STEPS          optimizer steps                                          200000 | 1000 (PRESET=long: 1500)
-# LR                 peak learning rate (AdamW)                               1e-4 | 1.2e-2
-# LR_SCHEDULER       constant | linear (to 0 at MAX_STEPS) | cosine | ...     constant | linear
-# ADAM_BETA2         AdamW's second-moment decay                             0.999 | 0.99
+# LR                 peak learning rate (AdamW)                               1e-4 | 6e-3
+# LR_SCHEDULER       constant | linear | cosine | ...                         constant | constant
 # WARMUP_STEPS       linear warm-up steps                                     0 | 0
 # SAVE_STEPS         checkpoint every N steps                                 10000 | 500
 # IMAGE_LOGGING_STEPS  sample grid every N steps (multiple of LOGGING_STEPS)  1000 | 500
@@ -61,8 +60,8 @@ NODE_NAME=${NODE_NAME:-$(hostname)}                      # with ELASTIC: this no
 # FLAG_USE_EMA, FLAG_RECOMPUTE, FLAG_XFORMERS, FLAG_FUSED_LINEAR: PaddleMIX's switches (0/1). The GPU
 #   recipe exports PaddleMIX's values (0, 1, 1, 0) unless set, the CPU default FLAG_USE_EMA=1 (the EMA
 #   UNet, unet/*.ema.safetensors, samples better after 1000 steps); a --flag on the command line beats them.
-# Also: GRAD_ACCUM (1), WEIGHT_DECAY (0.01), SAVE_TOTAL_LIMIT (20), SEED (23), MODEL_MAX_LENGTH (77),
-#   MAX_GRAD_NORM (-1 = no clipping), DISABLE_TQDM (True | False).
+# Also: GRAD_ACCUM (1), WEIGHT_DECAY (0.01), ADAM_BETA2 (0.999: AdamW's second-moment decay), SAVE_TOTAL_LIMIT (20),
+#   SEED (23), MODEL_MAX_LENGTH (77), MAX_GRAD_NORM (-1 = no clipping), DISABLE_TQDM (True | False).
 
 has_gpu=$(python -c "import paddle; print(int(paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0))" 2>/dev/null || echo 0)
 if [ "$MODE" = auto ]; then
@@ -79,7 +78,6 @@ if [ "$MODE" = gpu ]; then
   LOGGING_STEPS=${LOGGING_STEPS:-10}; NUM_WORKERS=${NUM_WORKERS:-4}
   SNR_GAMMA=${SNR_GAMMA:-}; NOISE_OFFSET=${NOISE_OFFSET:-0}; NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-50}
   DISABLE_TQDM=${DISABLE_TQDM:-True}; EMA_DECAY=${EMA_DECAY:-0.9999}
-  LR_SCHEDULER=${LR_SCHEDULER:-constant}; ADAM_BETA2=${ADAM_BETA2:-0.999}
   export FLAG_USE_EMA=${FLAG_USE_EMA:-0} FLAG_RECOMPUTE=${FLAG_RECOMPUTE:-1} FLAG_XFORMERS=${FLAG_XFORMERS:-1}
   export FLAG_FUSED_LINEAR=${FLAG_FUSED_LINEAR:-0}
   export FLAGS_conv_workspace_size_limit=${FLAGS_conv_workspace_size_limit:-4096}  # cuDNN workspace, MB
@@ -87,20 +85,18 @@ else
   # The embedded CPU default: the offline kit and the demo shapes, ≈ 10 minutes of training on 2 idle cores.
   # Paddle's CPU kernels use about one core per process, so the default trains 2 data-parallel
   # processes, one per core: twice the images in the same time (docs/ablation.md). NPROC=1 for one
-  # process. A high LR decayed linearly to 0, with AdamW's β2 at 0.99, is what learns shape within the
-  # 10 minutes (docs/ablation.md: the LR series, the schedule and β2).
+  # process. A high LR is what learns shape within the 10 minutes (docs/ablation.md: the LR series).
   cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")  # not nproc: it obeys OMP_NUM_THREADS
   NPROC=${NPROC:-$(( cores >= 2 ? 2 : 1 ))}
   PRETRAINED=${PRETRAINED:-$KIT_DIR}
   UNET_CONFIG=${UNET_CONFIG:-$PRETRAINED/unet/config.json}
   case "$PRESET" in
     "") DEFAULT_STEPS=1000 ;;
-    long) DEFAULT_STEPS=1500 ;;  # a margin over the default's figures (README section 6); the LR decays over 1500
+    long) DEFAULT_STEPS=1500 ;;  # a margin over the default's figures (README section 6)
     *) echo "PRESET=$PRESET: unknown (use long, or leave it unset)" >&2; exit 2 ;;
   esac
   RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-$DEFAULT_STEPS}
-  LR=${LR:-1.2e-2}; LR_SCHEDULER=${LR_SCHEDULER:-linear}; ADAM_BETA2=${ADAM_BETA2:-0.99}
-  SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-500}
+  LR=${LR:-6e-3}; SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-500}
   # a first grid about a minute into training on 2 idle cores (≈ 1.65 steps/s: 68 s measured)
   FIRST_IMAGE_LOGGING_STEP=${FIRST_IMAGE_LOGGING_STEP:-100}
   # the frozen encoders through Paddle Inference: a faster step (benchmarks/THROUGHPUT.md); outputs ≈ 1e-6 from eager
@@ -154,8 +150,8 @@ $LAUNCH train_txt2img_laion400m_trainer.py \
   --learning_rate "$LR" \
   --weight_decay "${WEIGHT_DECAY:-0.01}" \
   --max_steps "$MAX_STEPS" \
-  --lr_scheduler_type "$LR_SCHEDULER" \
-  --adam_beta2 "$ADAM_BETA2" \
+  --lr_scheduler_type "${LR_SCHEDULER:-constant}" \
+  --adam_beta2 "${ADAM_BETA2:-0.999}" \
   --warmup_steps "${WARMUP_STEPS:-0}" \
   --image_logging_steps "$IMAGE_LOGGING_STEPS" \
   --first_image_logging_step "$FIRST_IMAGE_LOGGING_STEP" \

@@ -410,11 +410,13 @@ def warn_if_schedule_moves(training_args, checkpoint: Optional[str]) -> None:
     if schedule in ("constant", "constant_with_warmup") or not (path and os.path.isfile(path)):
         return
     with open(path) as f:
-        planned = json.load(f).get("max_steps")
+        state = json.load(f)
+    planned, step = state.get("max_steps"), state.get("global_step")
     if planned is not None and planned != training_args.max_steps:
         logger.warning(f"resuming {checkpoint}, a run of {planned} steps, with --max_steps {training_args.max_steps}: "
-                       f"the {schedule} LR schedule now runs over {training_args.max_steps} steps, so from here on the "
-                       f"LR is not the one of either run from the start (a fresh run in another --output_dir is)")
+                       f"the {schedule} LR schedule now runs over {training_args.max_steps} steps, so from step {step} "
+                       f"the LR is the one a {training_args.max_steps}-step run has there, after {step} steps on the "
+                       f"{planned}-step schedule (a fresh run in another --output_dir follows one schedule throughout)")
 
 
 def find_resume_checkpoint(training_args) -> Optional[str]:
