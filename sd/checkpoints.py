@@ -19,6 +19,7 @@ from typing import Optional
 STAGING_DIR = ".incomplete"  # under output_dir; not matched by the checkpoint-N pattern
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "sd_state.json"  # written last by the trainer's _save: a checkpoint without it is incomplete
+TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer's own: global_step, max_steps, log_history
 MARKER = STATE_FILE
 
 
@@ -89,7 +90,7 @@ def newest_model_folder(output_dir: str) -> Optional[str]:
     newest = newest_complete_checkpoint(output_dir)
     if newest is not None:
         found.append((int(_CHECKPOINT.match(os.path.basename(newest)).group(1)), 1, newest))
-    final = os.path.join(output_dir, "trainer_state.json")
+    final = os.path.join(output_dir, TRAINER_STATE_FILE)
     if os.path.isfile(os.path.join(output_dir, MARKER)):
         step = 0
         if os.path.isfile(final):

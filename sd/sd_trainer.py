@@ -30,7 +30,7 @@ import paddle
 from paddlenlp.trainer import Trainer
 
 from sd import sampling
-from sd.checkpoints import (STATE_FILE, CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
+from sd.checkpoints import (STATE_FILE, TRAINER_STATE_FILE, CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
                             staging_root)
 from sd.distributed import UserError, after_rank_zero_work
 from sd.log import logger
@@ -405,7 +405,7 @@ def warn_if_schedule_moves(training_args, checkpoint: Optional[str]) -> None:
     """A decaying LR schedule is laid over ``--max_steps``: resuming a checkpoint toward another step count
     changes the LR from there on (e.g. a linear decay that ended at 0 after 1000 steps restarts at a third
     of its peak when resumed toward 1500), which is logged."""
-    path = os.path.join(checkpoint, "trainer_state.json") if checkpoint else None
+    path = os.path.join(checkpoint, TRAINER_STATE_FILE) if checkpoint else None
     schedule = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
     if schedule in ("constant", "constant_with_warmup") or not (path and os.path.isfile(path)):
         return

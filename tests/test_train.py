@@ -123,22 +123,30 @@ def test_finalize_rounds_image_logging_and_refuses_cpu_half_precision(monkeypatc
     assert any("--fp16" in s for s in said) and any("--bf16" in s for s in said) and any("xformers" in s for s in said)
 
 
-def test_resuming_keeps_the_checkpoints_global_batch(tmp_path):
-    """fit_global_batch: a layout that makes the saved global batch is kept; else the per-device batch, else the
-    accumulation changes; else one line (a UserError) names the flags; another data order is logged."""
-    from types import SimpleNamespace
-
+@pytest.fixture
+def warnings_logged():
+    """The messages of the warnings the project's logger gives while the test runs."""
     import logging
 
-    from sd.distributed import UserError
     from sd.log import logger
-    from sd.sd_trainer import fit_global_batch
 
     said = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: said.append(record.getMessage())
     logger.logger.addHandler(handler)
+    yield said
+    logger.logger.removeHandler(handler)
 
+
+def test_resuming_keeps_the_checkpoints_global_batch(tmp_path, warnings_logged):
+    """fit_global_batch: a layout that makes the saved global batch is kept; else the per-device batch, else the
+    accumulation changes; else one line (a UserError) names the flags; another data order is logged."""
+    from types import SimpleNamespace
+
+    from sd.distributed import UserError
+    from sd.sd_trainer import fit_global_batch
+
+    said = warnings_logged
     (tmp_path / "sd_state.json").write_text(json.dumps({"global_batch": 8, "data_order": {
         "seed": 5, "file_list": str(tmp_path / "a.filelist.list"), "shuffle_buffer": 64}}))
     data = SimpleNamespace(file_list=str(tmp_path / "a.filelist.list"), shuffle_buffer=64)
@@ -157,7 +165,6 @@ def test_resuming_keeps_the_checkpoints_global_batch(tmp_path):
         fit(3, 1, 4)
     assert "--per_device_train_batch_size 4 → 8" in said[0] and not any("data order" in m for m in said)
     fit(1, 1, 8, seed=6)
-    logger.logger.removeHandler(handler)
     assert "another data order (--seed 5 → 6)" in said[-1]
     (tmp_path / "sd_state.json").write_text(json.dumps({"data_world_size": 2}))  # the per-data-rank format
     with pytest.raises(UserError, match="holds no slot positions"):
@@ -202,27 +209,18 @@ def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path)
     assert (tmp_path / "out" / "launch_logs" / f"workerlog.{ranks - 1}").is_file() == (ranks == 2)
 
 
-def test_resuming_toward_another_step_count_warns_when_the_schedule_decays(tmp_path):
+def test_resuming_toward_another_step_count_warns_when_the_schedule_decays(tmp_path, warnings_logged):
     from types import SimpleNamespace
 
-    import logging
-
-    from sd.log import logger
     from sd.sd_trainer import warn_if_schedule_moves
 
-    said = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: said.append(record.getMessage())
-    logger.logger.addHandler(handler)
+    said = warnings_logged
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 1000, "max_steps": 1000}))
-    try:
-        for schedule, steps in (("linear", 1000), ("constant", 1500), ("constant_with_warmup", 1500)):
-            warn_if_schedule_moves(SimpleNamespace(lr_scheduler_type=schedule, max_steps=steps), str(tmp_path))
-        warn_if_schedule_moves(SimpleNamespace(lr_scheduler_type="linear", max_steps=1500), None)  # nothing to resume
-        assert said == []
-        warn_if_schedule_moves(SimpleNamespace(lr_scheduler_type="linear", max_steps=1500), str(tmp_path))
-    finally:
-        logger.logger.removeHandler(handler)
+    for schedule, steps in (("linear", 1000), ("constant", 1500), ("constant_with_warmup", 1500)):
+        warn_if_schedule_moves(SimpleNamespace(lr_scheduler_type=schedule, max_steps=steps), str(tmp_path))
+    warn_if_schedule_moves(SimpleNamespace(lr_scheduler_type="linear", max_steps=1500), None)  # nothing to resume
+    assert said == []
+    warn_if_schedule_moves(SimpleNamespace(lr_scheduler_type="linear", max_steps=1500), str(tmp_path))
     assert len(said) == 1 and "a run of 1000 steps, with --max_steps 1500: the linear LR schedule" in said[0]
 
 
