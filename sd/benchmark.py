@@ -409,22 +409,30 @@ def model_flops(model, resolution: int, batch_size: int, text_len: int, latents:
 
 
 def cpu_peak_gflops(cpuinfo: str = "/proc/cpuinfo") -> Optional[dict]:
-    """One core's FP32 peak from ``/proc/cpuinfo``: SIMD lanes (AVX-512: 16, AVX2: 8 floats) × 2 FLOP per
-    fused multiply-add × 2 FMA units per core (Intel since Haswell, AMD since Zen 2; 1 unit on some
-    AVX-512 parts, so this is an upper bound) × the clock ``cpu MHz`` reports (no turbo headroom)."""
+    """One core's FP32 peak from ``/proc/cpuinfo``: SIMD lanes per FMA unit (AVX-512: 16, AVX2: 8 floats) × 2 FLOP
+    per fused multiply-add × 2 FMA units per core (Intel since Haswell, AMD since Zen 2; 1 unit on some
+    AVX-512 parts, so this is an upper bound) × the clock ``cpu MHz`` reports (no turbo headroom). AMD's Zen 4
+    (family 25) runs AVX-512 on its two 256-bit units: 8 lanes each, as with AVX2."""
     try:
         with open(cpuinfo) as f:
             text = f.read()
     except OSError:
         return None
-    flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
-    mhz = [float(l.split(":", 1)[1]) for l in text.splitlines() if l.startswith("cpu MHz")]
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), []).append(value.strip())
+    flags = fields.get("flags", [""])[0].split()
+    mhz = [float(v) for v in fields.get("cpu MHz", [])]
     if not mhz or "fma" not in flags:
         return None
-    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+    lanes = {"AVX-512": 16, "AVX2": 8, "SSE": 4}[isa]
+    family = fields.get("cpu family", ["0"])[0]
+    if isa == "AVX-512" and fields.get("vendor_id", [""])[0] == "AuthenticAMD" and family.isdigit() and int(family) < 26:
+        lanes, isa = 8, "AVX-512 on 256-bit units (Zen 4)"
     ghz = max(mhz) / 1000
-    return {"gflops": lanes * 2 * 2 * ghz, "lanes": lanes, "ghz": ghz,
-            "isa": "AVX-512" if lanes == 16 else "AVX2" if lanes == 8 else "SSE"}
+    return {"gflops": lanes * 2 * 2 * ghz, "lanes": lanes, "ghz": ghz, "isa": isa}
 
 
 def _known_peak() -> Optional[float]:

@@ -11,7 +11,7 @@ import paddle
 import pytest
 
 from sd import cpu
-from sd.benchmark import count_forward_flops, run
+from sd.benchmark import count_forward_flops, cpu_peak_gflops, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +44,21 @@ def test_flop_count_of_known_layers():
     x, ctx = paddle.zeros([1, 10, 16]), paddle.zeros([1, 6, 12])
     projections = 2 * (10 * 16 * 16 + 6 * 12 * 16 * 2 + 10 * 16 * 16)  # q, k, v, out
     assert count_forward_flops(attn, x, encoder_hidden_states=ctx) == projections + 2 * 2 * 10 * 6 * 16
+
+
+def test_cpu_peak_counts_the_fma_units_width(tmp_path):
+    def peak(vendor, family, flags, mhz="2450.000"):
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\ncpu MHz\t\t: {mhz}\n"
+                        f"flags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\ncpu MHz\t\t: 1500.000\n")
+        return cpu_peak_gflops(str(path))
+
+    assert peak("AuthenticAMD", 23, "avx fma avx2")["gflops"] == pytest.approx(8 * 2 * 2 * 2.45)  # Zen 2: AVX2
+    zen4 = peak("AuthenticAMD", 25, "avx fma avx2 avx512f", mhz="2596.146")  # Zen 4: AVX-512 on 256-bit units
+    assert zen4["lanes"] == 8 and zen4["gflops"] == pytest.approx(8 * 2 * 2 * 2.596146) and "Zen 4" in zen4["isa"]
+    assert peak("AuthenticAMD", 26, "avx fma avx2 avx512f")["lanes"] == 16  # Zen 5: 512-bit units
+    assert peak("GenuineIntel", 6, "avx fma avx2 avx512f")["gflops"] == pytest.approx(16 * 2 * 2 * 2.45)
+    assert peak("GenuineIntel", 6, "avx") is None  # no FMA: no peak claimed
 
 
 @pytest.mark.long
