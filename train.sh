@@ -3,7 +3,7 @@
 #
 #   sh train.sh                      # GPU + real weights: PaddleMIX's recipe; otherwise the CPU default
 #   MAX_STEPS=200 sh train.sh        # any setting below can be overridden from the environment
-#   PRESET=long sh train.sh          # CPU default, 1500 steps instead of 1000 (README, section 6)
+#   PRESET=long sh train.sh          # CPU default, 4500 steps instead of 3000 (README, section 6)
 #   sh train.sh --use_ema True       # extra arguments go to train_txt2img_laion400m_trainer.py (they win)
 #   GPUS=0,1,2,3,4,5,6,7 sh train.sh # 8 GPUs;  add IPS=10.0.0.1,10.0.0.2 for several machines
 #   NPROC=1 sh train.sh              # one CPU process (the CPU default runs 2, one per core, when it can)
@@ -20,7 +20,7 @@ MODE=${MODE:-auto}                                       # auto | gpu | cpu; aut
 SD_WEIGHTS=${SD_WEIGHTS:-CompVis/stable-diffusion-v1-4}  # local folder of the real SD v1 weights (GPU recipe)
 KIT_DIR=${KIT_DIR:-./tiny-sd}                            # the offline kit (CPU default): shipped; built if missing
 KIT_BUILD=${KIT_BUILD:-0}                                # 1: rebuild KIT_DIR first (python -m sd.kit; README section 4)
-PRESET=${PRESET:-}                                       # CPU default: "" (1000 steps) | long (1500 steps)
+PRESET=${PRESET:-}                                       # CPU default: "" (3000 steps) | long (4500 steps)
 # --- data and output ----------------------------------------------------------------------------
 FILE_LIST=${FILE_LIST:-./data/filelist/train.filelist.list}  # *.filelist.list to train on
 DEMO_IMAGES=${DEMO_IMAGES:-4000}                         # demo images made when FILE_LIST is the missing default
@@ -41,14 +41,14 @@ NODE_NAME=${NODE_NAME:-$(hostname)}                      # with ELASTIC: this no
 # PRETRAINED         folder with vae/ text_encoder/ tokenizer/ scheduler/     SD_WEIGHTS | KIT_DIR
 # UNET_CONFIG        UNet config .json (random init) or a UNet folder         ./unet_config.json | KIT_DIR/unet/config.json
 # RESOLUTION         training image side, pixels                              256 | 32
-# BATCH_SIZE         images per device per step                               32 | 32
-# MAX_STEPS          optimizer steps                                          200000 | 1000 (PRESET=long: 1500)
+# BATCH_SIZE         images per device per step                               32 | 16
+# MAX_STEPS          optimizer steps                                          200000 | 3000 (PRESET=long: 4500)
 # LR                 peak learning rate (AdamW)                               1e-4 | 6e-3
 # LR_SCHEDULER       constant | linear | cosine | ...                         constant | constant
 # WARMUP_STEPS       linear warm-up steps                                     0 | 0
 # SAVE_STEPS         checkpoint every N steps                                 10000 | 500
-# IMAGE_LOGGING_STEPS  sample grid every N steps (multiple of LOGGING_STEPS)  1000 | 500
-# FIRST_IMAGE_LOGGING_STEP  one more sample grid at this step (0 = none)      0 | 100
+# IMAGE_LOGGING_STEPS  sample grid every N steps (multiple of LOGGING_STEPS)  1000 | 1000
+# FIRST_IMAGE_LOGGING_STEP  one more sample grid at this step (0 = none)      0 | 300
 # LOGGING_STEPS      log loss, LR, speed every N steps                        10 | 50
 # NUM_WORKERS        data loader worker processes                             4 | 1
 # SNR_GAMMA          Min-SNR-γ loss weighting ("" = off)                      off | 5.0
@@ -85,25 +85,26 @@ else
   # The embedded CPU default: the offline kit and the demo shapes, ≈ 10 minutes of training on 2 idle cores.
   # Paddle's CPU kernels use about one core per process, so the default trains 2 data-parallel
   # processes, one per core: twice the images in the same time (docs/ablation.md). NPROC=1 for one
-  # process. A high LR is what learns shape within the 10 minutes (docs/ablation.md: the LR series).
+  # process. A high LR and small batches (more updates per image) are what learn shape within the 10 minutes
+  # (docs/ablation.md: the LR series; README section 6: batch 16).
   cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")  # not nproc: it obeys OMP_NUM_THREADS
   NPROC=${NPROC:-$(( cores >= 2 ? 2 : 1 ))}
   PRETRAINED=${PRETRAINED:-$KIT_DIR}
   UNET_CONFIG=${UNET_CONFIG:-$PRETRAINED/unet/config.json}
   case "$PRESET" in
-    "") DEFAULT_STEPS=1000 ;;
-    long) DEFAULT_STEPS=1500 ;;  # a margin over the default's figures (README section 6)
+    "") DEFAULT_STEPS=3000 ;;
+    long) DEFAULT_STEPS=4500 ;;  # a margin over the default's figures (README section 6)
     *) echo "PRESET=$PRESET: unknown (use long, or leave it unset)" >&2; exit 2 ;;
   esac
-  RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-$DEFAULT_STEPS}
-  LR=${LR:-6e-3}; SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-500}
-  # a first grid about a minute into training on 2 idle cores (≈ 1.65 steps/s: 68 s measured)
-  FIRST_IMAGE_LOGGING_STEP=${FIRST_IMAGE_LOGGING_STEP:-100}
+  RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-16}; MAX_STEPS=${MAX_STEPS:-$DEFAULT_STEPS}
+  LR=${LR:-6e-3}; SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-1000}
+  # a first grid about a minute into training on 2 idle cores (≈ 5 steps/s)
+  FIRST_IMAGE_LOGGING_STEP=${FIRST_IMAGE_LOGGING_STEP:-300}
   # the frozen encoders through Paddle Inference: a faster step (benchmarks/THROUGHPUT.md); outputs ≈ 1e-6 from eager
   FROZEN_INFERENCE=${FROZEN_INFERENCE:-True}
   LOGGING_STEPS=${LOGGING_STEPS:-50}; NUM_WORKERS=${NUM_WORKERS:-1}
   SNR_GAMMA=${SNR_GAMMA-5.0}; NOISE_OFFSET=${NOISE_OFFSET:-0.1}; NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-25}
-  export FLAG_USE_EMA=${FLAG_USE_EMA:-1}; EMA_DECAY=${EMA_DECAY:-0.999}  # with the EMA warm-up min(decay, (1+n)/(10+n)) the decay is 0.991 at step 1000 (≈ the last 110 steps)
+  export FLAG_USE_EMA=${FLAG_USE_EMA:-1}; EMA_DECAY=${EMA_DECAY:-0.999}  # with the EMA warm-up min(decay, (1+n)/(10+n)) the decay is 0.997 at step 3000 (≈ the last 330 steps)
   if [ "$PRETRAINED" = "$KIT_DIR" ] && { [ "$KIT_BUILD" = 1 ] || [ ! -f "$KIT_DIR/model_index.json" ]; }; then
     echo "== building the offline kit in $KIT_DIR"
     python -m sd.kit --output_dir "$KIT_DIR"

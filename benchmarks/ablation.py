@@ -1,6 +1,6 @@
 """Ablation of the CPU default's training options, scored by the demo shapes benchmark.
 
-    python benchmarks/ablation.py --output_dir ./ablation                        # every row, train.sh's budget
+    python benchmarks/ablation.py --output_dir ./ablation                        # every row, the tables' budget
     python benchmarks/ablation.py --rows baseline default "no EMA" --steps 500 --nproc 1  # some rows, smaller budget
     python benchmarks/ablation.py --output_dir ./ablation --table                 # only rewrite the table
 
@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANDOM_TEXT_ENCODER = "text_encoder_random_init"  # folder in --output_dir (not a row's name: eval would read it as one)
-BASE_BATCH = 32  # the CPU default's batch size: the budget is counted in its steps
+BASE_BATCH = 32  # the budget is counted in steps of batch 32 (the CPU default's batch when the tables were measured)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Row:
 ROWS: Dict[str, Row] = {
     "baseline": Row("no min-SNR, no offset noise, no EMA (plain ε-MSE)",
                     env={"SNR_GAMMA": "", "NOISE_OFFSET": "0", "FLAG_USE_EMA": "0"}),
-    "default": Row("sh train.sh as shipped"),
+    "default": Row("train.sh's CPU recipe at the table's batch 32"),
     "no min-SNR": Row("--snr_gamma off", env={"SNR_GAMMA": ""}),
     "no noise offset": Row("--noise_offset 0", env={"NOISE_OFFSET": "0"}),
     "no EMA": Row("the default's raw UNet weights instead of its EMA (same training run)", raw_weights_of="default"),
@@ -97,7 +97,7 @@ def train_row(name: str, row: Row, a, row_dir: str) -> dict:
     steps = a.steps * BASE_BATCH // row.batch
     fill = {"random_text_encoder": os.path.join(a.output_dir, RANDOM_TEXT_ENCODER), "warmup": str(steps // 20)}
     env = {**os.environ, "KIT_DIR": a.kit, "FILE_LIST": a.file_list, "OUTPUT_DIR": row_dir, "MODE": "cpu",
-           "MAX_STEPS": str(steps), "SAVE_STEPS": str(steps), "IMAGE_LOGGING_STEPS": "0", "DISABLE_TQDM": "True",
+           "MAX_STEPS": str(steps), "BATCH_SIZE": str(BASE_BATCH), "SAVE_STEPS": str(steps), "IMAGE_LOGGING_STEPS": "0", "DISABLE_TQDM": "True",
            "NPROC": str(a.nproc),  # unless the row says otherwise
            **{k: v.format(**fill) for k, v in row.env.items()}}
     args = [x.format(**fill) for x in row.args] + ["--overwrite_output_dir", "True", "--report_to", "none",
@@ -106,7 +106,7 @@ def train_row(name: str, row: Row, a, row_dir: str) -> dict:
     log_path = os.path.join(row_dir + ".train.log")
     cpu0, t0 = child_cpu_seconds(), time.time()
     with open(log_path, "w") as log:
-        log.write("env: " + json.dumps({k: env[k] for k in sorted(set(row.env) | {"MAX_STEPS"})}) + "\n")
+        log.write("env: " + json.dumps({k: env[k] for k in sorted(set(row.env) | {"MAX_STEPS", "BATCH_SIZE"})}) + "\n")
         log.write("cmd: " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -184,7 +184,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Ablation of train.sh's CPU default on the shapes benchmark (see the docstring).")
     p.add_argument("--output_dir", default="./ablation", help="row folders, ablation.json, ablation.md")
     p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run, from: {', '.join(ROWS)}")
-    p.add_argument("--steps", type=int, default=1000, help="budget: optimizer steps at batch 32 per process (train.sh's CPU default: 1000)")
+    p.add_argument("--steps", type=int, default=1000, help="budget: optimizer steps at batch 32 per process (1000: the budget of docs/ablation.md's "
+                   "tables, the CPU default's before it became 3000 steps of batch 16)")
     p.add_argument("--nproc", type=int, default=2,
                    help="training processes per row unless the row sets NPROC (train.sh's CPU default is 2)")
     p.add_argument("--kit", default="./tiny-sd", help="the offline kit (python -m sd.kit)")

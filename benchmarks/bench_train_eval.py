@@ -4,7 +4,7 @@
 
 Builds the default kit's architecture at 32 px (its UNet from ``unet/config.json``, VAE, text encoder with
 77 tokens) and times, interleaved (A B A B) in one process: a training step of one rank of the CPU
-default (batch 32: VAE encode, text encode, UNet forward + backward, AdamW), and one rank's share of an
+default (batch 16: VAE encode, text encode, UNet forward + backward, AdamW), and one rank's share of an
 evaluation (eval_num_images / nproc images, DDIM ``--eval_num_inference_steps`` at guidance 5, VAE
 decode). Prints the median of each and the cost of evaluating every ``--eval_steps`` steps as a share
 of the training time. The scoring itself (tiny CLIP on rank 0) is timed separately.
@@ -23,12 +23,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kit", default="./tiny-sd")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--eval_num_images", type=int, default=72)
     p.add_argument("--eval_num_inference_steps", type=int, default=25)
     p.add_argument("--eval_steps", type=int, default=500)
-    p.add_argument("--max_steps", type=int, default=1000)
+    p.add_argument("--max_steps", type=int, default=3000)
     a = p.parse_args()
 
     import numpy as np

@@ -31,6 +31,8 @@ def test_rows_are_trained_scored_and_tabled(tiny_kit, demo_file_list, tmp_path):
     rows = res["rows"]
     assert list(rows) == ["baseline", "default", "no EMA"]
     assert rows["baseline"]["env"] == {"SNR_GAMMA": "", "NOISE_OFFSET": "0", "FLAG_USE_EMA": "0"}
+    # the budget is counted at batch 32 whatever train.sh's own default batch is
+    assert '"BATCH_SIZE": "32"' in (out / "default.train.log").read_text().splitlines()[0]
     for name, r in rows.items():
         assert r["train"]["steps"] == 2 and r["train"]["processes"] == 1, name
         for seeds in ("tune", "report"):
