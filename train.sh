@@ -98,7 +98,7 @@ else
   esac
   RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-16}; MAX_STEPS=${MAX_STEPS:-$DEFAULT_STEPS}
   LR=${LR:-6e-3}; SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-1000}
-  # a first grid about a minute into training on 2 idle cores (≈ 5 steps/s)
+  # a first grid about a minute into training on 2 idle cores (≈ 4.7 steps/s: 65 s measured)
   FIRST_IMAGE_LOGGING_STEP=${FIRST_IMAGE_LOGGING_STEP:-300}
   # the frozen encoders through Paddle Inference: a faster step (benchmarks/THROUGHPUT.md); outputs ≈ 1e-6 from eager
   FROZEN_INFERENCE=${FROZEN_INFERENCE:-True}
