@@ -40,6 +40,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from sd.cpu import cpuinfo_fields
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CACHE = os.path.join(tempfile.gettempdir(), "sd-benchmark")
 # Dense peak TFLOP/s (bf16/fp16 tensor cores) of cards the MFU is usually quoted against.
@@ -418,10 +420,7 @@ def cpu_peak_gflops(cpuinfo: str = "/proc/cpuinfo") -> Optional[dict]:
             text = f.read()
     except OSError:
         return None
-    fields = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), []).append(value.strip())
+    fields = cpuinfo_fields(text)
     flags = fields.get("flags", [""])[0].split()
     mhz = [float(v) for v in fields.get("cpu MHz", [])]
     if not mhz or "fma" not in flags:

@@ -17,7 +17,7 @@ numbers differ from a run without it in the last bits, as between two machines).
 """
 
 import os
-from typing import MutableMapping, Optional
+from typing import Dict, List, MutableMapping, Optional
 
 MKL_VARIABLE = "MKL_DEBUG_CPU_TYPE"
 
@@ -25,19 +25,20 @@ MKL_VARIABLE = "MKL_DEBUG_CPU_TYPE"
 CHOICE: Optional[str] = None
 
 
+def cpuinfo_fields(cpuinfo: str) -> Dict[str, List[str]]:
+    """Every value of each key of a /proc/cpuinfo text, one per processor, in order."""
+    fields: Dict[str, List[str]] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), []).append(value.strip())
+    return fields
+
+
 def cpu_description(cpuinfo: str) -> tuple:
     """``(vendor_id, set of flags)`` of the first processor in a /proc/cpuinfo text."""
-    vendor, flags = "", set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "vendor_id" and not vendor:
-            vendor = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-        if vendor and flags:
-            break
-    return vendor, flags
+    fields = cpuinfo_fields(cpuinfo)
+    return fields.get("vendor_id", [""])[0], set(fields.get("flags", [""])[0].split())
 
 
 def use_avx2_mkl_on_amd(environ: MutableMapping[str, str] = os.environ,

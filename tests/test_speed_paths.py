@@ -1,7 +1,6 @@
 """The switchable speed paths: --frozen_inference (frozen VAE and text encoders through Paddle Inference) and
 --to_static (the UNet and VAE encoder as static graphs) give the eager run's numbers to float rounding."""
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from conftest import train_command  # noqa: E402
-from test_golden import ASSET, EXTRA  # noqa: E402
+from test_golden import EXTRA, golden_losses  # noqa: E402
 
 
 def _model(tiny_kit, **kw):
@@ -56,7 +55,7 @@ def test_to_static_and_frozen_inference_train_as_the_golden_eager_run(tiny_kit, 
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
     losses = [float(l.split(" - loss: ")[1].split(",")[0]) for l in log.splitlines() if " - loss: " in l]
-    golden = [float(x) for x in json.load(open(ASSET))["losses"][:steps]]
+    golden = [float(x) for x in golden_losses()[:steps]]
     np.testing.assert_allclose(losses, golden, rtol=1e-4)
     assert os.path.isfile(os.path.join(tmp_path, "run", f"checkpoint-{steps}", "unet",
                                        "diffusion_paddle_model.ema.safetensors"))
