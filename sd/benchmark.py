@@ -40,7 +40,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from sd.cpu import cpuinfo_fields
+from sd.cpu import cpuinfo_fields, widest_vector_isa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CACHE = os.path.join(tempfile.gettempdir(), "sd-benchmark")
@@ -425,8 +425,7 @@ def cpu_peak_gflops(cpuinfo: str = "/proc/cpuinfo") -> Optional[dict]:
     mhz = [float(v) for v in fields.get("cpu MHz", [])]
     if not mhz or "fma" not in flags:
         return None
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
-    lanes = {"AVX-512": 16, "AVX2": 8, "SSE": 4}[isa]
+    isa, lanes = {"avx512": ("AVX-512", 16), "avx2": ("AVX2", 8), "sse": ("SSE", 4)}[widest_vector_isa(flags)]
     family = fields.get("cpu family", ["0"])[0]
     if isa == "AVX-512" and fields.get("vendor_id", [""])[0] == "AuthenticAMD" and family.isdigit() and int(family) < 26:
         lanes, isa = 8, "AVX-512 on 256-bit units (Zen 4)"

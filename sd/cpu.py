@@ -41,6 +41,12 @@ def cpu_description(cpuinfo: str) -> tuple:
     return fields.get("vendor_id", [""])[0], set(fields.get("flags", [""])[0].split())
 
 
+def widest_vector_isa(flags) -> str:
+    """``"avx512"``, ``"avx2"`` or ``"sse"``: the widest vector instruction set among a CPU's flags, which
+    Paddle's and MKL's kernels are chosen by."""
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+
+
 def use_avx2_mkl_on_amd(environ: MutableMapping[str, str] = os.environ,
                         cpuinfo_path: str = "/proc/cpuinfo") -> Optional[str]:
     """Set ``MKL_DEBUG_CPU_TYPE=5`` in ``environ`` on an AMD CPU with AVX2 + FMA when it is unset.

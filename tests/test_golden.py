@@ -57,18 +57,18 @@ def golden_run(kit: str, file_list: str, output_dir: str) -> dict:
 
 def cpu_kind(cpuinfo: str = "/proc/cpuinfo") -> str:
     """Vendor and widest vector instruction set of this CPU: what the stored numbers depend on."""
-    from sd.cpu import cpu_description
+    from sd.cpu import cpu_description, widest_vector_isa
 
     try:
         with open(cpuinfo) as f:
             vendor, flags = cpu_description(f.read())
     except OSError:
         return "unknown"
-    return f"{vendor or 'unknown'}-{'avx512' if 'avx512f' in flags else 'avx2' if 'avx2' in flags else 'other'}"
+    return f"{vendor or 'unknown'}-{widest_vector_isa(flags)}"
 
 
-def asset_path(kind: str = "") -> str:
-    return os.path.join(ASSETS, f"golden_run.{kind or cpu_kind()}.json")
+def asset_path() -> str:
+    return os.path.join(ASSETS, f"golden_run.{cpu_kind()}.json")
 
 
 def golden_losses() -> list:
