@@ -7,7 +7,7 @@
 
 Input: one JSON object per line, ``{"caption": "...", "image": "val2014/x.jpg", ...}``; the image path
 is relative to the jsonl's folder (or absolute); a list of captions gives one record per caption.
-Output (the PaddleMIX layout, line format in ``sd/data_format.py``):
+Output (the PaddleMIX layout, line format in ``sd/data/formats.py``):
 
 * ``<output_path>/laion400m_format_data/part-000001[.gz]``: ``caption \\t NONE \\t base64(image bytes)``
   per line, ``--per_part_file_num`` lines per file, the image bytes exactly as read from disk
@@ -25,7 +25,7 @@ to the current part, so the output is byte-identical for any ``--num_workers``. 
 as ``*.tmp`` and renamed when complete; the file lists are written last.
 
 img2dataset input (``--input_path`` a folder written with ``--output_format webdataset``, ``parquet`` or
-``files``, detected; ``sd/img2dataset.py`` reads it): the shards are streamed in name order (a tar
+``files``, detected; ``sd/data/img2dataset.py`` reads it): the shards are streamed in name order (a tar
 member by member, a parquet batch by batch), the image bytes are verified and copied unchanged, and
 each shard gets its own parts, ``part-<shard>-000001[.gz]`` ...; samples without caption or image,
 with a caption that is not UTF-8, failing ``--min_original_size``/``--where``, or truncated tars are
@@ -56,8 +56,8 @@ from typing import Counter, Dict, Iterable, Iterator, List, Optional, Tuple
 from PIL import Image
 from tqdm import tqdm
 
-from sd import img2dataset as i2d
-from sd.data_format import BadRecord, encode_part_line, write_filelists
+from sd.data import img2dataset as i2d
+from sd.data.formats import BadRecord, encode_part_line, write_filelists
 
 PART_DIR = "laion400m_format_data"
 CHUNK_LINES = 16  # jsonl lines per worker task: small, so ~400 KB images keep memory low

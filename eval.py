@@ -13,11 +13,11 @@ tokenizer and noise schedule it was trained with (recorded in the checkpoint's s
 supplies them (and the UNet, when no other is given). Sizes default to the training resolution.
 A name that is not a local folder (``CompVis/stable-diffusion-v1-4``) is downloaded by the libraries'
 own code into their caches: from ppdiffusers' server, or the Hugging Face Hub with ``--from_hf_hub
-true`` (sd/components.py).
+true`` (sd/components/__init__.py).
 
 Outputs in --output_dir: ``{prompt index:03d}_g{guidance}_s{seed}.png`` per image, ``grid.png``
 (a row per prompt), ``manifest.json`` and ``manifest.csv``. Image j of every prompt uses seed
-``--seed + j``; the same command gives the same images (see sd/sampling.py for the seeding rule).
+``--seed + j``; the same command gives the same images (see sd/evaluation/sampling.py for the seeding rule).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ SEED_PROMPT = "a photo of an astronaut riding a horse on mars"  # PaddleMIX's ex
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from sd import coco_eval
+    from sd.evaluation import coco
     from sd.components import SCHEDULERS
 
     p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion pipeline (ppdiffusers), "
@@ -72,9 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N")
     p.add_argument("--evaluate", choices=["shapes", "coco"], default=None,
                    help="shapes: the demo prompt-adherence benchmark (36 prompts × --num_seeds seeds per guidance scale); "
-                        "coco: FID and CLIP score over a caption set (sd/coco_eval.py)")
+                        "coco: FID and CLIP score over a caption set (sd/evaluation/coco.py)")
     p.add_argument("--num_seeds", type=int, default=4, help="seeds per prompt for --evaluate shapes")
-    coco_eval.add_arguments(p)
+    coco.add_arguments(p)
     args = p.parse_args(argv)
     for name in ("num_images_per_prompt", "batch_size", "num_seeds", "num_inference_steps"):
         if getattr(args, name) < 1:
@@ -84,12 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.evaluate and (args.prompt or args.prompt_file):
         p.error("--evaluate shapes uses the 36 demo prompts; drop --prompt/--prompt_file")
     if args.evaluate == "coco":
-        coco_eval.check_args(args, p)
+        coco.check_args(args, p)
     return args
 
 
 # ---------------------------------------------------------------------------------------------
-# Which weights (sd/components.py; checked on the configs, before any weight is loaded)
+# Which weights (sd/components/__init__.py; checked on the configs, before any weight is loaded)
 # ---------------------------------------------------------------------------------------------
 def resolve_models(args) -> Dict:
     """Every component's source, the prediction type, the variant and the image size (written back
@@ -117,7 +117,7 @@ def read_prompts(args, is_kit: bool) -> List[str]:
             raise InputError("--prompt is empty")
         return args.prompt
     if is_kit:
-        from sd.demo_data import all_prompts
+        from sd.data.demo_data import all_prompts
 
         return [p[3] for p in all_prompts()]
     return [SEED_PROMPT]
@@ -136,7 +136,7 @@ def check_device(device: str) -> None:
 # Loading and generating
 # ---------------------------------------------------------------------------------------------
 def build(models: Dict, args):
-    """Load every component (sd/components.py) and wrap them in the shared pipeline."""
+    """Load every component (sd/components/__init__.py) and wrap them in the shared pipeline."""
     models.update(variant=args.variant, height=args.height, width=args.width)
     pipe = components.load_for_sampling(models, args.scheduler)
     args.height, args.width = models["height"], models["width"]  # hub weights: sizes known only now
@@ -151,7 +151,7 @@ def generate_all(pipe, prompts: List[str], args) -> List[dict]:
     """Every (guidance, prompt, image) in batches of --batch_size; saves PNGs; returns manifest rows."""
     from tqdm import tqdm
 
-    from sd.sampling import generate
+    from sd.evaluation.sampling import generate
 
     n = args.num_images_per_prompt
     jobs = [(g, i, args.seed + j) for g in args.guidance_scale for i in range(len(prompts)) for j in range(n)]
@@ -179,7 +179,7 @@ def write_outputs(rows: List[dict], prompts: List[str], models: Dict, args) -> N
     """grid.png (a row per prompt: each guidance scale's images in turn), manifest.json and .csv."""
     from PIL import Image
 
-    from sd.sampling import make_grid
+    from sd.evaluation.sampling import make_grid
 
     by_prompt = sorted(rows, key=lambda r: (r["prompt_index"], args.guidance_scale.index(r["guidance_scale"]), r["seed"]))
     images = [Image.open(os.path.join(args.output_dir, r["file"])) for r in by_prompt]
@@ -215,11 +215,11 @@ def main(argv=None) -> int:
     print(f"UNet {components.source_name(models['unet'])}{' (' + args.variant + ')' if args.variant else ''}, {args.width}×{args.height}, "
           f"{args.scheduler} {args.num_inference_steps} steps, guidance {' '.join(f'{g:g}' for g in args.guidance_scale)}")
     if args.evaluate == "coco":
-        from sd import coco_eval
+        from sd.evaluation import coco
 
-        return coco_eval.run_coco(pipe, args, unet=models["unet"])
+        return coco.run_coco(pipe, args, unet=models["unet"])
     if args.evaluate == "shapes":
-        from sd.evaluate import format_report, run_shapes_benchmark
+        from sd.evaluation.shapes import format_report, run_shapes_benchmark
 
         results = run_shapes_benchmark(pipe, args.guidance_scale, [args.seed + i for i in range(args.num_seeds)],
                                        args.num_inference_steps, args.height, args.width, args.output_dir,

@@ -114,7 +114,7 @@ else
   fi
   if [ ! -f "$FILE_LIST" ] && [ "$FILE_LIST" = ./data/filelist/train.filelist.list ]; then
     echo "== making the demo shapes dataset in ./data (once)"
-    python -m sd.demo_data --output_dir ./data/demo_raw --num_images "$DEMO_IMAGES" --size 64 --seed 0
+    python -m sd.data.demo_data --output_dir ./data/demo_raw --num_images "$DEMO_IMAGES" --size 64 --seed 0
     python create_pretraining_data.py --input_path ./data/demo_raw/demo.jsonl --output_path ./data \
       --output_name laion400m_en --per_part_file_num 1000 --save_gzip_file --overwrite
     echo "data/filelist/laion400m_en.filelist" > ./data/filelist/train.filelist.list

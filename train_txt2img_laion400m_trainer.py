@@ -14,10 +14,12 @@ import numpy as np
 import paddle
 from paddlenlp.trainer import PdArgumentParser, set_seed
 
-from sd import cpu, preflight
-from sd.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
+from sd import cpu
+
+from sd.runtime import preflight
+from sd.runtime.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
 from sd.components import ComponentError
-from sd.distributed import UserError, after_rank_zero_work, run
+from sd.runtime.distributed import UserError, after_rank_zero_work, run
 from sd.log import logger
 from sd.model import StableDiffusionModel
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize

@@ -45,7 +45,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sd.data_format import (decode_image_b64, decode_line_bytes, encode_part_line, iter_part_file,  # noqa: E402
+from sd.data.formats import (decode_image_b64, decode_line_bytes, encode_part_line, iter_part_file,  # noqa: E402
                             parse_part_line, parse_part_line_bytes, write_filelists)
 from sd.text_image_pair_dataset import INTERPOLATIONS, TextImagePairDataset, collate_fn, load_tokenizer  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""What the in-training scores (sd/train_eval.py) cost the CPU default, relative to its training steps.
+"""What the in-training scores (sd/evaluation/during_training.py) cost the CPU default, relative to its training steps.
 
     python benchmarks/bench_train_eval.py --kit ./tiny-sd [--rounds 3] [--eval_num_images 72]
 
@@ -38,7 +38,11 @@ def main():
     from ppdiffusers.transformers import CLIPTextModel
     from paddlenlp.transformers import CLIPTokenizer
 
-    from sd import demo_data, metrics, sampling
+    from sd.data import demo_data
+
+    from sd.evaluation import metrics
+
+    from sd.evaluation import sampling
 
     vae = AutoencoderKL.from_pretrained(os.path.join(a.kit, "vae"))
     text = CLIPTextModel.from_pretrained(os.path.join(a.kit, "text_encoder"))

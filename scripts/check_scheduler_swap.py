@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
     import ppdiffusers
 
-    from sd.evaluate import run_shapes_benchmark
+    from sd.evaluation.shapes import run_shapes_benchmark
 
     unet_dir = os.path.join(a.checkpoint, "unet")
     variant = "ema" if glob.glob(os.path.join(unet_dir, "*.ema.*")) else None

@@ -3,7 +3,7 @@
     python scripts/readme_figures.py --output_dir ./laion400m_pretrain_output_trainer --images_dir docs/images
 
 Writes into --images_dir:
-  demo_dataset.png         a sample of the demo shapes dataset (images and captions, as sd/demo_data.py draws them)
+  demo_dataset.png         a sample of the demo shapes dataset (images and captions, as sd/data/demo_data.py draws them)
   samples_over_steps.png   the trainer's logged image grids (<output_dir>/images/step-N.png) at a few steps, top to bottom
   loss_curve.png           training loss per logged step (trainer_state.json), raw and smoothed
   visualdl_scalars.png     VisualDL's scalar page for the run, in headless Chromium (needs `chromium`)
@@ -148,8 +148,8 @@ def demo_dataset_figure(out_png: str, num_images: int = 12, size: int = 64, seed
     """A grid of demo images with their captions (the same generator as the kit's demo data)."""
     from PIL import Image
 
-    from sd.demo_data import write_demo_jsonl
-    from sd.sampling import make_grid
+    from sd.data.demo_data import write_demo_jsonl
+    from sd.evaluation.sampling import make_grid
 
     with tempfile.TemporaryDirectory() as tmp:
         jsonl = write_demo_jsonl(tmp, num_images=num_images, size=size, seed=seed)

@@ -1,7 +1,7 @@
-"""Streaming precomputed latents (written by ``sd/precompute_latents.py``): the image stream's rules, no VAE.
+"""Streaming precomputed latents (written by ``sd/tools/precompute_latents.py``): the image stream's rules, no VAE.
 
 ``LatentDataset`` is ``TextImagePairDataset`` with another per-record step: the record stream
-(``sd/record_stream.py``: one stream per slot of the global batch, shuffle buffer, skip counters,
+(``sd/data/record_stream.py``: one stream per slot of the global batch, shuffle buffer, skip counters,
 ``fast_forward``) and the slots' loader workers are the parent's, unchanged, so a latent dataset streams,
 shards and resumes exactly like the images it was made from.
 Each record gives the VAE posterior's mean and std (the model samples ``μ + σ·ε`` every step, as in
@@ -21,7 +21,7 @@ import numpy as np
 import paddle
 from paddle.io import get_worker_info
 
-from sd.data_format import BadRecord, parse_latent_line
+from sd.data.formats import BadRecord, parse_latent_line
 from sd.text_image_pair_dataset import TextImagePairDataset, add_stream_fields
 
 INFO_SUFFIX = ".latents.json"
@@ -37,7 +37,7 @@ def read_info(filelist: str) -> dict:
     path = info_path(filelist)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; {filelist} is not a latent dataset written by "
-                                "sd.precompute_latents (train on images, or precompute the latents first)")
+                                "sd.tools.precompute_latents (train on images, or precompute the latents first)")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -65,7 +65,7 @@ class LatentDataset(TextImagePairDataset):
                  max_bad_fraction: Optional[float] = None, seed: int = 0, slots: Optional[Sequence[int]] = None,
                  num_slots: int = 1, report_every: int = 1000, shuffle_buffer: int = 64,
                  with_stream_state: bool = True, return_meta: bool = False, expect: Optional[dict] = None):
-        from sd.data_format import read_filelist_list
+        from sd.data.formats import read_filelist_list
 
         infos = [read_info(e.path) for e in read_filelist_list(file_list) if e.weight is None or e.weight > 0]
         first = infos[0]

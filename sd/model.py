@@ -191,9 +191,9 @@ class StableDiffusionModel(nn.Layer):
 
     def use_frozen_inference(self) -> None:
         """``--frozen_inference``: run the frozen VAE encoder and (unless trained) the text encoder through
-        Paddle Inference (``sd/inference_encoder.py``): ≈ 2.5× faster each on a CPU; their outputs differ
+        Paddle Inference (``sd/components/inference_encoder.py``): ≈ 2.5× faster each on a CPU; their outputs differ
         from the eager ones by float rounding (≈ 1e-6 relative)."""
-        from sd.inference_encoder import InferenceFunction
+        from sd.components.inference_encoder import InferenceFunction
 
         frozen = {"frozen_inference": True, "vae": InferenceFunction(_VaeMoments(self.vae))}
         if not self.args.train_text_encoder:
@@ -234,7 +234,7 @@ class StableDiffusionModel(nn.Layer):
         """One batch → scalar loss. ``seeds`` (B ints) fix every random draw, one seed per sample.
 
         Inputs: ``pixel_values`` (B, 3, H, W) and ``input_ids`` (B, L) (the VAE and text encoder run
-        here), or precomputed ones (``sd/precompute_latents.py``): ``latent_mean``/``latent_std``
+        here), or precomputed ones (``sd/tools/precompute_latents.py``): ``latent_mean``/``latent_std``
         (B, 4, h, w), the VAE posterior, sampled here every step, and ``encoder_hidden_states`` (B, L, D).
         Draw order of each sample's generator (tests rely on it; the same in both modes): posterior ε
         (4,h,w), noise (4,h,w), timestep, then offset noise (4,1,1) and perturbation (4,h,w) when enabled.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from paddlenlp.trainer import TrainingArguments
-from sd.train_eval import ScoreArguments
+from sd.evaluation.during_training import ScoreArguments
 
 # switch field → legacy environment variable (PaddleMIX's train.sh exports these)
 ENV_SWITCHES = {
@@ -112,7 +112,7 @@ class DataArguments:
                                       "this many"})
     precomputed_latents: bool = field(
         default=False, metadata={"help": "--file_list holds latents and text hidden states written by "
-                                         "`python -m sd.precompute_latents` (no VAE/text encoder per step; fixed crop)"})
+                                         "`python -m sd.tools.precompute_latents` (no VAE/text encoder per step; fixed crop)"})
     # img2dataset shards (.tar / .parquet) listed in a .filelist: where the caption is, and metadata filters
     caption_key: Optional[str] = field(
         default=None, metadata={"help": "img2dataset shards: caption from this field of the .json (parquet: this "
@@ -125,7 +125,7 @@ class DataArguments:
                                         "--where 'pwatermark < 0.5' 'aesthetic >= 5' (a sample must pass all)"})
 
     def __post_init__(self):
-        from sd.img2dataset import Where
+        from sd.data.img2dataset import Where
 
         for text in self.where or ():
             Where.parse(text)  # a malformed threshold fails here, before anything loads
@@ -192,7 +192,7 @@ def finalize(model_args: ModelArguments, data_args: DataArguments, training_args
             raise ValueError("--precomputed_latents stores the text encoder's outputs, so it cannot be trained: "
                              "drop --train_text_encoder or train on images")
         log("--precomputed_latents: crop, --interpolation and --center_crop were fixed when the latents were "
-            "written (sd.precompute_latents); --resolution must match them", changed=False)
+            "written (sd.tools.precompute_latents); --resolution must match them", changed=False)
     on_gpu = paddle.is_compiled_with_cuda() and "gpu" in paddle.device.get_device()
     if on_gpu and model_args.frozen_inference:  # its predictors run on the CPU
         log("--frozen_inference is a CPU path (Paddle Inference on the CPU); switched off on the GPU")

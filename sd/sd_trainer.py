@@ -11,7 +11,7 @@
 * checkpoints: the trained modules in ``from_pretrained`` layout (``unet/``, EMA variant,
   ``text_encoder/``) plus ``sd_state.json`` (the global batch, every slot's stream position, step count,
   EMA count) beside the Trainer's optimizer/scheduler/trainer state; resume loads exactly those. A
-  checkpoint is written under a staging name and renamed into place when complete (sd/checkpoints.py);
+  checkpoint is written under a staging name and renamed into place when complete (sd/runtime/checkpoints.py);
 * images: on rank 0 at ``first_image_logging_step`` and every ``image_logging_steps``, reconstructions and
   DDIM samples to VisualDL and a PNG;
 * resuming on another layout (:func:`fit_global_batch`): the per-device batch or the accumulation is
@@ -29,12 +29,12 @@ import numpy as np
 import paddle
 from paddlenlp.trainer import Trainer
 
-from sd import sampling
-from sd.checkpoints import (STATE_FILE, TRAINER_STATE_FILE, CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
+from sd.evaluation import sampling
+from sd.runtime.checkpoints import (STATE_FILE, TRAINER_STATE_FILE, CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
                             staging_root)
-from sd.distributed import UserError, after_rank_zero_work
+from sd.runtime.distributed import UserError, after_rank_zero_work
 from sd.log import logger
-from sd.train_eval import ScoreCallback
+from sd.evaluation.during_training import ScoreCallback
 from sd.train_loader import MicroBatchStreams
 
 
@@ -104,7 +104,7 @@ class StableDiffusionTrainer(Trainer):
         groups = [{"params": params, "learning_rate": lr / args.learning_rate}
                   for (name, params), lr in zip(model.trainable_groups(), self._group_lrs())]
         self.optimizer_grouped_parameters = groups  # lr in a group is a multiplier of the scheduler's lr
-        if args.eval_captions:  # scores of generated images every --eval_steps (sd/train_eval.py)
+        if args.eval_captions:  # scores of generated images every --eval_steps (sd/evaluation/during_training.py)
             self.add_callback(ScoreCallback(self))
 
     def _group_lrs(self):

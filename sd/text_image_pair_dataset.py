@@ -5,10 +5,10 @@
 
 A thin join of three parts, each in its own module:
 
-* ``sd/record_stream.py``: file lists and weights, one stream per slot of the global batch, shuffling,
+* ``sd/data/record_stream.py``: file lists and weights, one stream per slot of the global batch, shuffling,
   resume positions, skip counts (the stream's rules are in its docstring);
-* ``sd/data_format.py``: the record decoder (part-file line → caption, image bytes);
-* ``sd/image_codec.py``: image bytes → the uint8 training crop (reduced JPEG decode, fast Lanczos).
+* ``sd/data/formats.py``: the record decoder (part-file line → caption, image bytes);
+* ``sd/data/image_codec.py``: image bytes → the uint8 training crop (reduced JPEG decode, fast Lanczos).
 
 Here: per record, decode → crop → caption dropout → token ids (cached, since captions repeat); the
 slots of a dataset taken together, one sample of each per step; and ``collate_fn``, which stacks a
@@ -28,9 +28,9 @@ import numpy as np
 import paddle
 from paddle.io import IterableDataset, get_worker_info
 
-from sd.data_format import LINE_FORMATS, read_filelist, read_filelist_list
-from sd.image_codec import INTERPOLATIONS, ImageCodec, resample_window  # noqa: F401 (resample_window: re-exported)
-from sd.record_stream import SKIP_REASONS, RecordSource, RecordStream, ResumePoint
+from sd.data.formats import LINE_FORMATS, read_filelist, read_filelist_list
+from sd.data.image_codec import INTERPOLATIONS, ImageCodec, resample_window  # noqa: F401 (resample_window: re-exported)
+from sd.data.record_stream import SKIP_REASONS, RecordSource, RecordStream, ResumePoint
 
 __all__ = ["TextImagePairDataset", "collate_fn", "add_stream_fields", "load_tokenizer", "INTERPOLATIONS",
            "SKIP_REASONS", "resample_window"]
@@ -65,18 +65,18 @@ class TextImagePairDataset(IterableDataset):
 
     Args:
         file_list: a ``*.filelist.list`` (lines ``path/to/x.filelist [weight]``; relative paths by the
-            path rule of ``sd/data_format.py``).
+            path rule of ``sd/data/formats.py``).
         tokenizer: a CLIP tokenizer; captions are padded/truncated to ``model_max_length``.
         resolution: output side R; images are resized so their shorter side is ``R / 0.9``, then cropped.
-        line_format: ``laion400m`` or ``laion_aes`` (see ``sd/data_format.py``); never guessed.
+        line_format: ``laion400m`` or ``laion_aes`` (see ``sd/data/formats.py``); never guessed.
         interpolation: resize filter, one of ``INTERPOLATIONS``: ``lanczos`` (default; PaddleMIX's filter,
-            computed fast, see ``sd/image_codec.py``), ``lanczos_exact`` (Pillow's), bicubic, bilinear, box, nearest.
+            computed fast, see ``sd/data/image_codec.py``), ``lanczos_exact`` (Pillow's), bicubic, bilinear, box, nearest.
         center_crop: crop the centre instead of a random window.
         drop_caption_prob: probability of replacing the caption by "" (classifier-free guidance).
         allow_upscale: keep images smaller than R (upscaled); by default they are skipped, as in PaddleMIX.
         max_bad_fraction: raise once more than this fraction of records (after 1000) were bad.
         seed, num_slots: slot j's stream is a function of (seed, j, num_slots, file lists) only
-            (``sd/record_stream.py``); num_slots is the global batch.
+            (``sd/data/record_stream.py``); num_slots is the global batch.
         slots: the slots this dataset streams (default: all ``num_slots``), e.g. one micro-batch's.
         model_max_length: token length L (default: the tokenizer's).
         report_every: log a skip summary every this many skipped records.
@@ -294,7 +294,7 @@ def load_tokenizer(folder: Optional[str]):
             raise FileNotFoundError(f"tokenizer folder {folder} not found (give a CLIP tokenizer folder, "
                                     "e.g. ./tiny-sd/tokenizer, or none for a byte-level one)")
         return CLIPTokenizer.from_pretrained(folder)
-    from sd.kit_tokenizer import save_tokenizer
+    from sd.kit.tokenizer import save_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="sd-tokenizer-") as tmp:
         save_tokenizer(tmp, [], model_max_length=77)

@@ -1,7 +1,7 @@
 """The training loader: the micro-batches of one process, each the samples of its slots of the global batch.
 
 The global batch of G = R·A·b samples (R ranks, A accumulation steps, b per device) has G slots,
-each a record stream of its own (sd/record_stream.py). Micro-batch k of an optimizer step on rank r
+each a record stream of its own (sd/data/record_stream.py). Micro-batch k of an optimizer step on rank r
 is data rank d = r·A + k and holds slots [d·b, (d+1)·b); every random draw of sample j at step t
 comes from its slot's stream (crop, caption dropout) or from :func:`sample_seed` (run seed, j, t)
 (posterior sample, noise, timestep). So any R, A, b with the same product train on the same samples
@@ -50,12 +50,12 @@ def die_with_parent(worker_id: int = 0) -> None:
 def build_dataset(model, model_args, data_args, training_args, slots: Sequence[int], num_slots: int):
     """The training streams of ``slots`` of a global batch of ``num_slots``: images (VAE and text encoder run
     every step) or precomputed latents."""
-    from sd import img2dataset
+    from sd.data import img2dataset
 
     img2dataset.configure(img2dataset.ShardOptions(  # .tar/.parquet shards in the lists (inherited by loader workers)
         caption_key=data_args.caption_key, min_original_size=data_args.min_original_size,
         where=tuple(img2dataset.Where.parse(w) for w in data_args.where or ())))
-    if data_args.precomputed_latents:  # written by sd/precompute_latents.py for this VAE, text encoder, resolution
+    if data_args.precomputed_latents:  # written by sd/tools/precompute_latents.py for this VAE, text encoder, resolution
         from sd.latent_dataset import LatentDataset
 
         f = model.latent_factor

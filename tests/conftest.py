@@ -7,9 +7,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from tests.helpers.common import ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -22,38 +20,11 @@ def _shut_down_dataloader_workers():
     gc.collect()
 
 
-def train_command(tiny_kit, file_list, output_dir, *extra, entry="train_txt2img_laion400m_trainer.py"):
-    """The training command the tests run: the test kit at 32 px, batch 4, a log line per step, seed 5."""
-    return [sys.executable, os.path.join(ROOT, entry), "--do_train",
-            "--output_dir", str(output_dir), "--pretrained_model_name_or_path", tiny_kit,
-            "--unet_name_or_path", os.path.join(tiny_kit, "unet", "config.json"), "--file_list", file_list,
-            "--resolution", "32", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-            "--model_max_length", "16", "--num_inference_steps", "2", "--logging_steps", "1", "--seed", "5", *extra]
-
-
-WEIGHT_FILES = ("unet/diffusion_paddle_model.safetensors", "unet/diffusion_paddle_model.ema.safetensors")
-
-
-def weight_difference(a_dir, b_dir):
-    """(largest |a - b|, ||a - b|| / ||a||) over the UNet and EMA weights of two checkpoints, each the worse of the two."""
-    import numpy as np
-    from safetensors.numpy import load_file
-
-    largest, relative = 0.0, 0.0
-    for name in WEIGHT_FILES:
-        a, b = load_file(os.path.join(a_dir, name)), load_file(os.path.join(b_dir, name))
-        assert a.keys() == b.keys(), name
-        x, y = (np.concatenate([t[k].ravel().astype(np.float64) for k in sorted(a)]) for t in (a, b))
-        largest = max(largest, float(np.abs(x - y).max()))
-        relative = max(relative, float(np.linalg.norm(x - y) / np.linalg.norm(x)))
-    return largest, relative
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A CLIP BPE tokenizer learned from the demo captions (no model)."""
-    from sd.demo_data import all_prompts
-    from sd.kit_tokenizer import learn_bpe, save_tokenizer
+    from sd.data.demo_data import all_prompts
+    from sd.kit.tokenizer import learn_bpe, save_tokenizer
 
     folder = tmp_path_factory.mktemp("tokenizer")
     save_tokenizer(str(folder), learn_bpe(p[3] for p in all_prompts()), model_max_length=16)
@@ -71,7 +42,7 @@ def tokenizer(tokenizer_dir):
 def tiny_kit(tmp_path_factory):
     """Path of a kit built once per session with the test preset (seconds): real layout and loaders,
     barely trained (its figures do not meet the default kit's targets); model_max_length 16."""
-    from sd.kit import KitConfig, build_kit
+    from sd.kit.build import KitConfig, build_kit
 
     folder = tmp_path_factory.mktemp("kit") / "tiny-sd"
     build_kit(str(folder), KitConfig.test_preset(), seed=0, log=lambda *a: None)
@@ -81,7 +52,7 @@ def tiny_kit(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_jsonl(tmp_path_factory):
     """A 72-image demo dataset at 32 px (each of the 36 prompts twice): path of its demo.jsonl."""
-    from sd.demo_data import write_demo_jsonl
+    from sd.data.demo_data import write_demo_jsonl
 
     return write_demo_jsonl(str(tmp_path_factory.mktemp("demo_jsonl")), num_images=72, size=32, seed=1)
 
@@ -89,7 +60,7 @@ def demo_jsonl(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_file_list(tmp_path_factory):
     """A 72-image demo dataset at 32 px, packed by create_pretraining_data.py into 3 part files."""
-    from sd.demo_data import write_demo_jsonl
+    from sd.data.demo_data import write_demo_jsonl
 
     folder = tmp_path_factory.mktemp("demo")
     write_demo_jsonl(str(folder / "raw"), num_images=72, size=32, seed=1)

@@ -1,0 +1,152 @@
+"""Scores during training: FID (or FD-CLIP), CLIP score and, on demo captions, the shapes score, every
+``--eval_steps`` steps, logged to VisualDL beside the loss.
+
+    sh train.sh --eval_steps 500 --eval_captions ./data/demo_raw/demo.jsonl --eval_num_images 72 \\
+        --eval_reference ./data/demo_raw/images
+
+``--eval_steps`` is paddlenlp's own TrainingArguments field ("run an evaluation every X steps"): with
+``--evaluation_strategy`` left at "no" paddlenlp runs no evaluation of its own, and this callback uses
+the field. The scores are those of ``eval.py --evaluate coco`` (``sd/evaluation/coco.py``), on the first
+``--eval_num_images`` captions, one guidance scale, DDIM; the UNet's EMA weights when training keeps
+them (what eval.py samples by default). Every rank generates its share (image ``i`` on rank
+``i mod R``, from seed ``i``: the images do not depend on the number of ranks) into
+``<output_dir>/eval/step-N/``; after a barrier rank 0 scores, logs ``eval/<score>`` scalars and
+appends to ``<output_dir>/eval/scores.jsonl``. Generation uses no global random state, so training
+continues exactly as without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from paddlenlp.trainer import TrainerCallback
+from paddlenlp.utils.log import logger
+
+
+@dataclass
+class ScoreArguments:
+    """The in-training scores (a base of SDTrainingArguments; ``--eval_steps`` is paddlenlp's own field)."""
+
+    eval_captions: Optional[str] = field(
+        default=None, metadata={"help": "score generated images every --eval_steps on these captions (a jsonl with "
+                                        "'caption', PaddleMIX's coco30k.tsv, or one per line); off if unset"})
+    eval_num_images: int = field(default=72, metadata={"help": "images generated (split over ranks) per evaluation"})
+    eval_guidance_scale: float = field(default=5.0, metadata={"help": "guidance scale of the scored images"})
+    eval_num_inference_steps: int = field(default=25, metadata={"help": "DDIM steps of the scored images"})
+    eval_reference: Optional[str] = field(
+        default=None, metadata={"help": "reference images (folder) or statistics (.npz) for FID / FD-CLIP; "
+                                        "without it only the CLIP (and shapes) scores"})
+    eval_clip_model: Optional[str] = field(
+        default=None, metadata={"help": "CLIP model for the CLIP score and FD-CLIP (default: the kit's clip/ beside "
+                                        "the text encoder)"})
+    eval_inception_weights: Optional[str] = field(
+        default=None, metadata={"help": "FID Inception weights (.pth/.safetensors/.pdparams): FID instead of FD-CLIP"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eval_captions is None:
+            return
+        if not self.eval_steps or self.eval_steps < 1:
+            raise ValueError("--eval_captions needs --eval_steps K (score every K steps)")
+        if str(self.evaluation_strategy).split(".")[-1].lower() != "no":
+            raise ValueError("--eval_steps with --eval_captions scores generated images; leave --evaluation_strategy at "
+                             "'no' (there is no evaluation dataset)")
+        if not os.path.isfile(self.eval_captions):
+            raise ValueError(f"--eval_captions {self.eval_captions} does not exist")
+        if self.eval_num_images < 2 or self.eval_num_inference_steps < 1:
+            raise ValueError("--eval_num_images must be ≥ 2 and --eval_num_inference_steps ≥ 1")
+        if self.eval_reference is not None and not os.path.exists(self.eval_reference):
+            raise ValueError(f"--eval_reference {self.eval_reference} does not exist")
+
+
+class ScoreCallback(TrainerCallback):
+    """Every ``args.eval_steps`` steps: generate, score, log (see the module docstring)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self._scorers = None  # (feature extractor or None, CLIP), loaded at the first evaluation
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.eval_captions and state.global_step % args.eval_steps == 0:
+            self.evaluate(state.global_step)
+
+    def _load(self, args):
+        from sd.evaluation import metrics
+
+        m = self.trainer.sd_model
+        clip_path = args.eval_clip_model or os.path.join(os.path.dirname(os.path.normpath(m.paths["text_encoder"])), "clip")
+        if not os.path.isdir(clip_path) and args.eval_clip_model is None:
+            raise ValueError(f"no CLIP model for the in-training scores at {clip_path}: pass --eval_clip_model")
+        clip = metrics.load_clip(clip_path)
+        extractor = None
+        if args.eval_reference:
+            kind = "inception" if args.eval_inception_weights else "clip"
+            extractor = metrics.FeatureExtractor(kind, args.eval_inception_weights, clip_path)
+            if kind == "clip":
+                extractor.clip = clip  # one CLIP in memory
+        return extractor, clip
+
+    def evaluate(self, step: int) -> Optional[dict]:
+        import paddle
+        import paddle.distributed as dist
+
+        from sd.evaluation import coco
+
+        from sd.evaluation import metrics
+
+        from sd.evaluation import sampling
+
+        args, m = self.trainer.args, self.trainer.sd_model
+        rank, world = max(0, dist.get_rank()), max(1, dist.get_world_size())
+        prompts = coco.read_prompts(args.eval_captions)[: args.eval_num_images]
+        folder = os.path.join(args.output_dir, "eval", f"step-{step:07d}")
+        os.makedirs(folder, exist_ok=True)
+        was_training = m.unet.training
+        m.unet.eval()
+        backup = m.ema.copy_to(m.unet) if m.ema is not None else None
+        try:
+            pipe = sampling.build_pipeline(m.vae, m.text_encoder, m.tokenizer, m.unet, "ddim", dict(m.noise_scheduler.config))
+            mine = [i for i in range(len(prompts)) if i % world == rank]
+            size = self.trainer.resolution
+            for k in range(0, len(mine), 16):
+                chunk = mine[k : k + 16]
+                images = sampling.generate(pipe, [prompts[i] for i in chunk], guidance_scale=args.eval_guidance_scale,
+                                           num_inference_steps=args.eval_num_inference_steps, height=size, width=size,
+                                           seeds=chunk)
+                for i, image in zip(chunk, images):
+                    image.save(coco.image_path(folder, i))
+        finally:
+            if backup is not None:
+                m.unet.set_state_dict(backup)
+            if was_training:
+                m.unet.train()
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            return None
+        if self._scorers is None:
+            self._scorers = self._load(args)
+        extractor, clip = self._scorers
+        files = [coco.image_path(folder, i) for i in range(len(prompts))]
+        with paddle.no_grad():
+            cs = metrics.clip_score_of(clip, files, prompts)
+            scores = {"clip_score": cs["clip_score"], "clip_score_torchmetrics": cs["clip_score_torchmetrics"]}
+            if extractor is not None:
+                ref = coco.reference_stats(args.eval_reference, extractor, os.path.join(args.output_dir, "eval"))
+                name = "fid" if extractor.kind == "inception" else "fd_clip"
+                scores[name] = metrics.frechet_distance(*metrics.statistics(extractor(files)), *ref)
+        shapes = coco.shapes_accuracy(files, prompts)
+        if shapes is not None:
+            scores.update({f"shapes_{k}": v for k, v in shapes.items() if k != "n"})
+        writer = self.trainer._visualdl_writer()
+        if writer is not None:
+            for name, value in scores.items():
+                writer.add_scalar(tag=f"eval/{name}", value=float(value), step=step)
+            writer.flush()
+        with open(os.path.join(args.output_dir, "eval", "scores.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "images": len(files), **scores}) + "\n")
+        logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        return scores
