@@ -22,7 +22,7 @@ from sd.components import ComponentError
 from sd.runtime.distributed import UserError, after_rank_zero_work, run
 from sd.log import logger
 from sd.model import StableDiffusionModel
-from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
+from sd.sd_args import ENV_SWITCHES, DataArguments, ModelArguments, SDTrainingArguments, finalize
 from sd.sd_trainer import (NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint, fit_global_batch,
                            warn_if_schedule_moves)
 from sd.train_loader import build_dataset
@@ -66,7 +66,7 @@ def parse_arguments():
     workers = training_args.dataloader_num_workers
     preflight.report(
         preflight.check_model_paths(model_args) + preflight.check_file_list(data_args.file_list)
-        + preflight.check_env_flags()
+        + preflight.check_env_flags(ENV_SWITCHES)
         + preflight.check_shm(0 if data_args.precomputed_latents else preflight.shm_bytes_needed(
             training_args.per_device_train_batch_size, data_args.resolution, workers,
             training_args.gradient_accumulation_steps, ranks_here)), _log)

@@ -18,15 +18,13 @@ depends on W.
 
 from __future__ import annotations
 
-import ctypes
-import signal
-import sys
 import time
 from typing import Dict, List, Sequence
 
 import numpy as np
 import paddle
 
+from sd.runtime.distributed import die_with_parent
 from sd.text_image_pair_dataset import TextImagePairDataset, collate_fn
 
 
@@ -36,15 +34,6 @@ def sample_seed(run_seed: int, slot: int, step: int) -> int:
     The 1 keeps these apart from the data streams' own draws, seeded ``(seed, 0, slot, draw)``.
     """
     return int(np.random.SeedSequence([run_seed, 1, slot, step]).generate_state(1)[0])
-
-
-def die_with_parent(worker_id: int = 0) -> None:
-    """The calling process ends when its parent does, even when the parent is killed with SIGKILL (Linux).
-
-    A loader worker's ``worker_init_fn``; a training rank calls it too (its parent is the launcher).
-    """
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def build_dataset(model, model_args, data_args, training_args, slots: Sequence[int], num_slots: int):

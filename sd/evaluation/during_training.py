@@ -19,47 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from typing import Optional
 
 from paddlenlp.trainer import TrainerCallback
 from paddlenlp.utils.log import logger
-
-
-@dataclass
-class ScoreArguments:
-    """The in-training scores (a base of SDTrainingArguments; ``--eval_steps`` is paddlenlp's own field)."""
-
-    eval_captions: Optional[str] = field(
-        default=None, metadata={"help": "score generated images every --eval_steps on these captions (a jsonl with "
-                                        "'caption', PaddleMIX's coco30k.tsv, or one per line); off if unset"})
-    eval_num_images: int = field(default=72, metadata={"help": "images generated (split over ranks) per evaluation"})
-    eval_guidance_scale: float = field(default=5.0, metadata={"help": "guidance scale of the scored images"})
-    eval_num_inference_steps: int = field(default=25, metadata={"help": "DDIM steps of the scored images"})
-    eval_reference: Optional[str] = field(
-        default=None, metadata={"help": "reference images (folder) or statistics (.npz) for FID / FD-CLIP; "
-                                        "without it only the CLIP (and shapes) scores"})
-    eval_clip_model: Optional[str] = field(
-        default=None, metadata={"help": "CLIP model for the CLIP score and FD-CLIP (default: the kit's clip/ beside "
-                                        "the text encoder)"})
-    eval_inception_weights: Optional[str] = field(
-        default=None, metadata={"help": "FID Inception weights (.pth/.safetensors/.pdparams): FID instead of FD-CLIP"})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.eval_captions is None:
-            return
-        if not self.eval_steps or self.eval_steps < 1:
-            raise ValueError("--eval_captions needs --eval_steps K (score every K steps)")
-        if str(self.evaluation_strategy).split(".")[-1].lower() != "no":
-            raise ValueError("--eval_steps with --eval_captions scores generated images; leave --evaluation_strategy at "
-                             "'no' (there is no evaluation dataset)")
-        if not os.path.isfile(self.eval_captions):
-            raise ValueError(f"--eval_captions {self.eval_captions} does not exist")
-        if self.eval_num_images < 2 or self.eval_num_inference_steps < 1:
-            raise ValueError("--eval_num_images must be ≥ 2 and --eval_num_inference_steps ≥ 1")
-        if self.eval_reference is not None and not os.path.exists(self.eval_reference):
-            raise ValueError(f"--eval_reference {self.eval_reference} does not exist")
 
 
 class ScoreCallback(TrainerCallback):

@@ -77,15 +77,12 @@ def _parses(raw: str, like) -> bool:
         return False
 
 
-def check_env_flags(environ=os.environ, switches: Optional[Dict[str, str]] = None) -> List[Finding]:
+def check_env_flags(switches: Dict[str, str], environ=os.environ) -> List[Finding]:
     """``FLAGS_*`` values of the environment against the type of Paddle's flag (Paddle itself ignores a bool it
     cannot parse and reads ``12abc`` as 12); ``FLAG_*`` against this trainer's switches (0/1)."""
     from paddle.base import core
 
-    from sd.sd_args import ENV_SWITCHES
-
     known = core.globals()
-    switches = ENV_SWITCHES if switches is None else switches
     found = []
     for name in sorted(environ):
         raw = environ[name]

@@ -114,8 +114,11 @@ def test_file_list_check_counts_parts(demo_file_list):
 
 
 def test_env_flags():
-    found = preflight.check_env_flags({"FLAGS_paddle_num_threads": "12abc", "FLAGS_check_nan_inf": "1",
-                                       "FLAGS_no_such_flag_here": "1", "FLAG_USE_EMAA": "1", "PATH": "/bin"})
+    from sd.sd_args import ENV_SWITCHES
+
+    found = preflight.check_env_flags(ENV_SWITCHES, {"FLAGS_paddle_num_threads": "12abc", "FLAGS_check_nan_inf": "1",
+                                                     "FLAGS_no_such_flag_here": "1", "FLAG_USE_EMAA": "1",
+                                                     "PATH": "/bin"})
     assert ("stop", "FLAGS_paddle_num_threads='12abc' is not a int (Paddle's FLAGS_paddle_num_threads is a int): "
                     "fix or unset it") in found
     assert [lvl for lvl, m in found if "FLAGS_check_nan_inf" in m] == []  # parses
