@@ -3,7 +3,7 @@
 #
 #   sh train.sh                      # GPU + real weights: PaddleMIX's recipe; otherwise the CPU default
 #   MAX_STEPS=200 sh train.sh        # any setting below can be overridden from the environment
-#   PRESET=long sh train.sh          # CPU default, 4500 steps instead of 3000 (README, section 6)
+#   PRESET=long sh train.sh          # CPU default, 4500 steps instead of 3000 (docs/results.md)
 #   sh train.sh --use_ema True       # extra arguments go to train_txt2img_laion400m_trainer.py (they win)
 #   GPUS=0,1,2,3,4,5,6,7 sh train.sh # 8 GPUs;  add IPS=10.0.0.1,10.0.0.2 for several machines
 #   NPROC=1 sh train.sh              # one CPU process (the CPU default runs 2, one per core, when it can)
@@ -19,7 +19,7 @@ cd "$(dirname "$0")"
 MODE=${MODE:-auto}                                       # auto | gpu | cpu; auto = gpu when a GPU and SD_WEIGHTS exist
 SD_WEIGHTS=${SD_WEIGHTS:-CompVis/stable-diffusion-v1-4}  # local folder of the real SD v1 weights (GPU recipe)
 KIT_DIR=${KIT_DIR:-./tiny-sd}                            # the offline kit (CPU default): shipped; built if missing
-KIT_BUILD=${KIT_BUILD:-0}                                # 1: rebuild KIT_DIR first (python -m sd.kit; README section 4)
+KIT_BUILD=${KIT_BUILD:-0}                                # 1: rebuild KIT_DIR first (python -m sd.kit; docs/models.md)
 PRESET=${PRESET:-}                                       # CPU default: "" (3000 steps) | long (4500 steps)
 # --- data and output ----------------------------------------------------------------------------
 FILE_LIST=${FILE_LIST:-./data/filelist/train.filelist.list}  # *.filelist.list to train on
@@ -86,21 +86,21 @@ else
   # Paddle's CPU kernels use about one core per process, so the default trains 2 data-parallel
   # processes, one per core: twice the images in the same time (docs/ablation.md). NPROC=1 for one
   # process. A high LR and small batches (more updates per image) are what learn shape within the 10 minutes
-  # (docs/ablation.md: the LR series; README section 6: batch 16).
+  # (docs/ablation.md: the LR series; docs/results.md: batch 16).
   cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")  # not nproc: it obeys OMP_NUM_THREADS
   NPROC=${NPROC:-$(( cores >= 2 ? 2 : 1 ))}
   PRETRAINED=${PRETRAINED:-$KIT_DIR}
   UNET_CONFIG=${UNET_CONFIG:-$PRETRAINED/unet/config.json}
   case "$PRESET" in
     "") DEFAULT_STEPS=3000 ;;
-    long) DEFAULT_STEPS=4500 ;;  # a margin over the default's figures (README section 6)
+    long) DEFAULT_STEPS=4500 ;;  # a margin over the default's figures (docs/results.md)
     *) echo "PRESET=$PRESET: unknown (use long, or leave it unset)" >&2; exit 2 ;;
   esac
   RESOLUTION=${RESOLUTION:-32}; BATCH_SIZE=${BATCH_SIZE:-16}; MAX_STEPS=${MAX_STEPS:-$DEFAULT_STEPS}
   LR=${LR:-6e-3}; SAVE_STEPS=${SAVE_STEPS:-500}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-1000}
   # a first grid about a minute into training on 2 idle cores (≈ 4.7 steps/s: 65 s measured)
   FIRST_IMAGE_LOGGING_STEP=${FIRST_IMAGE_LOGGING_STEP:-300}
-  # the frozen encoders through Paddle Inference: a faster step (benchmarks/THROUGHPUT.md); outputs ≈ 1e-6 from eager
+  # the frozen encoders through Paddle Inference: a faster step (docs/performance.md); outputs ≈ 1e-6 from eager
   FROZEN_INFERENCE=${FROZEN_INFERENCE:-True}
   LOGGING_STEPS=${LOGGING_STEPS:-50}; NUM_WORKERS=${NUM_WORKERS:-1}
   SNR_GAMMA=${SNR_GAMMA-5.0}; NOISE_OFFSET=${NOISE_OFFSET:-0.1}; NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-25}

@@ -13,7 +13,7 @@ on two disjoint seed sets:
 
 * tuning seeds (``--tune_seed``, default 0..3): the ones looked at while choosing the default;
 * report seeds (``--report_seed``, default 1000..1003): never looked at while choosing; the figures
-  the README quotes.
+  docs/results.md quotes.
 
 Training runs under ``nice -n 5`` (the CPU is shared). Written to ``--output_dir``: one folder per
 row (train log, final UNet, eval outputs), ``ablation.json`` (everything measured, appended row by

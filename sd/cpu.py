@@ -6,7 +6,7 @@ an AMD processor it takes a generic path, not its AVX2 kernels, although the cor
 ``MKL_DEBUG_CPU_TYPE=5`` makes it take the AVX2 kernels (MKL reads it at its first call, and MKL
 releases up to 2020.0 honour it; later ones ignore it). Measured on one AMD EPYC core: a 1024³ SGEMM
 16-21 → 52-58 GFLOP/s, the tiny kit's UNet training step 1.6× faster, the CPU default's whole step
-1.3× (benchmarks/THROUGHPUT.md).
+1.3× (docs/performance.md).
 
 :func:`use_avx2_mkl_on_amd` sets it on AMD CPUs with AVX2 and FMA unless it is already set (a value
 the user exported wins; ``MKL_DEBUG_CPU_TYPE=`` — empty — keeps MKL's own choice). Intel CPUs are

@@ -98,7 +98,7 @@ def format_report(results: Dict[str, dict]) -> str:
 
 def prompt_table(images, tile: int = 64):
     """The 36 demo images of one seed as a labelled table: a row per colour, a column per
-    (shape, background), in ``demo_data.all_prompts()`` order (the README's sample grid).
+    (shape, background), in ``demo_data.all_prompts()`` order (the sample grid of docs/results.md).
 
     Args:
         images: 36 PIL images, ``all_prompts()`` order (colour-major, then shape, then background).

@@ -73,7 +73,7 @@ class KitConfig:
     vae_kl_weight: float = 1e-6
     unet_channels: Tuple[int, ...] = (32, 64)
     # heads per attention layer (ppdiffusers' attention_head_dim is SD v1's head count, 8); 2 here: heads of
-    # 16-32 channels; 8 heads of 4 channels made the step 1.22× slower on CPU (benchmarks/THROUGHPUT.md)
+    # 16-32 channels; 8 heads of 4 channels made the step 1.22× slower on CPU (docs/performance.md)
     unet_attention_head_dim: int = 2
     eval_images: int = 216  # held-out demo images for the figures (6 per prompt)
 

@@ -224,7 +224,7 @@ def test_a_scheduler_swapped_in_with_from_config_samples_as_sd_v1(tiny_kit, name
 
 
 def test_default_kit_meets_its_figures():
-    """The built default kit's report meets the kit's targets (README, section 4), and its VAE reproduces them on fresh images."""
+    """The built default kit's report meets the kit's targets (docs/models.md), and its VAE reproduces them on fresh images."""
     import paddle
     from ppdiffusers import AutoencoderKL
 
@@ -305,7 +305,7 @@ def test_shipped_kit_loads_through_components():
         assert vae.encode(x).latent_dist.mean.shape == [2, 4, 8, 8]
     assert sched.config.num_train_timesteps == 1000
     report = json.load(open(os.path.join(DEFAULT_KIT, "kit_report.json")))
-    assert report["retrieval_accuracy"] >= 0.95 and report["vae_psnr_db"] >= 22  # the figures README quotes
+    assert report["retrieval_accuracy"] >= 0.95 and report["vae_psnr_db"] >= 22  # the figures docs/models.md quotes
     clip = load_clip(os.path.join(DEFAULT_KIT, "clip"))
     assert clip.logit_scale == pytest.approx(report["clip_logit_scale"], rel=1e-5)
     assert clip.text_features([p[3] for p in all_prompts()[:2]]).shape == (2, 32)
