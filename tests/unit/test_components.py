@@ -78,13 +78,15 @@ def test_download_reason_names_the_cause():
 
 def test_make_scheduler_settings():
     ddim = make_scheduler("ddim").config
-    assert (ddim.num_train_timesteps, ddim.beta_start, ddim.beta_end, ddim.beta_schedule) == (1000, 0.00085, 0.012, "scaled_linear")
+    assert (ddim.num_train_timesteps, ddim.beta_start, ddim.beta_end, ddim.beta_schedule) == (
+        1000, 0.00085, 0.012, "scaled_linear")
     assert (ddim.clip_sample, ddim.set_alpha_to_one, ddim.steps_offset) == (False, False, 1)
     # a given (training) config wins over SD v1's defaults, overrides over both; keys a class does not
     # take stay in its config without reaching the class
     v = make_scheduler("lms", {"_class_name": "PNDMScheduler", "prediction_type": "epsilon", "skip_prk_steps": True},
                        prediction_type="v_prediction")
-    assert v.config.prediction_type == "v_prediction" and v.config.skip_prk_steps is True and "_class_name" not in v.config
+    assert v.config.prediction_type == "v_prediction" and v.config.skip_prk_steps is True
+    assert "_class_name" not in v.config
     assert v.config.beta_schedule == "linear"  # the class's default: SD v1's settings are not mixed into a given config
     assert make_scheduler("pndm").config.skip_prk_steps is True  # PLMS, as SD v1 samples
     assert make_scheduler("dpm-solver++", {"algorithm_type": "dpmsolver"}).config.algorithm_type == "dpmsolver++"
@@ -102,7 +104,8 @@ def test_sd_v1_settings_reach_every_sampler():
     assert (ddim.config.clip_sample, ddim.config.set_alpha_to_one, ddim.config.steps_offset) == (False, False, 1)
     ddpm = components.load_noise_scheduler(None, "v_prediction")  # training without a scheduler folder
     assert ddpm.config.prediction_type == "v_prediction" and ddpm.config.clip_sample is False
-    assert list(ddpm.alphas_cumprod.numpy()) == list(ppdiffusers.DDPMScheduler(**SD_NOISE_SCHEDULE).alphas_cumprod.numpy())
+    sd_v1 = ppdiffusers.DDPMScheduler(**SD_NOISE_SCHEDULE)
+    assert list(ddpm.alphas_cumprod.numpy()) == list(sd_v1.alphas_cumprod.numpy())
 
 
 def test_noise_scheduler_from_a_folder_keeps_the_sampler_settings(tmp_path):
@@ -113,7 +116,8 @@ def test_noise_scheduler_from_a_folder_keeps_the_sampler_settings(tmp_path):
     make_scheduler("pndm").save_pretrained(str(tmp_path / "scheduler"))
     ddpm = components.load_noise_scheduler(str(tmp_path / "scheduler"), "epsilon")
     assert type(ddpm) is ppdiffusers.DDPMScheduler and ddpm.config.set_alpha_to_one is False
-    assert list(ddpm.alphas_cumprod.numpy()) == list(ppdiffusers.DDPMScheduler(**SD_NOISE_SCHEDULE).alphas_cumprod.numpy())
+    sd_v1 = ppdiffusers.DDPMScheduler(**SD_NOISE_SCHEDULE)
+    assert list(ddpm.alphas_cumprod.numpy()) == list(sd_v1.alphas_cumprod.numpy())
     assert make_scheduler("ddim", dict(ddpm.config)).config.set_alpha_to_one is False
 
 
