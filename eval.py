@@ -38,7 +38,7 @@ SEED_PROMPT = "a photo of an astronaut riding a horse on mars"  # PaddleMIX's ex
 
 def parse_args(argv=None) -> argparse.Namespace:
     from sd.evaluation import coco
-    from sd.components import SCHEDULERS
+    from sd.components.schedulers import SCHEDULERS
 
     p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion pipeline (ppdiffusers), "
                                             "or score prompt adherence on the demo shapes.")

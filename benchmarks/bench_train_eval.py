@@ -38,6 +38,8 @@ def main():
     from ppdiffusers.transformers import CLIPTextModel
     from paddlenlp.transformers import CLIPTokenizer
 
+    from sd.components.pipeline import build_pipeline
+    from sd.components.schedulers import make_scheduler
     from sd.data import demo_data
 
     from sd.evaluation import metrics
@@ -67,7 +69,7 @@ def main():
         opt.step()
         opt.clear_grad()
 
-    pipe = sampling.build_pipeline(vae, text, tok, unet, "ddim")
+    pipe = build_pipeline(vae, text, tok, unet, make_scheduler("ddim"))
     share = list(range(0, a.eval_num_images, a.nproc))
 
     def eval_share():

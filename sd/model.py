@@ -18,6 +18,7 @@ from paddle import nn
 
 from sd import components, diffusion
 from sd.components import init_unet_from_config  # noqa: F401 - part of this module's interface (tests, benchmark)
+from sd.components.pipeline import build_pipeline
 from sd.sd_args import ModelArguments
 
 
@@ -291,11 +292,7 @@ class StableDiffusionModel(nn.Layer):
     def save_pipeline(self, output_dir: str) -> None:
         """Write a whole ``StableDiffusionPipeline`` folder (model_index.json, every component, the
         training noise schedule), loadable on its own; the EMA variant of the UNet beside it."""
-        from ppdiffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-                                       scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        pipe = build_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler)
         pipe.save_pretrained(output_dir)
         self.save_trained(output_dir)  # the EMA variant (and the same unet/, text_encoder/ again)
 

@@ -13,7 +13,8 @@
   EMA count) beside the Trainer's optimizer/scheduler/trainer state; resume loads exactly those. A
   checkpoint is written under a staging name and renamed into place when complete (sd/runtime/checkpoints.py);
 * images: on rank 0 at ``first_image_logging_step`` and every ``image_logging_steps``, reconstructions and
-  DDIM samples to VisualDL and a PNG;
+  DDIM samples (with the EMA weights when kept) to VisualDL and a PNG; :meth:`StableDiffusionTrainer.log_scalars`
+  writes other scalars (the in-training scores) to the same VisualDL log;
 * resuming on another layout (:func:`fit_global_batch`): the per-device batch or the accumulation is
   chosen to keep the checkpoint's global batch; what cannot keep it is refused in one line.
 """
@@ -308,7 +309,8 @@ class StableDiffusionTrainer(Trainer):
     # -- images ----------------------------------------------------------------------------------
     @paddle.no_grad()
     def log_images(self, step: int, max_images: int = 8) -> str:
-        """Originals, VAE reconstructions and DDIM samples (guidance 1 and 7.5) of the first batch's captions."""
+        """Originals, VAE reconstructions and DDIM samples (guidance 1 and 7.5) of the first batch's captions;
+        the samples use the UNet's EMA weights when training keeps them (``sampling.pipeline_with_ema``)."""
         from PIL import Image
 
         m = self.sd_model
@@ -318,21 +320,18 @@ class StableDiffusionTrainer(Trainer):
                 logger.warning("image logging needs image batches: off with --precomputed_latents")
                 self._said_no_images = True
             return ""
-        was_training = m.unet.training
-        m.unet.eval()
         n = min(max_images, batch["pixel_values"].shape[0])
         pixels = batch["pixel_values"][:n]
         prompts = m.tokenizer.batch_decode(batch["input_ids"][:n].numpy().tolist(), skip_special_tokens=True)
         originals = sampling.decode_latents_to_images(m.vae, m.vae.encode(pixels).latent_dist.mean * m.scaling_factor)
         arr = ((pixels.clip(-1, 1) + 1) * 127.5).round().astype("uint8").transpose([0, 2, 3, 1]).numpy()
         rows = {"original": [Image.fromarray(a) for a in arr], "reconstruction": originals}
-        pipe = sampling.build_pipeline(m.vae, m.text_encoder, m.tokenizer, m.unet, "ddim",
-                                       dict(m.noise_scheduler.config))
-        for g in (1.0, 7.5):
-            rows[f"guidance_{g}"] = sampling.generate(pipe, prompts, guidance_scale=g, num_inference_steps=m.args.num_inference_steps,
-                                                      height=self.resolution, width=self.resolution, seeds=list(range(n)))
-        if was_training:
-            m.unet.train()
+        with sampling.pipeline_with_ema(m) as pipe:
+            for g in (1.0, 7.5):
+                rows[f"guidance_{g}"] = sampling.generate(pipe, prompts, guidance_scale=g,
+                                                          num_inference_steps=m.args.num_inference_steps,
+                                                          height=self.resolution, width=self.resolution,
+                                                          seeds=list(range(n)))
         grid = sampling.make_grid([im for r in rows.values() for im in r], rows=len(rows), cols=n, labels=list(rows))
         folder = os.path.join(self.args.output_dir, "images")
         os.makedirs(folder, exist_ok=True)
@@ -349,6 +348,14 @@ class StableDiffusionTrainer(Trainer):
         logger.info(f"step {step}: images written to {path}")
         return path
 
+    def log_scalars(self, scalars: Dict[str, float], step: int) -> None:
+        """Write ``{tag: value}`` at ``step`` to the run's VisualDL log (nothing when VisualDL is off)."""
+        writer = self._visualdl_writer()
+        if writer is None:
+            return
+        for tag, value in scalars.items():
+            writer.add_scalar(tag=tag, value=float(value), step=step)
+        writer.flush()
 
     def _visualdl_writer(self):
         """The LogWriter of paddlenlp's VisualDL callback (one event file per run), if VisualDL is on."""

@@ -17,8 +17,10 @@ The one module that turns names into models, for training (``sd/model.py``), ``e
   (``ComponentError``) before anything heavy is built; a name already in the cache is loaded from it
   without a request. Local folders never touch the network.
 
-It also holds SD v1's noise schedule and sampler settings, the latent factor, the checkpoint state
-file's name and (through ``sd/runtime/checkpoints.py``) the newest-complete-checkpoint rule.
+It also holds the latent factor, the checkpoint state file's name and (through
+``sd/runtime/checkpoints.py``) the newest-complete-checkpoint rule. SD v1's noise schedule, its sampler
+settings and the one scheduler factory are in ``schedulers.py``; the one place that builds a
+``StableDiffusionPipeline`` is ``pipeline.py``.
 """
 
 from __future__ import annotations
@@ -30,45 +32,14 @@ import re
 import struct
 from typing import Dict, Optional, Tuple
 
+from sd.components import pipeline, schedulers
 from sd.runtime.checkpoints import STATE_FILE, newest_model_folder
 
-# SD v1's training noise schedule ...
-SD_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-# ... and its sampler settings, field for field CompVis/stable-diffusion-v1-4's scheduler_config.json:
-# latents are not in [-1, 1] (no clipping), the final step uses alpha_0 rather than 1, timesteps are
-# offset by one, PNDM runs as PLMS; timestep spacing and prediction type are each class's default.
-SD_SCHEDULER_CONFIG = dict(**SD_NOISE_SCHEDULE, set_alpha_to_one=False, steps_offset=1, clip_sample=False,
-                           skip_prk_steps=True, trained_betas=None)
-# name → ppdiffusers scheduler class (all exist in ppdiffusers 0.29)
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler-ancestral": "EulerAncestralDiscreteScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "dpm-solver++": "DPMSolverMultistepScheduler",
-}
 PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")  # what goes with a UNet
 DEFAULT_OUTPUT = "./laion400m_pretrain_output_trainer"  # train.sh's OUTPUT_DIR
 DEFAULT_KIT = "./tiny-sd"  # train.sh's KIT_DIR, used when a UNet folder records nothing else
 KIT_HINT = "python -m sd.kit --output_dir ./tiny-sd"
 _HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+(/[\w.-]+)*")
-
-
-def sd_scheduler(class_name: str = "PNDMScheduler", **overrides):
-    """A ppdiffusers scheduler with SD v1's settings (``overrides`` win). Settings the class does not
-    take are written to its config all the same, as SD v1's own ``scheduler_config.json`` states
-    ``clip_sample: false`` for its PNDM scheduler: a sampler built with ``from_config`` from it then
-    samples as SD v1 instead of taking its class defaults (DDIM would clip latents to [-1, 1])."""
-    import inspect
-
-    import ppdiffusers
-
-    cls = getattr(ppdiffusers, class_name)
-    cfg = {**SD_SCHEDULER_CONFIG, **overrides}
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    scheduler = cls(**{k: v for k, v in cfg.items() if k in accepted})
-    scheduler.register_to_config(**{k: v for k, v in cfg.items() if k not in accepted})
-    return scheduler
 
 
 class ComponentError(ValueError):
@@ -415,13 +386,14 @@ def init_unet_from_config(config_file: str):
 
 
 def load_noise_scheduler(source, prediction_type: str):
-    """The training schedule: a DDPMScheduler from a scheduler folder/name, else SD v1's."""
+    """The training schedule: a DDPM scheduler with the settings of a scheduler folder/name, else SD v1's."""
     from ppdiffusers import DDPMScheduler
 
     if source is None:
-        return sd_scheduler("DDPMScheduler", prediction_type=prediction_type)
+        return schedulers.make_scheduler("ddpm", prediction_type=prediction_type)
     path, kw = _args(source, local_kwargs=False)
-    return _loading(source, lambda: DDPMScheduler.from_pretrained(path, prediction_type=prediction_type, **kw))
+    config = _loading(source, lambda: DDPMScheduler.load_config(path, **kw))
+    return schedulers.make_scheduler("ddpm", config, prediction_type=prediction_type)
 
 
 def config_of(source) -> Optional[dict]:
@@ -618,11 +590,10 @@ def check_configs(configs: Dict[str, Optional[dict]], height: Optional[int], wid
 
 
 def load_for_sampling(models: Dict, scheduler: str = "ddim"):
-    """Load what ``resolve_for_sampling`` chose and wrap it in the shared pipeline (``sd/evaluation/sampling.py``).
+    """Load what ``resolve_for_sampling`` chose and wrap it in a pipeline (``sd/components/pipeline.py``)
+    with the sampler ``scheduler`` (a key of ``schedulers.SCHEDULERS``) on the UNet's noise schedule.
     Sets ``models["height"]``/``["width"]`` when only the loaded configs tell them."""
-    from sd.evaluation.sampling import build_pipeline
-
-    sched = dict(models["scheduler_config"] or SD_SCHEDULER_CONFIG)  # none: SD v1's
+    sched = dict(models["scheduler_config"] or schedulers.SD_SCHEDULER_CONFIG)  # none: SD v1's
     if "clip_sample" not in sched:
         from paddlenlp.utils.log import logger
 
@@ -639,18 +610,16 @@ def load_for_sampling(models: Dict, scheduler: str = "ddim"):
         models["height"], models["width"] = models["height"] or size, models["width"] or size
     check_configs({"unet": dict(unet.config), "text_encoder": text_encoder.config.to_dict(), "vae": dict(vae.config)},
                   models["height"], models["width"])
-    return build_pipeline(vae, text_encoder, load_tokenizer(models["tokenizer"]), unet, scheduler, sched)
+    return pipeline.build_pipeline(vae, text_encoder, load_tokenizer(models["tokenizer"]), unet,
+                                   schedulers.make_scheduler(scheduler, sched))
 
 
 def load_pipeline(pretrained_model_name_or_path: str, unet=None, text_encoder=None, variant: Optional[str] = None,
                   scheduler: str = "ddim", scheduler_config: Optional[dict] = None):
     """Load a local pipeline folder (``model_index.json`` layout) with ppdiffusers' own loader;
     ``unet``/``text_encoder`` (a folder or a loaded module) replace its own. ``variant`` (e.g. ``"ema"``)
-    selects the UNet weights file; ``scheduler_config`` overrides the folder's scheduler settings."""
-    from ppdiffusers import StableDiffusionPipeline
-
-    from sd.evaluation.sampling import make_scheduler
-
+    selects the UNet weights file; the sampler ``scheduler`` is built on the folder's scheduler settings,
+    ``scheduler_config`` overriding them."""
     kwargs = {}
     if unet is not None:
         kwargs["unet"] = load_unet(unet, variant) if isinstance(unet, str) else unet
@@ -661,7 +630,6 @@ def load_pipeline(pretrained_model_name_or_path: str, unet=None, text_encoder=No
     # a diffusers-layout pipeline folder (PyTorch weights): ppdiffusers converts every component on load
     if any(from_pretrained_kwargs(os.path.join(pretrained_model_name_or_path, c)) for c in ("unet", "vae", "text_encoder")):
         kwargs["from_diffusers"] = True
-    pipe = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False, **kwargs)
-    pipe.scheduler = make_scheduler(scheduler, {**dict(pipe.scheduler.config), **(scheduler_config or {})})
+    pipe = pipeline.pipeline_from_folder(pretrained_model_name_or_path, **kwargs)
+    pipe.scheduler = schedulers.make_scheduler(scheduler, {**dict(pipe.scheduler.config), **(scheduler_config or {})})
     return pipe

@@ -67,13 +67,9 @@ class ScoreCallback(TrainerCallback):
         prompts = coco.read_prompts(args.eval_captions)[: args.eval_num_images]
         folder = os.path.join(args.output_dir, "eval", f"step-{step:07d}")
         os.makedirs(folder, exist_ok=True)
-        was_training = m.unet.training
-        m.unet.eval()
-        backup = m.ema.copy_to(m.unet) if m.ema is not None else None
-        try:
-            pipe = sampling.build_pipeline(m.vae, m.text_encoder, m.tokenizer, m.unet, "ddim", dict(m.noise_scheduler.config))
-            mine = [i for i in range(len(prompts)) if i % world == rank]
-            size = self.trainer.resolution
+        mine = [i for i in range(len(prompts)) if i % world == rank]
+        size = self.trainer.resolution
+        with sampling.pipeline_with_ema(m) as pipe:
             for k in range(0, len(mine), 16):
                 chunk = mine[k : k + 16]
                 images = sampling.generate(pipe, [prompts[i] for i in chunk], guidance_scale=args.eval_guidance_scale,
@@ -81,11 +77,6 @@ class ScoreCallback(TrainerCallback):
                                            seeds=chunk)
                 for i, image in zip(chunk, images):
                     image.save(coco.image_path(folder, i))
-        finally:
-            if backup is not None:
-                m.unet.set_state_dict(backup)
-            if was_training:
-                m.unet.train()
         if world > 1:
             dist.barrier()
         if rank != 0:
@@ -104,11 +95,7 @@ class ScoreCallback(TrainerCallback):
         shapes = coco.shapes_accuracy(files, prompts)
         if shapes is not None:
             scores.update({f"shapes_{k}": v for k, v in shapes.items() if k != "n"})
-        writer = self.trainer._visualdl_writer()
-        if writer is not None:
-            for name, value in scores.items():
-                writer.add_scalar(tag=f"eval/{name}", value=float(value), step=step)
-            writer.flush()
+        self.trainer.log_scalars({f"eval/{name}": value for name, value in scores.items()}, step)
         with open(os.path.join(args.output_dir, "eval", "scores.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "images": len(files), **scores}) + "\n")
         logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))

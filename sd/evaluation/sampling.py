@@ -1,4 +1,5 @@
-"""The one sampler: ppdiffusers' StableDiffusionPipeline, shared by image logging and eval.py.
+"""The one sampler: ppdiffusers' StableDiffusionPipeline (``sd/components/pipeline.py``), shared by image
+logging, the in-training scores and eval.py.
 
 Seeding rule (what makes an image reproducible and independent of its batch):
 
@@ -16,32 +17,18 @@ Seeding rule (what makes an image reproducible and independent of its batch):
 
 from __future__ import annotations
 
-import inspect
-from typing import List, Optional, Sequence
+import contextlib
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import paddle
 from PIL import Image, ImageDraw
 
-from sd.components import SCHEDULERS, SD_SCHEDULER_CONFIG, latent_factor
+from sd.components import latent_factor
+from sd.components.pipeline import build_pipeline
+from sd.components.schedulers import SCHEDULERS, make_scheduler
 
 STOCHASTIC = {"euler-ancestral"}  # draw noise inside scheduler.step
-FORCED = {"dpm-solver++": {"algorithm_type": "dpmsolver++"}}  # what the name promises
-
-
-def make_scheduler(name: str, config: Optional[dict] = None):
-    """A scheduler of kind ``name`` built from ``config`` as ``from_config`` would (e.g. a pipeline's
-    scheduler config, or the training schedule with its ``prediction_type``), else from SD v1's
-    settings. Keys the class does not take are dropped quietly."""
-    import ppdiffusers
-
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    cls = getattr(ppdiffusers, SCHEDULERS[name])
-    given = SD_SCHEDULER_CONFIG if config is None else {k: v for k, v in config.items() if not k.startswith("_")}
-    cfg = {**given, **FORCED.get(name, {})}
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    return cls.from_config({k: v for k, v in cfg.items() if k in accepted})
 
 
 def scheduler_name(pipe) -> str:
@@ -53,20 +40,31 @@ def scheduler_name(pipe) -> str:
     raise ValueError(f"{cls} is not one of the supported schedulers ({', '.join(SCHEDULERS.values())})")
 
 
-def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler: str = "ddim", scheduler_config: Optional[dict] = None):
-    """A StableDiffusionPipeline around in-memory modules (no safety checker).
+@contextlib.contextmanager
+def pipeline_with_ema(model, scheduler: str = "ddim") -> Iterator:
+    """A pipeline around the modules of a training model, sampling with its UNet's EMA weights.
+
+    Inside the ``with`` block the UNet is in eval mode and holds the EMA weights (when training keeps
+    them; else its own); on leaving, also by an exception, it gets back exactly the weights and the mode
+    it had, so training continues as without the sampling.
 
     Args:
-        vae, text_encoder, tokenizer, unet: loaded modules (shared, not copied).
-        scheduler: a key of ``SCHEDULERS``.
-        scheduler_config: the noise schedule (e.g. ``dict(noise_scheduler.config)`` of training);
-            default SD v1's (1000 steps, scaled_linear 0.00085 → 0.012).
+        model: a ``StableDiffusionModel`` (``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``ema``
+            or None, ``noise_scheduler``).
+        scheduler: a key of ``SCHEDULERS``, built on the training noise schedule (its prediction type too).
     """
-    from ppdiffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=make_scheduler(scheduler, scheduler_config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    unet = model.unet
+    was_training = unet.training
+    backup = model.ema.copy_to(unet) if model.ema is not None else None
+    unet.eval()
+    try:
+        yield build_pipeline(model.vae, model.text_encoder, model.tokenizer, unet,
+                             make_scheduler(scheduler, dict(model.noise_scheduler.config)))
+    finally:
+        if backup is not None:
+            unet.set_state_dict(backup)
+        if was_training:
+            unet.train()
 
 
 def initial_latents(pipe, seed: int, height: int, width: int) -> paddle.Tensor:

@@ -48,7 +48,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from sd.data import demo_data
-from sd.components import latent_factor, read_json, sd_scheduler
+from sd.components import latent_factor, read_json
+from sd.components.pipeline import build_pipeline
+from sd.components.schedulers import make_scheduler
 from sd.kit.tokenizer import learn_bpe, save_tokenizer
 
 
@@ -673,7 +675,6 @@ def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0
 
     import paddle
     from paddlenlp.transformers import CLIPTokenizer
-    from ppdiffusers import StableDiffusionPipeline
 
     cfg = config or KitConfig()
     output_dir = os.path.normpath(output_dir)
@@ -706,9 +707,7 @@ def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0
         text_encoder, text_figures = build_text_encoder(cfg, tokenizer, seed, log)
         vae, vae_figures = build_vae(cfg, seed, log)
     unet = new_unet(unet_config(cfg, latent_factor(vae.config)), seed)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=sd_scheduler("PNDMScheduler"), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = build_pipeline(vae, text_encoder, tokenizer, unet, make_scheduler("pndm"))
     pipe.save_pretrained(work)
     # the fields of SD v1's files that the libraries do not write themselves; special_tokens_map_file
     # is a build-time path (the file sits beside it anyway)

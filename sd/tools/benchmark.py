@@ -67,11 +67,12 @@ def build_reference_kit(output_dir: str, seed: int = 0) -> str:
     """Write the reference config's components (random weights) in ``from_pretrained`` layout; returns the folder."""
     import paddle
     from paddlenlp.transformers import CLIPTokenizer
-    from ppdiffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from ppdiffusers import AutoencoderKL, UNet2DConditionModel
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
 
     from sd.data import demo_data
-    from sd.components import sd_scheduler
+    from sd.components.pipeline import build_pipeline
+    from sd.components.schedulers import make_scheduler
     from sd.kit.tokenizer import learn_bpe, save_tokenizer
 
     if os.path.isfile(os.path.join(output_dir, "model_index.json")):
@@ -85,8 +86,7 @@ def build_reference_kit(output_dir: str, seed: int = 0) -> str:
                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **REFERENCE_TEXT))
     vae = AutoencoderKL(**REFERENCE_VAE)
     unet = UNet2DConditionModel(**REFERENCE_UNET)
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sd_scheduler(),
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(work)
+    build_pipeline(vae, text, tok, unet, make_scheduler("pndm")).save_pretrained(work)
     os.replace(work, output_dir)
     return output_dir
 

@@ -30,7 +30,7 @@ from sd.components import ComponentError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from sd.components import SCHEDULERS
+    from sd.components.schedulers import SCHEDULERS
 
     p = argparse.ArgumentParser(description="Export a training checkpoint as a diffusers (PyTorch) pipeline folder.")
     p.add_argument("--checkpoint", required=True,
@@ -82,7 +82,7 @@ def keep_sd_sampler_settings(config_file: str) -> None:
     """Add SD v1's sampler settings the scheduler class did not store (e.g. ``clip_sample: false``
     for PNDM), as the hub's SD v1 folders do: a sampler swapped in with ``XScheduler.from_config``
     then samples like this repository's instead of taking diffusers' defaults (DDIM would clip)."""
-    from sd.components import SD_SCHEDULER_CONFIG
+    from sd.components.schedulers import SD_SCHEDULER_CONFIG
 
     with open(config_file, encoding="utf-8") as f:
         config = json.load(f)

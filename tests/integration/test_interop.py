@@ -209,7 +209,8 @@ def test_export_loads_in_diffusers_and_matches(trained_run, tiny_kit, tmp_path):
     import paddle
     from ppdiffusers import UNet2DConditionModel
 
-    from sd.evaluation.sampling import build_pipeline
+    from sd.components.pipeline import build_pipeline
+    from sd.components.schedulers import make_scheduler
     from sd.model import StableDiffusionModel
     from sd.sd_args import ModelArguments
 
@@ -245,8 +246,8 @@ def test_export_loads_in_diffusers_and_matches(trained_run, tiny_kit, tmp_path):
     assert rel_err(text, ref["text"]) < TOL
 
     # a whole generation: DDIM, 2 steps, guidance 7.5, the same initial latents and prompt embeddings
-    pipe = build_pipeline(kit.vae, kit.text_encoder, kit.tokenizer, unet, "ddim",
-                          json.load(open(out / "scheduler" / "scheduler_config.json")))
+    pipe = build_pipeline(kit.vae, kit.text_encoder, kit.tokenizer, unet,
+                          make_scheduler("ddim", json.load(open(out / "scheduler" / "scheduler_config.json"))))
     pipe.set_progress_bar_config(disable=True)
     images = pipe(prompt_embeds=paddle.to_tensor(inputs["embeddings"]),
                   negative_prompt_embeds=paddle.to_tensor(inputs["negative_embeddings"]),

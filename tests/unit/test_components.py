@@ -1,5 +1,5 @@
-"""sd/components/__init__.py: names and folders, the newest-complete-checkpoint rule, download failure reasons,
-SD v1's scheduler settings, and who may import what."""
+"""sd/components: names and folders, the newest-complete-checkpoint rule, download failure reasons,
+SD v1's scheduler settings and the one scheduler factory (schedulers.py), and who may import what."""
 
 import ast
 import glob
@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from sd import components
+from sd.components.schedulers import SCHEDULERS, SD_NOISE_SCHEDULE, make_scheduler
 
 from sd.runtime import checkpoints
 
@@ -75,16 +76,49 @@ def test_download_reason_names_the_cause():
     assert components.download_reason(ValueError("first line\n  second")) == "first line second"
 
 
-def test_sd_scheduler_states_sd_v1_settings_for_every_sampler():
+def test_make_scheduler_settings():
+    ddim = make_scheduler("ddim").config
+    assert (ddim.num_train_timesteps, ddim.beta_start, ddim.beta_end, ddim.beta_schedule) == (
+        1000, 0.00085, 0.012, "scaled_linear")
+    assert (ddim.clip_sample, ddim.set_alpha_to_one, ddim.steps_offset) == (False, False, 1)
+    # a given (training) config wins over SD v1's defaults, overrides over both; keys a class does not
+    # take stay in its config without reaching the class
+    v = make_scheduler("lms", {"_class_name": "PNDMScheduler", "prediction_type": "epsilon", "skip_prk_steps": True},
+                       prediction_type="v_prediction")
+    assert v.config.prediction_type == "v_prediction" and v.config.skip_prk_steps is True
+    assert "_class_name" not in v.config
+    assert v.config.beta_schedule == "linear"  # the class's default: SD v1's settings are not mixed into a given config
+    assert make_scheduler("pndm").config.skip_prk_steps is True  # PLMS, as SD v1 samples
+    assert make_scheduler("dpm-solver++", {"algorithm_type": "dpmsolver"}).config.algorithm_type == "dpmsolver++"
+    assert {type(make_scheduler(n)).__name__ for n in SCHEDULERS} == set(SCHEDULERS.values())
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        make_scheduler("heun")
+
+
+def test_sd_v1_settings_reach_every_sampler():
     import ppdiffusers
 
-    pndm = components.sd_scheduler("PNDMScheduler")
+    pndm = make_scheduler("pndm")  # what the kit's scheduler/ folder holds
     assert (pndm.config.clip_sample, pndm.config.skip_prk_steps, pndm.config.set_alpha_to_one) == (False, True, False)
     ddim = ppdiffusers.DDIMScheduler.from_config(pndm.config)
     assert (ddim.config.clip_sample, ddim.config.set_alpha_to_one, ddim.config.steps_offset) == (False, False, 1)
     ddpm = components.load_noise_scheduler(None, "v_prediction")  # training without a scheduler folder
     assert ddpm.config.prediction_type == "v_prediction" and ddpm.config.clip_sample is False
-    assert list(ddpm.alphas_cumprod.numpy()) == list(ppdiffusers.DDPMScheduler(**components.SD_NOISE_SCHEDULE).alphas_cumprod.numpy())
+    sd_v1 = ppdiffusers.DDPMScheduler(**SD_NOISE_SCHEDULE)
+    assert list(ddpm.alphas_cumprod.numpy()) == list(sd_v1.alphas_cumprod.numpy())
+
+
+def test_noise_scheduler_from_a_folder_keeps_the_sampler_settings(tmp_path):
+    """A DDPM schedule read from a PNDM folder keeps the settings DDPM does not take (set_alpha_to_one), so the
+    image-logging sampler built from it (sampling.pipeline_with_ema) samples as SD v1."""
+    import ppdiffusers
+
+    make_scheduler("pndm").save_pretrained(str(tmp_path / "scheduler"))
+    ddpm = components.load_noise_scheduler(str(tmp_path / "scheduler"), "epsilon")
+    assert type(ddpm) is ppdiffusers.DDPMScheduler and ddpm.config.set_alpha_to_one is False
+    sd_v1 = ppdiffusers.DDPMScheduler(**SD_NOISE_SCHEDULE)
+    assert list(ddpm.alphas_cumprod.numpy()) == list(sd_v1.alphas_cumprod.numpy())
+    assert make_scheduler("ddim", dict(ddpm.config)).config.set_alpha_to_one is False
 
 
 def imports_of(path):
@@ -105,6 +139,8 @@ def test_who_imports_what():
     for path in glob.glob(os.path.join(ROOT, "sd", "*.py")) + [os.path.join(ROOT, "eval.py")]:
         if os.path.basename(path) not in ("components.py", "kit.py", "benchmark.py"):  # the benchmark builds kits
             assert "sd.kit" not in imports_of(path), f"{path} imports the kit builder"
+    for path in glob.glob(os.path.join(ROOT, "sd", "components", "*.py")):  # components sit below evaluation
+        assert not {n for n in imports_of(path) if n.startswith("sd.evaluation")}, f"{path} imports sd.evaluation"
     code = "import sys, sd.model, sd.evaluation.sampling, sd.tools.export; print(sorted(m for m in sys.modules if m == 'sd.kit'))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]

@@ -1,5 +1,5 @@
-"""sd/evaluation/sampling.py: scheduler settings, seeded generation (determinism, batch independence), each
-scheduler on the tiny kit, the latent factor from the VAE config, grids."""
+"""sd/evaluation/sampling.py: seeded generation (determinism, batch independence), each
+scheduler on the tiny kit, the latent factor from the VAE config, grids, sampling with the EMA weights."""
 
 import numpy as np
 import paddle
@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from sd.components import load_pipeline
-from sd.evaluation.sampling import SCHEDULERS, generate, initial_latents, make_grid, make_scheduler
+from sd.components.schedulers import SCHEDULERS, make_scheduler
+from sd.evaluation.sampling import generate, initial_latents, make_grid, pipeline_with_ema
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background", "a green triangle on a white background"]
 
@@ -19,20 +20,6 @@ def pipe(tiny_kit):
 
 def arr(im):
     return np.asarray(im, dtype=int)
-
-
-def test_scheduler_settings():
-    ddim = make_scheduler("ddim").config
-    assert (ddim.num_train_timesteps, ddim.beta_start, ddim.beta_end, ddim.beta_schedule) == (1000, 0.00085, 0.012, "scaled_linear")
-    assert (ddim.clip_sample, ddim.set_alpha_to_one, ddim.steps_offset) == (False, False, 1)
-    # a given (training) config wins over SD v1's defaults; keys a class does not take are dropped
-    v = make_scheduler("lms", {"_class_name": "PNDMScheduler", "prediction_type": "v_prediction", "skip_prk_steps": True})
-    assert v.config.prediction_type == "v_prediction" and "skip_prk_steps" not in v.config
-    assert make_scheduler("pndm").config.skip_prk_steps is True  # PLMS, as SD v1 samples
-    assert make_scheduler("dpm-solver++", {"algorithm_type": "dpmsolver"}).config.algorithm_type == "dpmsolver++"
-    assert {type(make_scheduler(n)).__name__ for n in SCHEDULERS} == set(SCHEDULERS.values())
-    with pytest.raises(ValueError, match="unknown scheduler"):
-        make_scheduler("heun")
 
 
 def test_same_seed_same_images_whatever_the_batch(pipe):
@@ -103,3 +90,44 @@ def test_make_grid():
     margin = labelled.size[0] - 32
     assert labelled.size[1] == 32 and margin > 20
     assert labelled.getpixel((margin + 1, 1)) == (255, 0, 0) and labelled.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_pipeline_with_ema_samples_with_the_ema_weights_and_restores_exactly(pipe, tiny_kit):
+    import os
+    import types
+
+    from sd import components
+    from sd.model import EMA
+
+    unet = pipe.unet
+    before = {k: v.numpy().copy() for k, v in unet.state_dict().items()}
+    ema = EMA(unet, 0.9)
+    ema.shadow = {k: v * 0.5 for k, v in ema.shadow.items()}  # averaged weights unlike the UNet's own
+    noise_scheduler = components.load_noise_scheduler(os.path.join(tiny_kit, "scheduler"), "epsilon")
+    model = types.SimpleNamespace(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+                                  ema=ema, noise_scheduler=noise_scheduler)
+    kw = dict(guidance_scale=1, num_inference_steps=2, height=32, width=32, seeds=[0])
+
+    def unchanged():
+        return all(np.array_equal(v.numpy(), before[k]) for k, v in unet.state_dict().items())
+
+    unet.train()  # as during training
+    try:
+        with pipeline_with_ema(model) as p:
+            assert p.unet is unet and not unet.training and type(p.scheduler).__name__ == "DDIMScheduler"
+            assert all(np.array_equal(v.numpy(), ema.shadow[k].numpy()) for k, v in unet.state_dict().items())
+            with_ema = generate(p, PROMPTS[:1], **kw)
+        assert unet.training and unchanged()
+        with pytest.raises(KeyboardInterrupt):
+            with pipeline_with_ema(model):
+                raise KeyboardInterrupt
+        assert unet.training and unchanged()
+        model.ema = None  # training without EMA: the UNet's own weights
+        with pipeline_with_ema(model) as p:
+            own = generate(p, PROMPTS[:1], **kw)
+        assert unet.training and unchanged()
+        assert np.abs(arr(with_ema[0]) - arr(own[0])).max() > 0
+        unet.eval()
+        assert np.array_equal(arr(own[0]), arr(generate(pipe, PROMPTS[:1], **kw)[0]))  # the kit's own DDIM settings
+    finally:
+        unet.eval()
