@@ -26,6 +26,7 @@ agreement, sizes, build time), the config and the seed; ``SHA256SUMS`` every fil
 tokenizer captions), ``--preset test`` (seconds, for tests), ``--processes 1|2`` (the VAE trained in a
 second process while the text encoder trains: the same files).
 
+    python -m sd.kit --preset sd-v1 --output_dir ./sd-v1-random   # SD v1-4's real sizes, random weights (real_size.py)
     python -m sd.kit --check ./tiny-sd        # rebuild from its kit_report.json and compare (check_kit)
     python -m sd.kit --unet_init ./tiny-sd    # remake the untrained UNet weights the repository does not ship
 """

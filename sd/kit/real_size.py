@@ -148,10 +148,12 @@ def write_tokenizer(folder: str, log=print) -> Tuple[str, int]:
         merges, source = clip_merges(bpe), f"CLIP's BPE ({bpe})"
     else:
         merges = learn_bpe([p[3] for p in demo_data.all_prompts()])
-        source = "the demo captions' learned BPE (open_clip not installed: pip install --no-deps -r requirements-kit.txt)"
+        source = ("the demo captions' learned BPE (open_clip not installed: "
+                  "pip install --no-deps -r requirements-kit.txt)")
         log(f"kit: open_clip's CLIP BPE file not found; the tokenizer is {source}, NOT SD v1's")
     size = save_tokenizer(folder, merges, SD_V1_TOKENIZER["model_max_length"])
-    for name, content in (("tokenizer_config.json", SD_V1_TOKENIZER), ("special_tokens_map.json", SD_V1_SPECIAL_TOKENS)):
+    for name, content in (("tokenizer_config.json", SD_V1_TOKENIZER),
+                          ("special_tokens_map.json", SD_V1_SPECIAL_TOKENS)):
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2)
     return source, size
@@ -177,8 +179,10 @@ def build_real_size_kit(output_dir: str, seed: int = 0, log=print) -> Dict:
     from sd.kit.build import _update_json
 
     output_dir = os.path.normpath(output_dir)
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(os.path.join(output_dir, "kit_report.json")):
-        raise ValueError(f"{output_dir} is not empty and holds no kit (no kit_report.json); choose another --output_dir")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and \
+            not os.path.isfile(os.path.join(output_dir, "kit_report.json")):
+        raise ValueError(f"{output_dir} is not empty and holds no kit (no kit_report.json); "
+                         "choose another --output_dir")
     start = time.time()
     work = output_dir + ".partial"
     shutil.rmtree(work, ignore_errors=True)
@@ -208,7 +212,8 @@ def build_real_size_kit(output_dir: str, seed: int = 0, log=print) -> Dict:
     _update_json(os.path.join(work, "text_encoder", "config.json"), {"dropout": 0.0, "torch_dtype": "float32"})
     sd_scheduler("PNDMScheduler").save_pretrained(os.path.join(work, "scheduler"))
     # as the tiny kit: what SD v1 leaves to each scheduler class's default stays unstated
-    _update_json(os.path.join(work, "scheduler", "scheduler_config.json"), {}, drop=("timestep_spacing", "prediction_type"))
+    _update_json(os.path.join(work, "scheduler", "scheduler_config.json"), {},
+                 drop=("timestep_spacing", "prediction_type"))
     model_index = {"_class_name": "StableDiffusionPipeline", "_ppdiffusers_version": ppdiffusers.__version__,
                    "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
                    "safety_checker": [None, None], "scheduler": ["ppdiffusers", "PNDMScheduler"],
