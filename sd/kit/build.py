@@ -740,7 +740,8 @@ def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m sd.kit", description="Build the offline tiny Stable Diffusion kit (see the module docstring).")
     p.add_argument("--output_dir", default=None,
-                   help="kit folder (built beside it, then moved into place); default ./tiny-sd, ./sd-v1-random for sd-v1")
+                   help="kit folder (built beside it, then moved into place); "
+                        "default ./tiny-sd, ./sd-v1-random for --preset sd-v1")
     p.add_argument("--seed", type=int, default=0, help="fixes every random draw; same seed → identical weights")
     p.add_argument("--preset", choices=["default", "test", "sd-v1"], default="default",
                    help="test: seconds, for the test suite; sd-v1: SD v1-4's real sizes and configs with random "
@@ -771,8 +772,9 @@ def main(argv=None) -> None:
     if a.preset == "sd-v1":
         from sd.kit.real_size import build_real_size_kit
 
-        tiny_only = [f for f, v in (("--resolution", a.resolution), ("--max_length", a.max_length), ("--captions", a.captions),
-                                    ("--clip_steps", a.clip_steps), ("--vae_steps", a.vae_steps)) if v is not None]
+        tiny_only = [f for f, v in (("--resolution", a.resolution), ("--max_length", a.max_length),
+                                    ("--captions", a.captions), ("--clip_steps", a.clip_steps),
+                                    ("--vae_steps", a.vae_steps)) if v is not None]
         if tiny_only:
             p.error(f"{', '.join(tiny_only)}: the tiny kit's options; --preset sd-v1 has SD v1-4's sizes")
         try:
