@@ -26,6 +26,7 @@ agreement, sizes, build time), the config and the seed; ``SHA256SUMS`` every fil
 tokenizer captions), ``--preset test`` (seconds, for tests), ``--processes 1|2`` (the VAE trained in a
 second process while the text encoder trains: the same files).
 
+    python -m sd.kit --preset sd-v1 --output_dir ./sd-v1-random   # SD v1-4's real sizes, random weights (real_size.py)
     python -m sd.kit --check ./tiny-sd        # rebuild from its kit_report.json and compare (check_kit)
     python -m sd.kit --unet_init ./tiny-sd    # remake the untrained UNet weights the repository does not ship
 """
@@ -737,9 +738,13 @@ def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m sd.kit", description="Build the offline tiny Stable Diffusion kit (see the module docstring).")
-    p.add_argument("--output_dir", default="./tiny-sd", help="kit folder (built beside it, then moved into place)")
+    p.add_argument("--output_dir", default=None,
+                   help="kit folder (built beside it, then moved into place); "
+                        "default ./tiny-sd, ./sd-v1-random for --preset sd-v1")
     p.add_argument("--seed", type=int, default=0, help="fixes every random draw; same seed → identical weights")
-    p.add_argument("--preset", choices=["default", "test"], default="default", help="test: seconds, for the test suite")
+    p.add_argument("--preset", choices=["default", "test", "sd-v1"], default="default",
+                   help="test: seconds, for the test suite; sd-v1: SD v1-4's real sizes and configs with random "
+                        "weights, no training (sd/kit/real_size.py)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels the kit is built for (default 32)")
     p.add_argument("--max_length", type=int, default=None,
                    help="tokenizer model_max_length = text positions (default 77, SD's); the trainer's --model_max_length must not exceed it")
@@ -760,6 +765,24 @@ def main(argv=None) -> None:
     for flag, folder in (("--check", a.check), ("--unet_init", a.unet_init)):
         if folder and not os.path.isfile(os.path.join(folder, "kit_report.json")):
             p.error(f"{flag} {folder}: no kit_report.json there (not a kit folder)")
+        if folder and read_json(os.path.join(folder, "kit_report.json")).get("preset") == "sd-v1":
+            p.error(f"{flag} {folder}: a real-size random kit holds its UNet weights and takes seconds to build: "
+                    f"rebuild it with `python -m sd.kit --preset sd-v1 --output_dir {folder}` (same --seed)")
+    if a.preset == "sd-v1":
+        from sd.kit.real_size import build_real_size_kit
+
+        tiny_only = [f for f, v in (("--resolution", a.resolution), ("--max_length", a.max_length),
+                                    ("--captions", a.captions), ("--clip_steps", a.clip_steps),
+                                    ("--vae_steps", a.vae_steps)) if v is not None]
+        if tiny_only:
+            p.error(f"{', '.join(tiny_only)}: the tiny kit's options; --preset sd-v1 has SD v1-4's sizes")
+        try:
+            report = build_real_size_kit(a.output_dir or "./sd-v1-random", a.seed)
+        except ValueError as e:
+            p.error(str(e))
+        print(json.dumps(report, indent=2))
+        return
+    a.output_dir = a.output_dir or "./tiny-sd"
     if a.unet_init:
         try:
             write_unet_init(a.unet_init)

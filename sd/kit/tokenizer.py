@@ -10,10 +10,12 @@ tokenizes, byte by byte at worst.
 from __future__ import annotations
 
 import collections
+import gzip
+import importlib.util
 import json
 import os
 import re
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Same split as CLIP's tokenizer (letters runs, single digits, punctuation runs), on lowercased text.
@@ -90,3 +92,38 @@ def save_tokenizer(folder: str, merges: List[Tuple[str, str]], model_max_length:
     with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}, f, indent=2)
     return len(encoder)
+
+
+# OpenAI CLIP's BPE merges, the list SD v1's tokenizer (openai/clip-vit-large-patch14's) is built from; open_clip ships
+# it inside its package (requirements-kit.txt)
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_NUM_MERGES = 49152 - 256 - 2  # CLIP's vocabulary of 49 408 = 2 × 256 byte symbols + these merges + 2 specials
+
+
+def find_clip_bpe() -> Optional[str]:
+    """The path of open_clip's ``bpe_simple_vocab_16e6.txt.gz``, or None when open_clip is not installed.
+
+    Found through the package's location alone: importing open_clip would import PyTorch.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, CLIP_BPE_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def clip_merges(path: str) -> List[Tuple[str, str]]:
+    """CLIP's merges from ``bpe_simple_vocab_16e6.txt.gz``: lines 1 … 48 894 (line 0 is a version header).
+
+    ``save_tokenizer(folder, clip_merges(path))`` then writes the vocab.json and merges.txt of HF's
+    ``openai/clip-vit-large-patch14`` (49 408 tokens; ``<|startoftext|>`` 49406, ``<|endoftext|>`` 49407).
+    """
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")[1 : CLIP_NUM_MERGES + 1]
+    merges = [tuple(line.split()) for line in lines]
+    bad = [n for n, m in enumerate(merges, 2) if len(m) != 2]
+    if len(merges) != CLIP_NUM_MERGES or bad:
+        raise ValueError(f"{path}: not CLIP's BPE file ({len(merges)} merges of {CLIP_NUM_MERGES}, "
+                         f"{len(bad)} lines not a pair, e.g. line {bad[:1]}); reinstall open_clip_torch")
+    return merges
