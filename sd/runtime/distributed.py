@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import signal
 import sys
@@ -26,7 +27,6 @@ import traceback
 from typing import Callable
 
 from sd.runtime import shm
-from sd.train_loader import die_with_parent
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
@@ -42,6 +42,16 @@ def under_launcher(environ=os.environ) -> bool:
 
 def rank_name(environ=os.environ) -> str:
     return f"rank {environ.get('PADDLE_TRAINER_ID', '0')}"
+
+
+def die_with_parent(worker_id: int = 0) -> None:
+    """The calling process ends when its parent does, even when the parent is killed with SIGKILL (Linux).
+
+    A loader worker's ``worker_init_fn`` (sd/train_loader.py); a training rank calls it too (its parent is the
+    launcher).
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def die_with_launcher() -> None:

@@ -27,10 +27,10 @@ for name, (argv, env, bug) in cases.items():
     saved = dict(os.environ)
     os.environ.update(env)
     if bug:  # a programming error in the data code (not a user mistake)
-        import sd.train_loader
+        import sd.build
         def broken(*a, **k):
             return {{}}["injected bug"]
-        sd.train_loader.build_dataset = broken
+        sd.build.build_dataset = broken
     log = os.open(os.path.join(out, name + ".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     sys.stdout.flush(); sys.stderr.flush()
     fd1, fd2 = os.dup(1), os.dup(2)
@@ -114,8 +114,11 @@ def test_file_list_check_counts_parts(demo_file_list):
 
 
 def test_env_flags():
-    found = preflight.check_env_flags({"FLAGS_paddle_num_threads": "12abc", "FLAGS_check_nan_inf": "1",
-                                       "FLAGS_no_such_flag_here": "1", "FLAG_USE_EMAA": "1", "PATH": "/bin"})
+    from sd.sd_args import ENV_SWITCHES
+
+    found = preflight.check_env_flags(ENV_SWITCHES, {"FLAGS_paddle_num_threads": "12abc", "FLAGS_check_nan_inf": "1",
+                                                     "FLAGS_no_such_flag_here": "1", "FLAG_USE_EMAA": "1",
+                                                     "PATH": "/bin"})
     assert ("stop", "FLAGS_paddle_num_threads='12abc' is not a int (Paddle's FLAGS_paddle_num_threads is a int): "
                     "fix or unset it") in found
     assert [lvl for lvl, m in found if "FLAGS_check_nan_inf" in m] == []  # parses

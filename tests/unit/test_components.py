@@ -105,6 +105,9 @@ def test_who_imports_what():
     for path in glob.glob(os.path.join(ROOT, "sd", "*.py")) + [os.path.join(ROOT, "eval.py")]:
         if os.path.basename(path) not in ("components.py", "kit.py", "benchmark.py"):  # the benchmark builds kits
             assert "sd.kit" not in imports_of(path), f"{path} imports the kit builder"
+    for path in glob.glob(os.path.join(ROOT, "sd", "runtime", "*.py")):  # below the spine: its own parts, log, data
+        above = {m for m in imports_of(path) if m.startswith("sd.") and not m.startswith(("sd.runtime", "sd.data"))}
+        assert above <= {"sd.log"}, f"{path} imports {sorted(above)}"
     code = "import sys, sd.model, sd.evaluation.sampling, sd.tools.export; print(sorted(m for m in sys.modules if m == 'sd.kit'))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
