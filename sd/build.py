@@ -64,7 +64,7 @@ def build_dataset(model, model_args, data_args, training_args, slots: Sequence[i
     img2dataset.configure(img2dataset.ShardOptions(  # .tar/.parquet shards in the lists (inherited by loader workers)
         caption_key=data_args.caption_key, min_original_size=data_args.min_original_size,
         where=tuple(img2dataset.Where.parse(w) for w in data_args.where or ())))
-    if data_args.precomputed_latents:  # written by sd/tools/precompute_latents.py for this VAE, text encoder, resolution
+    if data_args.precomputed_latents:  # by sd/tools/precompute_latents.py for this VAE, text encoder, resolution
         from sd.latent_dataset import LatentDataset
 
         f, r = model.latent_factor, data_args.resolution

@@ -78,7 +78,7 @@ class RunState:
             return "slots is not a mapping of slot → position"
         for j, slot in self.slots.items():
             if not (isinstance(j, str) and j.isdigit() and isinstance(slot, dict) and set(slot) == {"position", "skipped"}
-                    and _is_int(slot["position"]) and _is_int(slot["skipped"])):
+                    and all(_is_int(v) for v in slot.values())):
                 return f"slot {j!r} is not {{\"position\": n, \"skipped\": n}} with whole n ≥ 0"
         if not _is_int(self.steps):
             return f"steps {self.steps!r} is not a whole number ≥ 0"
@@ -206,7 +206,8 @@ def fit_global_batch(training_args, data_args, checkpoint: Optional[str]) -> Non
                             f"--per_device_train_batch_size {batch}: give both so that ranks × accumulation × "
                             f"per-device batch = {saved}, run on a number of ranks that divides {saved}, or start "
                             f"afresh with --overwrite_output_dir")
-    now = {"seed": a.seed, "file_list": os.path.abspath(data_args.file_list), "shuffle_buffer": data_args.shuffle_buffer}
+    now = {"seed": a.seed, "file_list": os.path.abspath(data_args.file_list),
+           "shuffle_buffer": data_args.shuffle_buffer}
     changed = {k: (v, now[k]) for k, v in asdict(state.data_order).items() if v is not None and v != now[k]}
     if changed:
         what = ", ".join(f"--{k} {old} → {new}" for k, (old, new) in changed.items())
