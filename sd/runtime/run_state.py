@@ -77,8 +77,8 @@ class RunState:
         if not isinstance(self.slots, dict):
             return "slots is not a mapping of slot → position"
         for j, slot in self.slots.items():
-            if not (isinstance(j, str) and j.isdigit() and isinstance(slot, dict) and set(slot) == {"position", "skipped"}
-                    and all(_is_int(v) for v in slot.values())):
+            whole = isinstance(slot, dict) and set(slot) == {"position", "skipped"} and all(map(_is_int, slot.values()))
+            if not (isinstance(j, str) and j.isdigit() and whole):
                 return f"slot {j!r} is not {{\"position\": n, \"skipped\": n}} with whole n ≥ 0"
         if not _is_int(self.steps):
             return f"steps {self.steps!r} is not a whole number ≥ 0"
