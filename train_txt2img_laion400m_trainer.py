@@ -8,24 +8,20 @@ Run it under ``python -m paddle.distributed.launch`` for several devices; see RE
 """
 
 import os
-from dataclasses import asdict
 
 import numpy as np
 import paddle
-from paddlenlp.trainer import PdArgumentParser, set_seed
+from paddlenlp.trainer import PdArgumentParser
 
-from sd import cpu
-
-from sd.runtime import preflight
-from sd.runtime.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
+from sd.build import build_run
 from sd.components import ComponentError
-from sd.runtime.distributed import UserError, after_rank_zero_work, run
 from sd.log import logger
-from sd.model import StableDiffusionModel
+from sd.runtime import preflight
+from sd.runtime.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error
+from sd.runtime.distributed import UserError, after_rank_zero_work, run
+from sd.runtime.run_state import find_resume_checkpoint, fit_global_batch, warn_if_schedule_moves
 from sd.sd_args import ENV_SWITCHES, DataArguments, ModelArguments, SDTrainingArguments, finalize
-from sd.sd_trainer import (NonFiniteLossError, StableDiffusionTrainer, find_resume_checkpoint, fit_global_batch,
-                           warn_if_schedule_moves)
-from sd.train_loader import build_dataset
+from sd.sd_trainer import NonFiniteLossError
 
 
 def parameter_checksum(layer: paddle.nn.Layer) -> str:
@@ -37,20 +33,10 @@ def parameter_checksum(layer: paddle.nn.Layer) -> str:
     return f"{total:.10e}/{squares:.10e}"
 
 
-def checkpoint_bytes(model: StableDiffusionModel) -> int:
-    """Rough size of one checkpoint: trained weights, two AdamW moments, the EMA copy (fp32)."""
-    n = sum(int(np.prod(p.shape)) for _, params in model.trainable_groups() for p in params)
-    return 4 * n * (3 + (model.ema is not None))
-
-
-def _log(level: str, message: str) -> None:
-    (logger.warning if level == "warn" else logger.info)(message)
-
-
 def parse_arguments():
     """The three argument dataclasses, resolved (switches, device fallbacks, the layout of a resumed
     checkpoint's global batch) and checked against the machine; and the checkpoint to resume, if any."""
-    preflight.report(preflight.check_port(), _log)  # before the arguments start the process group
+    preflight.report(preflight.check_port())  # before the arguments start the process group
     parser = PdArgumentParser((ModelArguments, DataArguments, SDTrainingArguments))
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses()
@@ -69,50 +55,16 @@ def parse_arguments():
         + preflight.check_env_flags(ENV_SWITCHES)
         + preflight.check_shm(0 if data_args.precomputed_latents else preflight.shm_bytes_needed(
             training_args.per_device_train_batch_size, data_args.resolution, workers,
-            training_args.gradient_accumulation_steps, ranks_here)), _log)
+            training_args.gradient_accumulation_steps, ranks_here)))
     return model_args, data_args, training_args, resume
-
-
-def build_model(model_args, data_args, training_args) -> StableDiffusionModel:
-    if model_args.fused_linear:  # GPU only (finalize switched it off elsewhere); before any model is built
-        paddle.nn.Linear = paddle.incubate.nn.FusedLinear
-    if cpu.CHOICE:  # set at `import sd` (sd/cpu.py)
-        logger.info(cpu.CHOICE)
-    set_seed(training_args.seed)
-    model = StableDiffusionModel(model_args, recompute=training_args.recompute)
-    if data_args.resolution % model.latent_factor:
-        raise UserError(f"--resolution {data_args.resolution} is not a multiple of the VAE's downsampling factor "
-                        f"{model.latent_factor}")
-    if training_args.should_save:
-        preflight.report(preflight.check_disk(training_args.output_dir, checkpoint_bytes(model), free_bytes), _log)
-    return model
-
-
-def build_data(model, model_args, data_args, training_args) -> list:
-    """One dataset per accumulation micro-batch k: data rank d = r·A + k streams slots [d·b, (d+1)·b) of the
-    global batch R·A·b (see sd/train_loader.py), so that any R, A, b of the same product see the same data
-    and noise."""
-    accumulation, world, b = (training_args.gradient_accumulation_steps, training_args.dataset_world_size,
-                              training_args.per_device_train_batch_size)
-    logger.info(f"global batch = {b} per device × {world} rank(s) × {accumulation} accumulation = "
-                f"{b * world * accumulation}")
-    if training_args.dataloader_num_workers > b:
-        logger.info(f"--dataloader_num_workers {training_args.dataloader_num_workers}: each micro-batch's loader "
-                    f"uses {b}, one per sample slot")
-    first = training_args.dataset_rank * accumulation
-    return [build_dataset(model, model_args, data_args, training_args, slots=range(d * b, (d + 1) * b),
-                          num_slots=b * world * accumulation) for d in range(first, first + accumulation)]
 
 
 def main():
     model_args, data_args, training_args, resume = parse_arguments()
-    model = build_model(model_args, data_args, training_args)
-    datasets = build_data(model, model_args, data_args, training_args)
-    trainer = StableDiffusionTrainer(model=model, args=training_args, train_dataset=datasets[0], micro_datasets=datasets,
-                                     resolution=data_args.resolution,
-                                     run_config={"model": asdict(model_args), "data": asdict(data_args)})
+    built = build_run(model_args, data_args, training_args)  # sd/build.py: model, datasets, trainer
     if not training_args.do_train:
         return
+    trainer = built.trainer
     trainer.train(resume_from_checkpoint=resume)
     try:  # the final trained modules (rank 0 only, inside save_model)
         trainer.save_model()
@@ -120,7 +72,7 @@ def main():
     except OSError as e:
         raise CheckpointWriteError(f"could not write the final model in {training_args.output_dir}: "
                                    f"{describe_os_error(e)}") from None
-    logger.info(f"rank {training_args.process_index}: UNet parameter checksum {parameter_checksum(model.unet)}")
+    logger.info(f"rank {training_args.process_index}: UNet parameter checksum {parameter_checksum(built.model.unet)}")
     if training_args.world_size > 1:  # no rank leaves while another may still talk to it (clean gloo/NCCL exit)
         after_rank_zero_work("final-save")
         paddle.distributed.barrier()

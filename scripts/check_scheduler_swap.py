@@ -12,7 +12,6 @@ colour / shape / all scores per sampler and exits 1 when a sampler's colour scor
 
 import argparse
 import glob
-import json
 import os
 import sys
 import tempfile
@@ -36,13 +35,14 @@ def main(argv=None) -> int:
     import ppdiffusers
 
     from sd.evaluation.shapes import run_shapes_benchmark
+    from sd.runtime.checkpoints import STATE_FILE
+    from sd.runtime.run_state import RunState
 
     unet_dir = os.path.join(a.checkpoint, "unet")
     variant = "ema" if glob.glob(os.path.join(unet_dir, "*.ema.*")) else None
     unet = ppdiffusers.UNet2DConditionModel.from_pretrained(unet_dir, variant=variant)
     pipe = ppdiffusers.StableDiffusionPipeline.from_pretrained(a.kit, unet=unet, safety_checker=None)
-    state_file = os.path.join(a.checkpoint, "sd_state.json")
-    size = json.load(open(state_file)).get("resolution") if os.path.isfile(state_file) else None
+    size = RunState.read(a.checkpoint).resolution if os.path.isfile(os.path.join(a.checkpoint, STATE_FILE)) else None
     size = size or unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     original, failed = pipe.scheduler.config, []
     for name in CLASSES:

@@ -111,6 +111,7 @@ class _TextHidden(nn.Layer):
 
 class StableDiffusionModel(nn.Layer):
     _static: Optional[Dict[str, object]] = None  # static-graph versions of the compute paths (see compile_static)
+    _wrap: Optional[Callable[[str, Callable], Callable]] = None  # see instrument
 
     def __init__(self, args: ModelArguments, recompute: bool = False):
         super().__init__()
@@ -220,6 +221,16 @@ class StableDiffusionModel(nn.Layer):
             static["vae"] = paddle.jit.to_static(_VaeMoments(self.vae), full_graph=True)
         self._static = dict(self._static or {}, **static)
 
+    def instrument(self, wrap: Callable[[str, Callable], Callable]) -> None:
+        """Call each compute path through ``wrap(name, fn)``, which returns a function doing what ``fn`` does
+        (a timer, say): ``vae_encode`` (:meth:`encode_images`), ``text_encode`` (:meth:`encode_text`),
+        ``latent_sample`` (:meth:`sample_latents`) and ``unet_forward`` (the UNet's prediction, eager or
+        compiled by :meth:`compile_static`, before or after this call)."""
+        self.encode_images = wrap("vae_encode", self.encode_images)
+        self.encode_text = wrap("text_encode", self.encode_text)
+        self.sample_latents = wrap("latent_sample", self.sample_latents)
+        self._wrap = wrap
+
     @paddle.no_grad()
     def sample_latents(self, mean: paddle.Tensor, std: paddle.Tensor, rngs: List[np.random.Generator]) -> paddle.Tensor:
         """Posterior sample z = (μ + σ·ε) · scaling_factor, ε_i ~ N(0, I) from ``rngs[i]``; μ, σ: (B, 4, h, w), any
@@ -264,6 +275,8 @@ class StableDiffusionModel(nn.Layer):
             encoder_hidden_states = self.encode_text(input_ids)
         unet = self._compiled("unet")
         unet = self._unet_prediction if unet is None else unet
+        if self._wrap is not None:
+            unet = self._wrap("unet_forward", unet)
         pred = unet(noisy, t, _float32(encoder_hidden_states))
         target = noise if a.prediction_type == "epsilon" else diffusion.velocity(latents, noise, t, self.alphas_cumprod)
         weights = None

@@ -9,14 +9,15 @@
   optimizer step → EMA update → counters. A step with a non-finite loss or gradient is skipped; after
   ``--max_nonfinite_steps`` in a row training stops, naming the last good checkpoint;
 * checkpoints: the trained modules in ``from_pretrained`` layout (``unet/``, EMA variant,
-  ``text_encoder/``) plus ``sd_state.json`` (the global batch, every slot's stream position, step count,
-  EMA count) beside the Trainer's optimizer/scheduler/trainer state; resume loads exactly those. A
-  checkpoint is written under a staging name and renamed into place when complete (sd/runtime/checkpoints.py);
+  ``text_encoder/``) plus ``sd_state.json`` (:class:`sd.runtime.run_state.RunState`: the global batch, every
+  slot's stream position, step count, EMA count) beside the Trainer's optimizer/scheduler/trainer state; resume
+  loads exactly those. A checkpoint is written under a staging name and renamed into place when complete
+  (sd/runtime/checkpoints.py);
 * images: on rank 0 at ``first_image_logging_step`` and every ``image_logging_steps``, reconstructions and
   DDIM samples (with the EMA weights when kept) to VisualDL and a PNG; :meth:`StableDiffusionTrainer.log_scalars`
   writes other scalars (the in-training scores) to the same VisualDL log;
-* resuming on another layout (:func:`fit_global_batch`): the per-device batch or the accumulation is
-  chosen to keep the checkpoint's global batch; what cannot keep it is refused in one line.
+* resuming on another layout: ``sd.runtime.run_state.fit_global_batch`` keeps the checkpoint's global batch
+  before the data is built.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import paddle
 from paddlenlp.trainer import Trainer
 
 from sd.evaluation import sampling
-from sd.runtime.checkpoints import (STATE_FILE, TRAINER_STATE_FILE, CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
+from sd.runtime.checkpoints import (CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
                             staging_root)
-from sd.runtime.distributed import UserError, after_rank_zero_work
+from sd.runtime.distributed import after_rank_zero_work
+from sd.runtime.run_state import DataOrder, Layout, RunState
 from sd.log import logger
 from sd.evaluation.during_training import ScoreCallback
 from sd.train_loader import MicroBatchStreams
@@ -94,7 +96,7 @@ class StableDiffusionTrainer(Trainer):
         self.sd_model = model
         self.resolution = resolution
         self.streams = MicroBatchStreams(self.micro_datasets, args.seed, args.dataloader_num_workers)
-        self._resume_state: Optional[dict] = None
+        self._resume_state: Optional[RunState] = None
         self._image_batch = None
         self._images_logged_at = 0  # the step of the last image log
         self._reader_logged = (0.0, 0)  # reader seconds and batches at the previous log
@@ -125,12 +127,12 @@ class StableDiffusionTrainer(Trainer):
         """The micro-batch streams (sd/train_loader.py), fast-forwarded to the checkpoint when resuming."""
         if self._resume_state is not None:
             state = self._resume_state
-            if state["global_batch"] != self.global_batch:  # fit_global_batch makes them agree before the data is built
-                raise ValueError(f"the checkpoint's global batch is {state['global_batch']}, this run's {self.global_batch}")
-            self.streams.fast_forward(state["steps"], state["slots"])
+            if state.global_batch != self.global_batch:  # fit_global_batch makes them agree before the data is built
+                raise ValueError(f"the checkpoint's global batch is {state.global_batch}, this run's {self.global_batch}")
+            self.streams.fast_forward(state.steps, state.slots)
             self._reader_logged = (self.streams.seconds, self.streams.batches)
             slots, positions = sorted(self.streams.positions), self.streams.positions
-            logger.info(f"data streams of slots {slots[0]}-{slots[-1]} fast-forwarded past {state['steps']} samples "
+            logger.info(f"data streams of slots {slots[0]}-{slots[-1]} fast-forwarded past {state.steps} samples "
                         f"each (at {min(positions.values())}-{max(positions.values())} records read)")
         return self.streams
 
@@ -239,16 +241,16 @@ class StableDiffusionTrainer(Trainer):
         else:  # a whole pipeline folder, loadable on its own
             m.save_pipeline(output_dir)
         a, data = self.args, self.run_config.get("data", {})
-        state = {"global_batch": self.global_batch, "slots": self._all_ranks_state or self.streams.state(),
-                 "steps": self.streams.steps,
-                 "layout": {"ranks": a.dataset_world_size, "accumulation": a.gradient_accumulation_steps,
-                            "per_device_batch": a.per_device_train_batch_size},  # how it was made (information)
-                 "data_order": {"seed": a.seed, "file_list": data.get("file_list") and os.path.abspath(data["file_list"]),
-                                "shuffle_buffer": data.get("shuffle_buffer")},
-                 "ema_updates": m.ema.num_updates if m.ema is not None else 0,
-                 "resolution": self.resolution, "model_paths": {k: os.path.abspath(v) if v and os.path.exists(v) else v for k, v in m.paths.items()}, "prediction_type": m.args.prediction_type}
-        with open(os.path.join(output_dir, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=2)
+        RunState(global_batch=self.global_batch, slots=self._all_ranks_state or self.streams.state(),
+                 steps=self.streams.steps,
+                 layout=Layout(ranks=a.dataset_world_size, accumulation=a.gradient_accumulation_steps,
+                               per_device_batch=a.per_device_train_batch_size),  # how it was made (information)
+                 data_order=DataOrder(seed=a.seed,
+                                      file_list=data.get("file_list") and os.path.abspath(data["file_list"]),
+                                      shuffle_buffer=data.get("shuffle_buffer")),
+                 ema_updates=m.ema.num_updates if m.ema is not None else 0, resolution=self.resolution,
+                 model_paths={k: os.path.abspath(v) if v and os.path.exists(v) else v for k, v in m.paths.items()},
+                 prediction_type=m.args.prediction_type).write(output_dir)
         with open(os.path.join(output_dir, "training_args.json"), "w") as f:
             f.write(self.args.to_json_string())
         with open(os.path.join(output_dir, "run_config.json"), "w") as f:  # model and data arguments, as resolved
@@ -296,15 +298,12 @@ class StableDiffusionTrainer(Trainer):
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no checkpoint to resume from in {self.args.output_dir}")
-        state_file = os.path.join(resume_from_checkpoint, STATE_FILE)
-        if not os.path.isfile(state_file):
-            raise FileNotFoundError(f"{resume_from_checkpoint} is not a checkpoint of this trainer (no {STATE_FILE})")
+        state = RunState.read(resume_from_checkpoint)
         logger.info(f"resuming from {resume_from_checkpoint}")
         self.sd_model.load_trained(resume_from_checkpoint)
-        with open(state_file) as f:
-            self._resume_state = json.load(f)
+        self._resume_state = state
         if self.sd_model.ema is not None:
-            self.sd_model.ema.num_updates = self._resume_state["ema_updates"]
+            self.sd_model.ema.num_updates = state.ema_updates
 
     # -- images ----------------------------------------------------------------------------------
     @paddle.no_grad()
@@ -363,78 +362,3 @@ class StableDiffusionTrainer(Trainer):
             if getattr(cb, "vdl_writer", None) is not None:
                 return cb.vdl_writer
         return None
-
-
-def fit_global_batch(training_args, data_args, checkpoint: Optional[str]) -> None:
-    """Resuming ``checkpoint`` with ranks × accumulation × per-device batch ≠ its global batch G: keep G.
-
-    Slot j of G is a stream of its own whichever rank reads it (sd/train_loader.py), so any layout with
-    R·A·b = G continues the run exactly. A layout given so is taken as it is. Otherwise, on R ranks,
-    the per-device batch becomes G / (R·A) if that is whole (the accumulation stays), else the
-    accumulation becomes G / (R·b) (the per-device batch stays); when neither is, the run stops with
-    one line. A data order other than the checkpoint's (seed, file list, shuffle buffer) is allowed and
-    logged: the run goes on, but not as the uninterrupted one would have.
-    """
-    state_file = os.path.join(checkpoint, STATE_FILE) if checkpoint else None
-    if not (state_file and os.path.isfile(state_file)):
-        return
-    with open(state_file) as f:
-        state = json.load(f)
-    if "global_batch" not in state:
-        raise UserError(f"{checkpoint} holds no slot positions (written by an older version of this trainer, "
-                        f"whose data order was per data rank): start afresh with --overwrite_output_dir")
-    saved, a = state["global_batch"], training_args
-    ranks, accumulation, batch = a.dataset_world_size, a.gradient_accumulation_steps, a.per_device_train_batch_size
-    if ranks * accumulation * batch != saved:
-        if saved % (ranks * accumulation) == 0:
-            a.per_device_train_batch_size = saved // (ranks * accumulation)
-            logger.warning(f"resuming {checkpoint} (global batch {saved}) on {ranks} rank(s): "
-                           f"--per_device_train_batch_size {batch} → {a.per_device_train_batch_size}")
-        elif saved % (ranks * batch) == 0:
-            a.gradient_accumulation_steps = saved // (ranks * batch)
-            logger.warning(f"resuming {checkpoint} (global batch {saved}) on {ranks} rank(s): "
-                           f"--gradient_accumulation_steps {accumulation} → {a.gradient_accumulation_steps}")
-        else:
-            raise UserError(f"{checkpoint} was trained with a global batch of {saved} samples, which {ranks} rank(s) "
-                            f"cannot make with --gradient_accumulation_steps {accumulation} or "
-                            f"--per_device_train_batch_size {batch}: give both so that ranks × accumulation × "
-                            f"per-device batch = {saved}, run on a number of ranks that divides {saved}, or start "
-                            f"afresh with --overwrite_output_dir")
-    now = {"seed": a.seed, "file_list": os.path.abspath(data_args.file_list), "shuffle_buffer": data_args.shuffle_buffer}
-    changed = {k: (v, now[k]) for k, v in state.get("data_order", {}).items() if v is not None and v != now[k]}
-    if changed:
-        what = ", ".join(f"--{k} {old} → {new}" for k, (old, new) in changed.items())
-        logger.warning(f"resuming {checkpoint} with another data order ({what}): training goes on from its slot "
-                       "positions, but not on the batches the interrupted run would have seen")
-
-
-def warn_if_schedule_moves(training_args, checkpoint: Optional[str]) -> None:
-    """A decaying LR schedule is laid over ``--max_steps``: resuming a checkpoint toward another step count
-    changes the LR from there on (e.g. a linear decay that ended at 0 after 1000 steps restarts at a third
-    of its peak when resumed toward 1500), which is logged."""
-    path = os.path.join(checkpoint, TRAINER_STATE_FILE) if checkpoint else None
-    schedule = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
-    if schedule in ("constant", "constant_with_warmup") or not (path and os.path.isfile(path)):
-        return
-    with open(path) as f:
-        state = json.load(f)
-    planned, step = state.get("max_steps"), state.get("global_step")
-    if planned is not None and planned != training_args.max_steps:
-        logger.warning(f"resuming {checkpoint}, a run of {planned} steps, with --max_steps {training_args.max_steps}: "
-                       f"the {schedule} LR schedule now runs over {training_args.max_steps} steps, so from step {step} "
-                       f"the LR is the one a {training_args.max_steps}-step run has there, after {step} steps on the "
-                       f"{planned}-step schedule (a fresh run in another --output_dir follows one schedule throughout)")
-
-
-def find_resume_checkpoint(training_args) -> Optional[str]:
-    """``--resume_from_checkpoint`` if given, else the newest checkpoint in output_dir (unless
-    ``--overwrite_output_dir``)."""
-    if training_args.resume_from_checkpoint:
-        return training_args.resume_from_checkpoint
-    if os.path.isdir(training_args.output_dir) and not training_args.overwrite_output_dir:
-        last = newest_complete_checkpoint(training_args.output_dir)
-        if last is not None:
-            logger.info(f"found {last}, the newest complete checkpoint: resuming automatically "
-                        f"(pass --overwrite_output_dir to start afresh)")
-        return last
-    return None

@@ -19,13 +19,13 @@ depends on W.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 import paddle
 
 from sd.runtime.distributed import die_with_parent
-from sd.text_image_pair_dataset import TextImagePairDataset, collate_fn
+from sd.text_image_pair_dataset import collate_fn
 
 
 def sample_seed(run_seed: int, slot: int, step: int) -> int:
@@ -34,34 +34,6 @@ def sample_seed(run_seed: int, slot: int, step: int) -> int:
     The 1 keeps these apart from the data streams' own draws, seeded ``(seed, 0, slot, draw)``.
     """
     return int(np.random.SeedSequence([run_seed, 1, slot, step]).generate_state(1)[0])
-
-
-def build_dataset(model, model_args, data_args, training_args, slots: Sequence[int], num_slots: int):
-    """The training streams of ``slots`` of a global batch of ``num_slots``: images (VAE and text encoder run
-    every step) or precomputed latents."""
-    from sd.data import img2dataset
-
-    img2dataset.configure(img2dataset.ShardOptions(  # .tar/.parquet shards in the lists (inherited by loader workers)
-        caption_key=data_args.caption_key, min_original_size=data_args.min_original_size,
-        where=tuple(img2dataset.Where.parse(w) for w in data_args.where or ())))
-    if data_args.precomputed_latents:  # written by sd/tools/precompute_latents.py for this VAE, text encoder, resolution
-        from sd.latent_dataset import LatentDataset
-
-        f = model.latent_factor
-        expect = {"resolution": data_args.resolution, "model_max_length": model_args.model_max_length,
-                  "latent_shape": [model.vae.config.latent_channels, data_args.resolution // f, data_args.resolution // f],
-                  "hidden_shape": [model_args.model_max_length, model.text_encoder.config.hidden_size]}
-        return LatentDataset(data_args.file_list, model.tokenizer, drop_caption_prob=data_args.drop_caption_prob,
-                             max_bad_fraction=data_args.max_bad_fraction, seed=training_args.seed,
-                             slots=slots, num_slots=num_slots,
-                             shuffle_buffer=data_args.shuffle_buffer, expect=expect)
-    return TextImagePairDataset(
-        data_args.file_list, model.tokenizer, resolution=data_args.resolution, line_format=data_args.line_format,
-        interpolation=data_args.interpolation, center_crop=data_args.center_crop,
-        drop_caption_prob=data_args.drop_caption_prob, allow_upscale=data_args.allow_upscale,
-        max_bad_fraction=data_args.max_bad_fraction, seed=training_args.seed,
-        slots=slots, num_slots=num_slots,
-        model_max_length=model_args.model_max_length, shuffle_buffer=data_args.shuffle_buffer)
 
 
 class _RaiseInMainThread(paddle.io.IterableDataset):

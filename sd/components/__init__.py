@@ -34,6 +34,7 @@ from typing import Dict, Optional, Tuple
 
 from sd.components import pipeline, schedulers
 from sd.runtime.checkpoints import STATE_FILE, newest_model_folder
+from sd.runtime.run_state import RunState
 
 PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")  # what goes with a UNet
 DEFAULT_OUTPUT = "./laion400m_pretrain_output_trainer"  # train.sh's OUTPUT_DIR
@@ -487,7 +488,7 @@ def resolve_for_sampling(unet: Optional[str] = None, pretrained: Optional[str] =
         paths = {k: locate(f"{pretrained}/{k}", f"{k.replace('_', ' ')} of --pretrained_model_name_or_path", k, from_hf_hub)
                  for k in PARTS}
         unet = unet or locate(f"{pretrained}/unet", "UNet of --pretrained_model_name_or_path", "unet", from_hf_hub)
-        ckpt, state = None, {}
+        ckpt, state = None, None
     else:
         if pretrained is not None:
             if not os.path.isdir(pretrained):
@@ -502,7 +503,7 @@ def resolve_for_sampling(unet: Optional[str] = None, pretrained: Optional[str] =
             raise ComponentError(f"{unet} is not a UNet folder (no config.json); pass --unet_model_name_or_path")
         # the checkpoint (or pipeline folder) the UNet belongs to
         ckpt = os.path.dirname(os.path.abspath(unet)) if isinstance(unet, str) else None
-        state = read_json(os.path.join(ckpt, STATE_FILE)) if ckpt and os.path.isfile(os.path.join(ckpt, STATE_FILE)) else {}
+        state = _run_state(ckpt)
         paths = _parts_for(pretrained, ckpt, state, unet, from_hf_hub)
     if text_encoder:
         paths["text_encoder"] = locate(text_encoder, "text encoder", "text_encoder", from_hf_hub,
@@ -517,7 +518,7 @@ def resolve_for_sampling(unet: Optional[str] = None, pretrained: Optional[str] =
     configs = {"unet": config_of(unet), "text_encoder": config_of(paths["text_encoder"]), "vae": config_of(paths["vae"])}
     if configs["unet"] is not None and configs["unet"].get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise ComponentError(f"{source_name(unet)} holds a {configs['unet']['_class_name']}, not a UNet2DConditionModel")
-    size = state.get("resolution")
+    size = state.resolution if state else None
     if size is None and ckpt and os.path.isfile(os.path.join(ckpt, "run_config.json")):
         size = read_json(os.path.join(ckpt, "run_config.json")).get("data", {}).get("resolution")
     if height is None or width is None:
@@ -525,26 +526,36 @@ def resolve_for_sampling(unet: Optional[str] = None, pretrained: Optional[str] =
             size = configs["unet"]["sample_size"] * latent_factor(configs["vae"])
         height, width = height or size, width or size
     check_configs(configs, height, width)
-    recorded_vae = state.get("model_paths", {}).get("vae")
-    return {**paths, "unet": unet, "checkpoint": ckpt, "prediction_type": state.get("prediction_type"),
+    recorded_vae = state.model_paths.get("vae") if state else None
+    return {**paths, "unet": unet, "checkpoint": ckpt, "prediction_type": state.prediction_type if state else None,
             "scheduler_config": config_of(paths["scheduler"]) if paths["scheduler"] is not None else None,
             "variant": variant, "height": height, "width": width,
             "is_kit": any(isinstance(v, str) and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(v)), "kit_report.json"))
                           for v in (paths["vae"], recorded_vae))}  # → demo prompts
 
 
-def _parts_for(pretrained, ckpt, state, unet, from_hf_hub) -> Dict:
+def _run_state(ckpt: Optional[str]) -> Optional[RunState]:
+    """The state file of the checkpoint ``ckpt`` (None for a pipeline folder, which has none)."""
+    if not (ckpt and os.path.isfile(os.path.join(ckpt, STATE_FILE))):
+        return None
+    try:
+        return RunState.read(ckpt)
+    except ValueError as e:
+        raise ComponentError(str(e)) from None
+
+
+def _parts_for(pretrained, ckpt, state: Optional[RunState], unet, from_hf_hub) -> Dict:
     if pretrained is not None:
         return {k: os.path.join(pretrained, k) for k in PARTS}
     if ckpt and os.path.isfile(os.path.join(ckpt, "model_index.json")):  # a whole-pipeline checkpoint
         return {k: os.path.join(ckpt, k) for k in PARTS}
-    if state.get("model_paths"):
+    if state and state.model_paths:
         run_config = os.path.join(ckpt, "run_config.json")  # names from the server the run used
         if os.path.isfile(run_config):
             from_hf_hub = from_hf_hub or bool(read_json(run_config).get("model", {}).get("from_hf_hub"))
         paths = {}
         for k in PARTS:
-            recorded = state["model_paths"].get(k) or ""
+            recorded = state.model_paths.get(k) or ""
             if is_hub_name(recorded):
                 paths[k] = locate(recorded, k.replace("_", " "), k, from_hf_hub)
             elif os.path.isdir(recorded):

@@ -36,7 +36,8 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
-from sd.components import read_json, sd_scheduler
+from sd.components import read_json
+from sd.components.schedulers import make_scheduler
 from sd.data import demo_data
 from sd.kit.tokenizer import BOS, EOS, clip_merges, find_clip_bpe, learn_bpe, save_tokenizer
 
@@ -210,7 +211,7 @@ def build_real_size_kit(output_dir: str, seed: int = 0, log=print) -> Dict:
     text_config.architectures = ["CLIPTextModel"]
     text_config.save_pretrained(os.path.join(work, "text_encoder"))
     _update_json(os.path.join(work, "text_encoder", "config.json"), {"dropout": 0.0, "torch_dtype": "float32"})
-    sd_scheduler("PNDMScheduler").save_pretrained(os.path.join(work, "scheduler"))
+    make_scheduler("pndm").save_pretrained(os.path.join(work, "scheduler"))
     # as the tiny kit: what SD v1 leaves to each scheduler class's default stays unstated
     _update_json(os.path.join(work, "scheduler", "scheduler_config.json"), {},
                  drop=("timestep_spacing", "prediction_type"))

@@ -20,7 +20,6 @@ STAGING_DIR = ".incomplete"  # under output_dir; not matched by the checkpoint-N
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "sd_state.json"  # written last by the trainer's _save: a checkpoint without it is incomplete
 TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer's own: global_step, max_steps, log_history
-MARKER = STATE_FILE
 
 
 class CheckpointWriteError(RuntimeError):
@@ -69,7 +68,7 @@ def complete_checkpoints(output_dir: str) -> list:
     for name in os.listdir(output_dir):
         m = _CHECKPOINT.match(name)
         path = os.path.join(output_dir, name)
-        if m and os.path.isfile(os.path.join(path, MARKER)):
+        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
             found.append((int(m.group(1)), path))
     return [p for _, p in sorted(found)]
 
@@ -91,7 +90,7 @@ def newest_model_folder(output_dir: str) -> Optional[str]:
     if newest is not None:
         found.append((int(_CHECKPOINT.match(os.path.basename(newest)).group(1)), 1, newest))
     final = os.path.join(output_dir, TRAINER_STATE_FILE)
-    if os.path.isfile(os.path.join(output_dir, MARKER)):
+    if os.path.isfile(os.path.join(output_dir, STATE_FILE)):
         step = 0
         if os.path.isfile(final):
             with open(final, encoding="utf-8") as f:

@@ -53,6 +53,16 @@ def rank_name(environ=os.environ) -> str:
     return f"rank {environ.get('PADDLE_TRAINER_ID', '0')}"
 
 
+def die_with_parent(worker_id: int = 0) -> None:
+    """The calling process ends when its parent does, even when the parent is killed with SIGKILL (Linux).
+
+    A loader worker's ``worker_init_fn`` (sd/train_loader.py); a training rank calls it too (its parent is the
+    launcher).
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def die_with_launcher() -> None:
     """This rank gets SIGKILL when its parent, the launcher, exits; it exits now if the parent is already gone."""
     parent = os.getppid()

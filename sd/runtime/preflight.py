@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from sd.runtime.distributed import UserError
 
@@ -79,7 +79,11 @@ def _parses(raw: str, like) -> bool:
 
 def check_env_flags(switches: Dict[str, str], environ=os.environ) -> List[Finding]:
     """``FLAGS_*`` values of the environment against the type of Paddle's flag (Paddle itself ignores a bool it
-    cannot parse and reads ``12abc`` as 12); ``FLAG_*`` against this trainer's switches (0/1)."""
+    cannot parse and reads ``12abc`` as 12); ``FLAG_*`` against this trainer's switches (0/1).
+
+    Args:
+        switches: {argument: its ``FLAG_*`` variable} (``sd.sd_args.ENV_SWITCHES``).
+    """
     from paddle.base import core
 
     known = core.globals()
@@ -156,7 +160,14 @@ def check_disk(output_dir: str, checkpoint_bytes: int, free_bytes: Callable[[str
     return [("ok", f"{_gib(free)} free in --output_dir {output_dir} (a checkpoint: about {_gib(checkpoint_bytes)})")]
 
 
-def report(findings: List[Finding], log) -> None:
+def log_finding(level: str, message: str) -> None:
+    """A finding through the one logger: a warning, or info."""
+    from sd.log import logger
+
+    (logger.warning if level == "warn" else logger.info)(message)
+
+
+def report(findings: List[Finding], log: Callable[[str, str], None] = log_finding) -> None:
     """Log each finding (``log(level, message)``), then raise :class:`UserError` with the first stop."""
     for level, message in findings:
         if level != "stop":

@@ -7,8 +7,8 @@
     python -m sd.tools.benchmark --flops_only --unet_config ./unet_config.json --resolution 256      # SD v1 arithmetic
     python -m sd.tools.benchmark --versus ../shared/reference/paddlemix_stable_diffusion           # side by side, A B A B
 
-Method: the model, dataset and ``StableDiffusionTrainer`` are built exactly as
-``train_txt2img_laion400m_trainer.py`` builds them, and the trainer runs ``warmup + steps``
+Method: the model, datasets and ``StableDiffusionTrainer`` are built by ``sd.build.build_run``, which
+``train_txt2img_laion400m_trainer.py`` builds its run with, and the trainer runs ``warmup + steps``
 optimizer steps. A callback stamps each step's phases (data wait, forward+backward, optimizer);
 the frozen encoders and the UNet are timed around their calls. The first ``warmup`` steps are
 dropped and each figure is the **median** over the remaining steps (robust to the other processes
@@ -312,10 +312,8 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     import paddle
     from sd.log import logger
 
-    from sd.model import StableDiffusionModel
+    from sd.build import build_run
     from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
-    from sd.sd_trainer import StableDiffusionTrainer
-    from sd.train_loader import build_dataset
 
     if warmup < 1 or steps < 1:
         raise ValueError(f"need warmup ≥ 1 (the first step has no interval before it) and steps ≥ 1, got {warmup}, {steps}")
@@ -335,21 +333,10 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
         raise ValueError(f"unknown arguments {sorted(extra)}")
     finalize(model_args, data_args, training_args, lambda msg, changed=True: logger.info(msg),
              argv=[f"--{k}" for k in (extra_args or {})])  # switches given here count as command-line flags
-    paddle.seed(seed)
-    model = StableDiffusionModel(model_args, recompute=training_args.recompute)
-    b, rank, world = batch_size, training_args.dataset_rank, training_args.dataset_world_size  # no accumulation here
-    dataset = build_dataset(model, model_args, data_args, training_args, slots=range(rank * b, (rank + 1) * b),
-                            num_slots=world * b)
-    trainer = StableDiffusionTrainer(model=model, args=training_args, train_dataset=dataset, resolution=resolution)
+    built = build_run(model_args, data_args, training_args)  # what the training script trains
+    model, trainer = built.model, built.trainer
     clock = _Clock()
-    model.encode_images = clock.wrap("vae_encode", model.encode_images)
-    model.encode_text = clock.wrap("text_encode", model.encode_text)
-    if hasattr(model, "sample_latents"):
-        model.sample_latents = clock.wrap("latent_sample", model.sample_latents)
-    if "unet" in (model._static or {}):  # --to_static compiled it when the trainer was built
-        model._static["unet"] = clock.wrap("unet_forward", model._static["unet"])
-    else:
-        model._unet_prediction = clock.wrap("unet_forward", model._unet_prediction)
+    model.instrument(clock.wrap)
     trainer.compute_loss = clock.wrap("compute_loss", trainer.compute_loss)
     timer = _make_step_timer(trainer, clock)
     trainer.add_callback(timer)

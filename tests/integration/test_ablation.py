@@ -11,6 +11,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 from tests.helpers.common import ROOT
+from sd.runtime.run_state import RunState
 
 
 def run_ablation(tiny_kit, file_list, out, *rows):
@@ -56,8 +57,7 @@ def test_random_text_encoder_row_and_a_rerun_reusing_its_training(tiny_kit, demo
     run_ablation(tiny_kit, demo_file_list, out, "random text encoder")
     row = out / "random_text_encoder"
     # trained (and therefore scored: eval.py follows the checkpoint's record) with the random encoder
-    state = json.load(open(row / "sd_state.json"))
-    assert state["model_paths"]["text_encoder"] == str(out / "text_encoder_random_init")
+    assert RunState.read(str(row)).model_paths["text_encoder"] == str(out / "text_encoder_random_init")
     assert os.path.isdir(row / "unet") and not os.path.isfile(row / "config.json")
     log = out / "random_text_encoder.train.log"
     first = log.stat().st_mtime_ns

@@ -6,7 +6,6 @@ order), across ranks, with 1 process × batch 4 × accumulation 2 (bit for bit),
 one's checkpoint on the other layout, and with a run where rank 1 fails and the job is resumed.
 """
 
-import json
 import os
 import re
 import signal
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from tests.helpers.common import ROOT, train_command, weight_difference
 from safetensors.numpy import load_file
+from sd.runtime.run_state import Layout, RunState
 
 RUNNER = os.path.join(ROOT, "tests", "helpers", "fault_runner.py")
 STEPS = ["--max_steps", "20", "--save_steps", "10", "--dataloader_num_workers", "1", "--report_to", "visualdl",
@@ -111,9 +111,9 @@ def test_only_rank_zero_writes(two_ranks):
     assert len(events) == 1  # one VisualDL event file for the run
     assert sorted(os.listdir(out / "images")) == ["step-0000010.png", "step-0000010.txt", "step-0000020.png",
                                                   "step-0000020.txt"]
-    state = json.load(open(out / "checkpoint-20" / "sd_state.json"))
-    assert state["global_batch"] == 8 and sorted(state["slots"], key=int) == [str(j) for j in range(8)]  # both ranks'
-    assert state["layout"] == {"ranks": 2, "accumulation": 1, "per_device_batch": 4}
+    state = RunState.read(str(out / "checkpoint-20"))
+    assert state.global_batch == 8 and sorted(state.slots, key=int) == [str(j) for j in range(8)]  # both ranks'
+    assert state.layout == Layout(ranks=2, accumulation=1, per_device_batch=4)
     assert "rng_state_2.pth" in os.listdir(out / "checkpoint-20")
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 import eval as eval_cli
 from sd.data import demo_data
 from sd.evaluation.shapes import chance, confusion, format_report, score
+from sd.runtime.run_state import RunState
 
 from tests.helpers.common import ROOT
 OUT = "laion400m_pretrain_output_trainer"
@@ -57,7 +58,7 @@ def test_no_arguments_uses_newest_checkpoint_and_its_kit(workdir, monkeypatch):
     # what the checkpoint records reaches the sampler: its kit, its prediction type
     args = eval_cli.parse_args([])
     models = eval_cli.resolve_models(args)
-    assert models["vae"] == json.load(open(workdir / OUT / "checkpoint-2" / "sd_state.json"))["model_paths"]["vae"]
+    assert models["vae"] == RunState.read(str(workdir / OUT / "checkpoint-2")).model_paths["vae"]
     pipe = eval_cli.build(models, args)
     assert pipe.scheduler.config.prediction_type == "v_prediction" and type(pipe.scheduler).__name__ == "DDIMScheduler"
 
@@ -219,9 +220,9 @@ def test_bad_input_errors(workdir, tiny_kit, tmp_path, capsys, monkeypatch):
     expect_error(capsys, ["--unet_model_name_or_path", os.path.join(tiny_kit, "unet"), "--variant", "ema"],
                  "no 'ema' weights")
     shutil.copytree(ckpt, "moved")  # a checkpoint whose kit is gone
-    state = json.load(open("moved/sd_state.json"))
-    state["model_paths"]["vae"] = str(tmp_path / "gone" / "vae")
-    json.dump(state, open("moved/sd_state.json", "w"))
+    state = RunState.read("moved")
+    state.model_paths["vae"] = str(tmp_path / "gone" / "vae")
+    state.write("moved")
     expect_error(capsys, ["--unet_model_name_or_path", "moved/unet"], "python -m sd.kit --output_dir ./tiny-sd")
     cfg = json.load(open("moved/unet/config.json"))
     json.dump({**cfg, "cross_attention_dim": 48}, open("moved/unet/config.json", "w"))

@@ -18,6 +18,7 @@ import pytest
 
 from tests.helpers.common import ROOT, train_command
 from tests.helpers.hub_mimic import HubMimic
+from sd.runtime.run_state import RunState
 
 REPO = "some-org/tiny-sd"
 PROMPT = ["--prompt", "a red circle on a white background", "--num_inference_steps", "2", "--guidance_scale", "1"]
@@ -160,8 +161,8 @@ def test_training_downloads_by_name_from_the_hf_hub(tiny_kit, demo_file_list, tm
         r, _ = run(eval_cmd(tmp_path / "e", "--unet_model_name_or_path", str(tmp_path / "run" / "checkpoint-2")), env)
         assert r.returncode == 0 and (tmp_path / "e" / "000_g1_s0.png").is_file(), r.stderr[-3000:]
         assert hub.count() == first, hub.requests[first:]
-    state = json.load(open(tmp_path / "run" / "checkpoint-2" / "sd_state.json"))
-    assert state["model_paths"]["vae"] == f"{REPO}/vae" and state["model_paths"]["unet"] == f"{REPO}/unet"
+    paths = RunState.read(str(tmp_path / "run" / "checkpoint-2")).model_paths
+    assert paths["vae"] == f"{REPO}/vae" and paths["unet"] == f"{REPO}/unet"
 
 
 TEXT_ENCODER_SCRIPT = textwrap.dedent('''

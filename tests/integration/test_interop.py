@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.common import ROOT
+from sd.runtime.run_state import RunState
 MISSING = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
 pytestmark = [pytest.mark.long, pytest.mark.skipif(bool(MISSING), reason=f"interop tests need {', '.join(MISSING)} (PyTorch side): "
                                                                          "pip install -r requirements-interop.txt")]
@@ -192,8 +193,8 @@ def test_train_and_eval_run_on_a_diffusers_folder(diffusers_folder, demo_file_li
     out = tmp_path / "ft"
     run_paddle(train_args(diffusers_folder["safetensors"], demo_file_list, out, "--max_steps", "1", "--save_steps", "1"),
                "training")
-    state = json.load(open(out / "checkpoint-1" / "sd_state.json"))
-    assert state["model_paths"]["vae"] == os.path.join(diffusers_folder["safetensors"], "vae")
+    state = RunState.read(str(out / "checkpoint-1"))
+    assert state.model_paths["vae"] == os.path.join(diffusers_folder["safetensors"], "vae")
     for name, source in (("ckpt", ["--unet_model_name_or_path", str(out / "checkpoint-1")]),
                          ("folder", ["--pretrained_model_name_or_path", diffusers_folder["safetensors"], "--height", "32",
                                      "--width", "32"])):

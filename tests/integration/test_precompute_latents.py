@@ -1,7 +1,6 @@
 """Precomputed latents: the tool's output, the dataset's stream (same as the images'), resume, and the loss path."""
 
 import itertools
-import json
 import os
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 
 from sd.data.formats import encode_latent_line, parse_latent_line, BadRecord
 from sd.latent_dataset import LatentDataset, decode_array, read_info
+from sd.runtime.run_state import RunState
 from sd.text_image_pair_dataset import TextImagePairDataset
 
 
@@ -198,5 +198,5 @@ def test_training_script_runs_on_precomputed_latents(latents, tiny_kit, tmp_path
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "image logging needs image batches: off with --precomputed_latents" in runs[0].stdout + runs[0].stderr
     assert "the newest complete checkpoint" in runs[1].stdout + runs[1].stderr  # the second run resumed at step 2
-    state = json.load(open(tmp_path / "out" / "sd_state.json"))  # the final save, after step 3
-    assert state["steps"] == 3 and state["global_batch"] == 4 and state["slots"]["3"]["position"] >= 3
+    state = RunState.read(str(tmp_path / "out"))  # the final save, after step 3
+    assert state.steps == 3 and state.global_batch == 4 and state.slots["3"]["position"] >= 3

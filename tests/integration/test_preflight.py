@@ -27,10 +27,10 @@ for name, (argv, env, bug) in cases.items():
     saved = dict(os.environ)
     os.environ.update(env)
     if bug:  # a programming error in the data code (not a user mistake)
-        import sd.train_loader
+        import sd.build
         def broken(*a, **k):
             return {{}}["injected bug"]
-        sd.train_loader.build_dataset = broken
+        sd.build.build_dataset = broken
     log = os.open(os.path.join(out, name + ".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     sys.stdout.flush(); sys.stderr.flush()
     fd1, fd2 = os.dup(1), os.dup(2)

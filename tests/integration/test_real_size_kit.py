@@ -129,7 +129,7 @@ def test_sd_v1_kit_sizes_configs_and_loaders(tmp_path, monkeypatch):
     # 10.6 GB (fresh initial weights, then the file's); every tensor is compared with the file below either way
     monkeypatch.setattr(modeling_utils, "LOW_CPU_MEM_USAGE_DEFAULT", True)
 
-    from sd.kit.build import main
+    from sd.kit.__main__ import main
 
     kit = str(tmp_path / "sd-v1-random")
     main(["--preset", "sd-v1", "--output_dir", kit, "--seed", "5"])
@@ -178,7 +178,7 @@ def test_sd_v1_kit_sizes_configs_and_loaders(tmp_path, monkeypatch):
 
 
 def test_cli_refuses_tiny_kit_options_and_checks_for_the_real_size_kit(tmp_path, capsys):
-    from sd.kit.build import main
+    from sd.kit.__main__ import main
 
     with pytest.raises(SystemExit):
         main(["--preset", "sd-v1", "--resolution", "64", "--output_dir", str(tmp_path / "kit")])

@@ -11,6 +11,7 @@ import pytest
 from tests.helpers.common import train_command
 from safetensors.numpy import load_file
 
+from sd.runtime.run_state import RunState
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize, resolve_switches
 
 from tests.helpers.common import ROOT
@@ -47,7 +48,7 @@ def test_end_to_end_checkpoints_images_logs(tiny_kit, demo_file_list, tmp_path):
               "run_config.json", "trainer_state.json"):
         assert (ckpt / f).is_file(), f
     assert not (ckpt / "vae").exists()  # only_save_updated_model (default)
-    assert json.load(open(ckpt / "sd_state.json"))["resolution"] == 32
+    assert RunState.read(str(ckpt)).resolution == 32
     assert sorted(os.listdir(out / "images")) == ["step-0000002.png", "step-0000002.txt", "step-0000004.png", "step-0000004.txt"]
     assert (ckpt / "unet" / "diffusion_paddle_model.ema.safetensors").is_file()  # FLAG_USE_EMA=1 took effect
     tags = vdl_tags(out / "runs")
@@ -144,11 +145,13 @@ def test_resuming_keeps_the_checkpoints_global_batch(tmp_path, warnings_logged):
     from types import SimpleNamespace
 
     from sd.runtime.distributed import UserError
-    from sd.sd_trainer import fit_global_batch
+    from sd.runtime.run_state import DataOrder, Layout, RunState, fit_global_batch
 
     said = warnings_logged
-    (tmp_path / "sd_state.json").write_text(json.dumps({"global_batch": 8, "data_order": {
-        "seed": 5, "file_list": str(tmp_path / "a.filelist.list"), "shuffle_buffer": 64}}))
+    RunState(global_batch=8, slots={str(j): {"position": 3, "skipped": 0} for j in range(8)}, steps=3,
+             layout=Layout(ranks=2, accumulation=1, per_device_batch=4),
+             data_order=DataOrder(seed=5, file_list=str(tmp_path / "a.filelist.list"), shuffle_buffer=64),
+             ema_updates=0, resolution=32, model_paths={"vae": "kit/vae"}, prediction_type="epsilon").write(str(tmp_path))
     data = SimpleNamespace(file_list=str(tmp_path / "a.filelist.list"), shuffle_buffer=64)
 
     def fit(ranks, accumulation, batch, seed=5):
@@ -167,7 +170,7 @@ def test_resuming_keeps_the_checkpoints_global_batch(tmp_path, warnings_logged):
     fit(1, 1, 8, seed=6)
     assert "another data order (--seed 5 → 6)" in said[-1]
     (tmp_path / "sd_state.json").write_text(json.dumps({"data_world_size": 2}))  # the per-data-rank format
-    with pytest.raises(UserError, match="holds no slot positions"):
+    with pytest.raises(ValueError, match="sd_state.json holds no slot positions"):
         fit(1, 1, 8)
 
 
@@ -204,15 +207,15 @@ def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path)
     assert re.search(r"- lr_scheduler_type\s+: SchedulerType\.CONSTANT", log)
     # One data-parallel process per core (up to 2) by default: both ranks logged, every slot's stream saved.
     ranks = 2 if len(os.sched_getaffinity(0)) >= 2 and os.cpu_count() >= 2 else 1
-    state = json.load(open(ckpt / "sd_state.json"))
-    assert state["layout"]["ranks"] == ranks and sorted(state["slots"], key=int) == [str(j) for j in range(2 * ranks)]
+    state = RunState.read(str(ckpt))
+    assert state.layout.ranks == ranks and sorted(state.slots, key=int) == [str(j) for j in range(2 * ranks)]
     assert (tmp_path / "out" / "launch_logs" / f"workerlog.{ranks - 1}").is_file() == (ranks == 2)
 
 
 def test_resuming_toward_another_step_count_warns_when_the_schedule_decays(tmp_path, warnings_logged):
     from types import SimpleNamespace
 
-    from sd.sd_trainer import warn_if_schedule_moves
+    from sd.runtime.run_state import warn_if_schedule_moves
 
     said = warnings_logged
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 1000, "max_steps": 1000}))
@@ -227,13 +230,13 @@ def test_resuming_toward_another_step_count_warns_when_the_schedule_decays(tmp_p
 def test_text_encoder_training_gets_its_own_learning_rate(tiny_kit, tmp_path):
     import paddle
 
-    from sd.model import StableDiffusionModel
+    from sd.build import build_model
     from sd.sd_trainer import StableDiffusionTrainer
 
     m = ModelArguments(pretrained_model_name_or_path=tiny_kit, unet_name_or_path=os.path.join(tiny_kit, "unet", "config.json"),
                        model_max_length=16, train_text_encoder=True, unet_learning_rate=2e-3, text_encoder_learning_rate=1e-4)
-    model = StableDiffusionModel(m)
     args = SDTrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to=["none"], max_steps=1)
+    model = build_model(m, DataArguments(resolution=32), args)
     trainer = StableDiffusionTrainer(model=model, args=args, train_dataset=None, resolution=32)
     trainer.create_optimizer_and_scheduler(num_training_steps=1)
     multiplier = {id(p): p.optimize_attr["learning_rate"] for g in trainer.optimizer._param_groups for p in g["params"]}
