@@ -153,7 +153,7 @@ def rss_main(sizes) -> None:
             r = subprocess.run([sys.executable, "-c", RSS_RUN.format(root=root, argv=argv)], capture_output=True,
                                text=True, timeout=3600)
             elapsed = time.perf_counter() - t
-            line = [l for l in r.stdout.splitlines() if l.startswith("RSS")]
+            line = [row for row in r.stdout.splitlines() if row.startswith("RSS")]
             assert r.returncode == 0 and line, r.stdout[-2000:] + r.stderr[-2000:]
             _, rc, main_kb, worker_kb = line[0].split()
             assert rc == "0" and f"records written:    {n} " in r.stdout, r.stdout[-2000:]

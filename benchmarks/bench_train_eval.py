@@ -34,15 +34,12 @@ def main():
     import numpy as np
     import paddle
     import paddle.nn.functional as F
+    from paddlenlp.transformers import CLIPTokenizer
     from ppdiffusers import AutoencoderKL, UNet2DConditionModel
     from ppdiffusers.transformers import CLIPTextModel
-    from paddlenlp.transformers import CLIPTokenizer
 
     from sd.data import demo_data
-
-    from sd.evaluation import metrics
-
-    from sd.evaluation import sampling
+    from sd.evaluation import metrics, sampling
 
     vae = AutoencoderKL.from_pretrained(os.path.join(a.kit, "vae"))
     text = CLIPTextModel.from_pretrained(os.path.join(a.kit, "text_encoder"))

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
+from tests.helpers.common import ROOT
+
 # Four short trainings through train.sh: a research tool's test, outside the default suite.
 pytestmark = pytest.mark.slow
-
-from tests.helpers.common import ROOT
 
 
 def run_ablation(tiny_kit, file_list, out, *rows):

@@ -12,7 +12,6 @@ import pytest
 
 from sd import cpu
 from sd.tools.benchmark import count_forward_flops, cpu_peak_gflops, run
-
 from tests.helpers.common import ROOT
 
 
@@ -74,9 +73,9 @@ def test_flops_only_cli_scales_with_resolution(tiny_kit):
 
 
 def test_dense_conv_bias_is_exact():
-    from sd.model import use_dense_conv_bias
-
     from ppdiffusers.models.lora import LoRACompatibleConv  # what ppdiffusers' resnets use
+
+    from sd.model import use_dense_conv_bias
 
     paddle.seed(0)
     make = lambda: paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 3, padding=1), paddle.nn.SiLU(),  # noqa: E731

@@ -16,8 +16,9 @@ import time
 
 import numpy as np
 import pytest
-from tests.helpers.common import ROOT, train_command, weight_difference
 from safetensors.numpy import load_file
+
+from tests.helpers.common import ROOT, train_command, weight_difference
 
 RUNNER = os.path.join(ROOT, "tests", "helpers", "fault_runner.py")
 STEPS = ["--max_steps", "20", "--save_steps", "10", "--dataloader_num_workers", "1", "--report_to", "visualdl",

@@ -22,6 +22,7 @@ import sys
 import time
 
 import pytest
+
 from tests.helpers.common import ROOT
 
 TOY = os.path.join(ROOT, "tests", "helpers", "elastic_toy.py")

@@ -15,8 +15,8 @@ from PIL import Image
 import eval as eval_cli
 from sd.data import demo_data
 from sd.evaluation.shapes import chance, confusion, format_report, score
-
 from tests.helpers.common import ROOT
+
 OUT = "laion400m_pretrain_output_trainer"
 
 

@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 import pytest
-from tests.helpers.common import ROOT, train_command
 from safetensors.numpy import load_file
 
 from sd.runtime import shm
+from tests.helpers.common import ROOT, train_command
 
 RUNNER = os.path.join(ROOT, "tests", "helpers", "fault_runner.py")
 COMMON = ["--max_steps", "8", "--save_steps", "2", "--dataloader_num_workers", "1", "--use_ema", "True",
@@ -107,7 +107,7 @@ def test_repeated_kills_then_resumes_equal_uninterrupted(tiny_kit, demo_file_lis
     code, resumed, pids = watch(tiny_kit, demo_file_list, out)
     assert code == 0, resumed[-3000:]
     assert f"found {out / 'checkpoint-4'}, the newest complete checkpoint" in resumed
-    expected = {s: l for s, l in losses(full_log).items() if s > 4}
+    expected = {s: loss for s, loss in losses(full_log).items() if s > 4}
     assert losses(resumed) == expected and len(expected) == 4
     for variant in ("", "ema"):
         assert same(weights(full / "checkpoint-8", variant), weights(out / "checkpoint-8", variant)), variant

@@ -22,6 +22,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.helpers.common import ASSETS, ROOT, train_command
+
 STEPS = 20
 EXTRA = ("--max_steps", str(STEPS), "--save_steps", str(STEPS), "--use_ema", "True", "--report_to", "none",
          "--image_logging_steps", "0", "--dataloader_num_workers", "1")
@@ -44,7 +45,7 @@ def golden_run(kit: str, file_list: str, output_dir: str) -> dict:
                        timeout=600, cwd=ROOT)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
-    losses = [l.split(" - loss: ")[1].split(",")[0] for l in log.splitlines() if " - loss: " in l]
+    losses = [line.split(" - loss: ")[1].split(",")[0] for line in log.splitlines() if " - loss: " in line]
     unet = os.path.join(output_dir, f"checkpoint-{STEPS}", "unet")
     return {"losses": losses,
             "unet": weights_digest(os.path.join(unet, "diffusion_paddle_model.safetensors")),

@@ -91,7 +91,7 @@ def test_unreachable_names_fail_fast_in_one_line(tiny_kit, tmp_path, demo_file_l
     for hub in ([], ["--from_hf_hub", "true"]):
         r, seconds = run(eval_cmd(tmp_path / "o", "--pretrained_model_name_or_path", "CompVis/stable-diffusion-v1-4",
                                   "--unet_model_name_or_path", "CompVis/stable-diffusion-v1-4/unet", *hub), env, 120)
-        lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
+        lines = [line for line in r.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: cannot download the "), r.stderr
         assert "CompVis/stable-diffusion-v1-4/" in lines[0] and "Connection refused" in lines[0], lines[0]
         assert "python -m sd.kit" in lines[0] and str(tmp_path / "cache") in lines[0]  # what to do, the cache to fill

@@ -14,14 +14,27 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from sd.components import latent_factor
 from sd.data import demo_data
 from sd.data.demo_data import COLOURS, SHAPES, all_prompts
-from sd.components import latent_factor
-from sd.kit.build import (MANIFEST, UNET_INIT, KitConfig, build_kit, compare_kits, file_digests, main, manifest_problems,
-                    new_vae, read_captions, text_encoder_config, token_separation, unet_config)
+from sd.kit.build import (
+    MANIFEST,
+    UNET_INIT,
+    KitConfig,
+    build_kit,
+    compare_kits,
+    file_digests,
+    main,
+    manifest_problems,
+    new_vae,
+    read_captions,
+    text_encoder_config,
+    token_separation,
+    unet_config,
+)
 from sd.kit.tokenizer import learn_bpe, save_tokenizer
-
 from tests.helpers.common import ROOT
+
 DEFAULT_KIT = os.path.join(ROOT, "tiny-sd")
 WEIGHTS = ("text_encoder/model.safetensors", "vae/diffusion_paddle_model.safetensors",
            "unet/diffusion_paddle_model.safetensors")

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers.common import ROOT
+
 PARITY_VENV = os.environ.get("SD_PARITY_VENV", os.path.join(os.path.expanduser("~"), ".cache", "sd-parity-venv"))
 PARITY_PYTHON = os.path.join(PARITY_VENV, "bin", "python")
 

@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
-from sd.data.formats import encode_latent_line, parse_latent_line, BadRecord
+from sd.data.formats import BadRecord, encode_latent_line, parse_latent_line
 from sd.latent_dataset import LatentDataset, decode_array, read_info
 from sd.text_image_pair_dataset import TextImagePairDataset
 

@@ -8,11 +8,9 @@ import subprocess
 import sys
 
 import pytest
+
+from sd.runtime import preflight, shm
 from tests.helpers.common import ROOT, train_command
-
-from sd.runtime import preflight
-
-from sd.runtime import shm
 
 ENTRY = os.path.join(ROOT, "train_txt2img_laion400m_trainer.py")
 

@@ -3,7 +3,6 @@
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import paddle
@@ -52,7 +51,7 @@ def test_to_static_and_frozen_inference_train_as_the_golden_eager_run(tiny_kit, 
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
-    losses = [float(l.split(" - loss: ")[1].split(",")[0]) for l in log.splitlines() if " - loss: " in l]
+    losses = [float(line.split(" - loss: ")[1].split(",")[0]) for line in log.splitlines() if " - loss: " in line]
     golden = [float(x) for x in golden_losses()[:steps]]
     np.testing.assert_allclose(losses, golden, rtol=1e-4)
     assert os.path.isfile(os.path.join(tmp_path, "run", f"checkpoint-{steps}", "unet",

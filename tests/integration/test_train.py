@@ -8,12 +8,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from tests.helpers.common import train_command
 from safetensors.numpy import load_file
 
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize, resolve_switches
-
-from tests.helpers.common import ROOT
+from tests.helpers.common import ROOT, train_command
 
 
 def train(tiny_kit, file_list, output_dir, *extra, env=None):
@@ -24,7 +22,7 @@ def train(tiny_kit, file_list, output_dir, *extra, env=None):
 
 
 def losses(log):
-    return [l.split("loss: ")[1].split(",")[0] for l in log.splitlines() if " - loss: " in l]
+    return [line.split("loss: ")[1].split(",")[0] for line in log.splitlines() if " - loss: " in line]
 
 
 def vdl_tags(folder):

@@ -15,10 +15,16 @@ import urllib.request
 import numpy as np
 import pytest
 
+from scripts.readme_figures import (
+    dump_dom,
+    find_chromium,
+    loss_curve_figure,
+    samples_over_steps_figure,
+    screenshot,
+    serve_visualdl,
+    visualdl_api,
+)
 from tests.helpers.common import ROOT
-
-from scripts.readme_figures import (dump_dom, find_chromium, loss_curve_figure, samples_over_steps_figure,  # noqa: E402
-                                    screenshot, serve_visualdl, visualdl_api)
 
 pytestmark = [pytest.mark.long, pytest.mark.skipif(find_chromium() is None,
                                                   reason="no chromium for the VisualDL browser test: apt-get install -y chromium")]

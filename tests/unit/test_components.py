@@ -12,9 +12,7 @@ import pytest
 import requests
 
 from sd import components
-
 from sd.runtime import checkpoints
-
 from tests.helpers.common import ROOT
 
 

@@ -94,7 +94,7 @@ def test_jsonl_is_balanced_and_deterministic(tmp_path):
     a = write_demo_jsonl(str(tmp_path / "a"), 72, size=32, seed=4)
     b = write_demo_jsonl(str(tmp_path / "b"), 72, size=32, seed=4)
     assert open(a).read() == open(b).read()
-    recs = [json.loads(l) for l in open(a)]
+    recs = [json.loads(line) for line in open(a)]
     assert sorted(r["caption"] for r in recs) == sorted([p[3] for p in all_prompts()] * 2)
     for r in recs[:5]:
         assert (tmp_path / "a" / r["image"]).read_bytes() == (tmp_path / "b" / r["image"]).read_bytes()

@@ -32,8 +32,8 @@ def perturb_zero_initialised(unet, seed=0):
     from ppdiffusers.models.transformer_2d import Transformer2DModel
 
     rng = np.random.default_rng(seed)
-    layers = [unet.conv_out] + [l.conv2 if isinstance(l, ResnetBlock2D) else l.proj_out for l in unet.sublayers()
-                                if isinstance(l, (ResnetBlock2D, Transformer2DModel))]
+    layers = [unet.conv_out] + [layer.conv2 if isinstance(layer, ResnetBlock2D) else layer.proj_out
+                                for layer in unet.sublayers() if isinstance(layer, (ResnetBlock2D, Transformer2DModel))]
     for layer in layers:
         for p in layer.parameters():
             p.set_value(paddle.to_tensor(0.05 * rng.standard_normal(p.shape, dtype=np.float32)))
