@@ -174,8 +174,9 @@ def _regenerate() -> None:
         file_list = conftest.demo_file_list.__wrapped__(folders)
         result = golden_run(kit, file_list, os.path.join(tmp, "run"))
     text = json.dumps(result, indent=1)
-    text = re.sub(r"\[\s+([^\["\]]*?)\s+\]", lambda m: "[" + ", ".join(m.group(1).split(",\n")).replace(" ", "") + "]",
-                  text)  # a fingerprint's [size, sum, norm] on one line
+    # a fingerprint's [size, sum, norm] on one line (lists of numbers only: the losses are strings)
+    text = re.sub(r'\[\s+([^\["\]]*?)\s+\]', lambda m: "[" + ",".join(x.strip() for x in m.group(1).split(",")) + "]",
+                  text)
     with open(asset_path(), "w") as f:
         f.write(text + "\n")
     print(f"wrote {asset_path()}: {len(result['losses'])} losses, last {result['losses'][-1]}")
