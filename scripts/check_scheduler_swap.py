@@ -1,7 +1,7 @@
 """Swap the sampler as a user of the stock pipeline does, and check the images still follow the prompt.
 
-    python scripts/check_scheduler_swap.py --checkpoint ./laion400m_pretrain_output_trainer/checkpoint-1000 \\
-        [--kit ./tiny-sd] [--num_seeds 2] [--guidance_scale 7.5] [--min_colour 0.9]
+    python -m scripts.check_scheduler_swap --checkpoint ./laion400m_pretrain_output_trainer/checkpoint-1000 \\
+        [--kit ./tiny-sd] [--num_seeds 2] [--guidance_scale 7.5] [--min_colour 0.9]     # from the repository root
 
 For DDIM, PNDM, Euler-ancestral, LMS and DPM-solver++: ``pipe.scheduler = X.from_config(pipe.scheduler.config)``
 on ``StableDiffusionPipeline.from_pretrained(kit, unet=<the checkpoint's UNet, EMA weights when present>)``,
@@ -16,8 +16,6 @@ import json
 import os
 import sys
 import tempfile
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CLASSES = ("DDIMScheduler", "PNDMScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
            "DPMSolverMultistepScheduler")

@@ -1,6 +1,6 @@
 """The README's pictures, made from a training output folder.
 
-    python scripts/readme_figures.py --output_dir ./laion400m_pretrain_output_trainer --images_dir docs/images
+    python -m scripts.readme_figures --output_dir ./laion400m_pretrain_output_trainer --images_dir docs/images  # from the root
 
 Writes into --images_dir:
   demo_dataset.png         a sample of the demo shapes dataset (images and captions, as sd/data/demo_data.py draws them)
@@ -31,8 +31,6 @@ import urllib.request
 from typing import Iterator, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--hide-scrollbars",
                   "--disable-dev-shm-usage", "--no-first-run"]

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from sd.runtime import shm
-from tests.helpers.common import ROOT, train_command
+from tests.helpers.common import ROOT, env_with_root, train_command
 
 RUNNER = os.path.join(ROOT, "tests", "helpers", "fault_runner.py")
 COMMON = ["--max_steps", "8", "--save_steps", "2", "--dataloader_num_workers", "1", "--use_ema", "True",
@@ -22,7 +22,7 @@ def run(tiny_kit, file_list, out, *extra, faults=None):
     cmd = train_command(tiny_kit, file_list, out, *COMMON, *extra)
     if faults:
         cmd = [sys.executable, RUNNER] + cmd[2:]  # same arguments, through the fault injector
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(faults or {})},
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env_with_root(**(faults or {})),
                           timeout=600)
 
 
@@ -76,7 +76,7 @@ def watch(tiny_kit, file_list, out, faults=None):
         cmd = [sys.executable, RUNNER] + cmd[2:]
     log = out.parent / f"{out.name}-{len(list(out.parent.glob(out.name + '-*.log')))}.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(faults or {})})
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env_with_root(**(faults or {})))
         pids, deadline = {proc.pid}, time.time() + 300
         while proc.poll() is None:
             assert time.time() < deadline, "training did not end"
