@@ -20,6 +20,7 @@ run on that stack and commit them with the reason (an asset left stale fails on 
     python -m tests.integration.test_golden --regenerate      # writes this machine's kind
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -118,7 +119,7 @@ def differences_beyond_tolerance(got: dict, expected: dict) -> list:
         if abs(float(a) - float(b)) > LOSS_TOLERANCE:
             problems.append(f"loss at step {step}: {a}, stored {b} (tolerance {LOSS_TOLERANCE:g})")
     for key in ("unet_fingerprint", "ema_fingerprint"):
-        if key not in expected:
+        if key not in expected or key not in got:
             continue
         if got[key].keys() != expected[key].keys():
             problems.append(f"{key}: other tensor names than stored")
@@ -150,6 +151,35 @@ def test_golden_run(tiny_kit, demo_file_list, tmp_path):
     problems = {kind: lines for kind, lines in problems.items() if lines}
     assert not problems, (f"no golden run stored for this kind of CPU ({cpu_kind()}), and this run lies outside the "
                           f"tolerances around stored kinds: {json.dumps(problems, indent=1)[:3000]}")
+
+
+def test_stored_kinds_lie_within_the_tolerances_of_each_other():
+    """The tolerances cover the spread of the kinds measured: each stored asset is within them of every other."""
+    assets = stored_assets()
+    assert len(assets) >= 2, sorted(assets)
+    for kind, asset in assets.items():
+        for other, expected in assets.items():
+            assert differences_beyond_tolerance(asset, expected) == [], (kind, other)
+
+
+def test_a_moved_loss_or_weight_lies_outside_the_tolerances():
+    asset = json.load(open(os.path.join(ASSETS, "golden_run.AuthenticAMD-avx512.json")))
+    assert "unet_fingerprint" in asset and "ema_fingerprint" in asset
+    moved = copy.deepcopy(asset)
+    moved["losses"][7] = f"{float(asset['losses'][7]) + 0.5 * LOSS_TOLERANCE:.8f}"
+    assert differences_beyond_tolerance(moved, asset) == []
+    moved["losses"][7] = f"{float(asset['losses'][7]) + 2 * LOSS_TOLERANCE:.8f}"
+    assert differences_beyond_tolerance(moved, asset) == [
+        f"loss at step 8: {moved['losses'][7]}, stored {asset['losses'][7]} (tolerance {LOSS_TOLERANCE:g})"]
+    for key in ("unet_fingerprint", "ema_fingerprint"):
+        moved = copy.deepcopy(asset)
+        name = "conv_in.weight"
+        size, total, norm = asset[key][name]
+        moved[key][name] = [size, total, norm * (1 + 2 * WEIGHT_TOLERANCE)]
+        assert differences_beyond_tolerance(moved, asset) == [f"{key} {name}: norm {moved[key][name][2]!r}, "
+                                                              f"stored {norm!r}"]
+        moved[key][name] = [size, total + 2 * WEIGHT_TOLERANCE * size ** 0.5 * norm, norm]
+        assert len(differences_beyond_tolerance(moved, asset)) == 1
 
 
 def _regenerate() -> None:
