@@ -25,7 +25,8 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "run_benchmark.py")
 def one(nproc: int, args, extra) -> dict:
     out = tempfile.mktemp(suffix=".json")
     cmd = [SCRIPT, "--kit", args.kit, "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
-           "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", out,
+           "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup), "--json",
+           out,
            *extra]
     if nproc > 1:
         cmd = ["-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc),

@@ -23,7 +23,8 @@ CLASSES = ("DDIMScheduler", "PNDMScheduler", "EulerAncestralDiscreteScheduler", 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (checkpoint-N) of the trained default model")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint folder (checkpoint-N) of the trained default model")
     p.add_argument("--kit", default="./tiny-sd", help="the pipeline folder it was trained with")
     p.add_argument("--num_seeds", type=int, default=2, help="seeds per prompt")
     p.add_argument("--num_inference_steps", type=int, default=50)

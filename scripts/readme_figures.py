@@ -51,7 +51,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_visualdl(logdir: str, port: Optional[int] = None, timeout: float = 90.0, cwd: Optional[str] = None) -> Iterator[str]:
+def serve_visualdl(logdir: str, port: Optional[int] = None, timeout: float = 90.0,
+                   cwd: Optional[str] = None) -> Iterator[str]:
     """Run ``visualdl --logdir LOGDIR --host 127.0.0.1 --port PORT`` (in ``cwd``: run names are the
     event folders' paths as given); yield its base URL once its API answers; stop it (that process
     only) on exit."""
@@ -115,7 +116,8 @@ def run_chromium(args: List[str], chromium: Optional[str] = None, timeout: float
     for attempt in range(1, attempts + 1):
         with tempfile.TemporaryDirectory() as profile:
             try:
-                r = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
+                r = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                                   capture_output=True,
                                    text=True, timeout=timeout)
                 break
             except subprocess.TimeoutExpired:
@@ -224,7 +226,8 @@ def read_losses(output_dir: str):
     raise FileNotFoundError(f"no logged loss in {output_dir}/trainer_state.json (nor in its checkpoints)")
 
 
-def loss_curve_figure(output_dir: str, out_png: str, width: int = 800, height: int = 420, smoothing: float = 0.9) -> str:
+def loss_curve_figure(output_dir: str, out_png: str, width: int = 800, height: int = 420,
+                      smoothing: float = 0.9) -> str:
     """Loss against step: raw points (light) and an exponential moving average (dark), drawn with PIL."""
     from PIL import Image, ImageDraw
 

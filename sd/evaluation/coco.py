@@ -37,7 +37,8 @@ def add_arguments(p) -> None:
     g.add_argument("--captions", default=None,
                    help="captions to generate: PaddleMIX's coco30k.tsv/.csv (column caption_en), a jsonl with "
                         "'caption' (e.g. data/demo_raw/demo.jsonl), or one caption per line")
-    g.add_argument("--num_images", type=int, default=None, help="images per guidance scale: the first N captions (default all)")
+    g.add_argument("--num_images", type=int, default=None,
+                   help="images per guidance scale: the first N captions (default all)")
     g.add_argument("--reference", default=None,
                    help="reference images for FID: a folder of images, or a .npz with mu and sigma (e.g. PaddleMIX's coco_256_30k.npz)")
     g.add_argument("--fid_features", choices=["inception", "clip"], default="inception",
@@ -119,10 +120,12 @@ def wait_for_images(output_dir: str, guidance_scales: Sequence[float], n: int, t
     total = n * len(guidance_scales)
 
     def count():
-        return sum(os.path.isfile(image_path(guidance_folder(output_dir, g), i)) for g in guidance_scales for i in range(n))
+        return sum(os.path.isfile(image_path(guidance_folder(output_dir, g),
+                                             i)) for g in guidance_scales for i in range(n))
 
     done, start = count(), time.time()
-    with tqdm(total=total, initial=done, desc="waiting for the other ranks", unit="image", disable=done == total) as bar:
+    with tqdm(total=total, initial=done, desc="waiting for the other ranks", unit="image",
+              disable=done == total) as bar:
         while done < total:
             if time.time() - start > timeout:
                 raise metrics.MetricsError(f"{total - done} images are still missing in {output_dir} after {timeout:.0f} s: "
@@ -139,7 +142,8 @@ def reference_stats(reference: str, extractor: "metrics.FeatureExtractor", outpu
     if reference.endswith(".npz"):
         return metrics.read_stats(reference)
     files = metrics.list_images(reference)
-    key = hashlib.sha1(json.dumps([extractor.kind, extractor.source, [(f, os.path.getsize(f)) for f in files]]).encode())
+    key = hashlib.sha1(json.dumps([extractor.kind, extractor.source,
+                                   [(f, os.path.getsize(f)) for f in files]]).encode())
     cache = os.path.join(output_dir, f"reference_{extractor.kind}_{key.hexdigest()[:12]}.npz")
     if os.path.isfile(cache):
         return metrics.read_stats(cache)
@@ -185,7 +189,8 @@ def score_all(args, prompts: Sequence[str]) -> Dict:
             row["shapes"] = {k: v for k, v in shapes.items() if k != "n"}
         rows.append(row)
         print(f"guidance {g:g}: {fd_name} {fd:.4f}, CLIP score {cs['clip_score']:.4f}")
-    results = {"fd_name": fd_name, "reference": args.reference, "captions": args.captions, "unet": getattr(args, "unet_path", None),
+    results = {"fd_name": fd_name, "reference": args.reference, "captions": args.captions,
+               "unet": getattr(args, "unet_path", None),
                "inception_weights": args.inception_weights if args.fid_features == "inception" else None,
                "clip_model": args.clip_model_name_or_path, "scheduler": args.scheduler,
                "num_inference_steps": args.num_inference_steps, "height": args.height, "width": args.width,

@@ -109,7 +109,8 @@ class InceptionC(nn.Layer):
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                      self.branch7x7dbl_5):
             d = layer(d)
         return paddle.concat([self.branch1x1(x), b7, d, self.branch_pool(_avg_pool_no_pad(x))], axis=1)
 
@@ -222,7 +223,8 @@ def read_weight_file(path: str) -> Dict[str, np.ndarray]:
 
     try:
         return _read_weight_file(path)
-    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, SafetensorError) as e:  # torch, paddle, safetensors
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError,
+            SafetensorError) as e:  # torch, paddle, safetensors
         raise ValueError(f"{path} is not a readable weight file ({type(e).__name__}: {e}); download it again") from None
 
 

@@ -240,7 +240,8 @@ class Clip:
 
         out = []
         with paddle.no_grad():
-            for i in tqdm(range(0, len(images), batch_size), desc="CLIP images", unit="batch", disable=len(images) <= batch_size):
+            for i in tqdm(range(0, len(images), batch_size), desc="CLIP images", unit="batch",
+                          disable=len(images) <= batch_size):
                 chunk = [Image.open(im).convert("RGB") if isinstance(im, str) else im.convert("RGB")
                          for im in images[i : i + batch_size]]
                 pixels = self.processor.image_processor(images=chunk, return_tensors="np")["pixel_values"]
@@ -258,7 +259,8 @@ class Clip:
             for i in range(0, len(texts), batch_size):
                 ids = tok(list(texts[i : i + batch_size]), padding="max_length", max_length=tok.model_max_length,
                           truncation=True, return_attention_mask=False)["input_ids"]
-                out.append(self.model.get_text_features(input_ids=paddle.to_tensor(np.asarray(ids, dtype=np.int64))).numpy())
+                out.append(self.model.get_text_features(input_ids=paddle.to_tensor(np.asarray(ids,
+                                                                                              dtype=np.int64))).numpy())
         return np.concatenate(out).astype(np.float64)
 
 
@@ -394,7 +396,8 @@ def clip_score_of(clip: Clip, images, captions: Sequence[str], batch_size: int =
     txt = clip.text_features(captions, batch_size)
     cos = (img / np.linalg.norm(img, axis=1, keepdims=True) * (txt / np.linalg.norm(txt, axis=1, keepdims=True))).sum(1)
     scale = clip.logit_scale
-    return {"clip_score": float((scale * cos).mean()), "clip_score_torchmetrics": float((100 * np.maximum(cos, 0)).mean()),
+    return {"clip_score": float((scale * cos).mean()),
+            "clip_score_torchmetrics": float((100 * np.maximum(cos, 0)).mean()),
             "cosine": float(cos.mean()), "logit_scale": scale, "n": len(images), "per_image": (scale * cos).tolist()}
 
 
@@ -402,7 +405,8 @@ def clip_score_of(clip: Clip, images, captions: Sequence[str], batch_size: int =
 # CLI
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sd.evaluation.metrics", description="FID / FD-CLIP and CLIP score (see the module docstring).")
+    p = argparse.ArgumentParser(prog="python -m sd.evaluation.metrics",
+                                description="FID / FD-CLIP and CLIP score (see the module docstring).")
     sub = p.add_subparsers(dest="command", required=True)
 
     def features(q):

@@ -74,7 +74,8 @@ def export_to_diffusers(checkpoint: str, output_dir: str, variant: str = "auto",
     os.replace(partial, output_dir)
     name = components.source_name
     return {"unet": name(models["unet"]), "variant": models["variant"], "vae": name(models["vae"]),
-            "text_encoder": name(models["text_encoder"]), "tokenizer": name(models["tokenizer"]), "scheduler": scheduler,
+            "text_encoder": name(models["text_encoder"]), "tokenizer": name(models["tokenizer"]),
+            "scheduler": scheduler,
             "prediction_type": models["prediction_type"]}
 
 

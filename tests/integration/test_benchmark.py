@@ -65,7 +65,8 @@ def test_flops_only_cli_scales_with_resolution(tiny_kit):
     cfg = os.path.join(tiny_kit, "unet", "config.json")
     out = {}
     for res in (32, 64):
-        r = subprocess.run([sys.executable, "-m", "sd.tools.benchmark", "--flops_only", "--unet_config", cfg, "--resolution",
+        r = subprocess.run([sys.executable, "-m", "sd.tools.benchmark", "--flops_only", "--unet_config", cfg,
+                            "--resolution",
                             str(res), "--latent_factor", "2"], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0, r.stderr[-2000:]
         out[res] = float(r.stdout.split("training (3 × forward) ")[1].split(" TFLOP")[0])
@@ -185,7 +186,8 @@ def test_versus_interleaves_and_reads_each_trainers_own_figures(standin_example,
         assert x["start"] <= seen["start"] <= seen["end"] <= x["end"]
         assert seen["cwd"] == os.path.join(r["work_dir"], "paddlemix_example") == os.path.dirname(seen["sd"])
         argv = seen["argv"]
-        assert argv[argv.index("--unet_name_or_path") + 1] == os.path.join(os.path.abspath(tiny_kit), "unet", "config.json")
+        assert argv[argv.index("--unet_name_or_path") + 1] == os.path.join(os.path.abspath(tiny_kit), "unet",
+                                                                           "config.json")
         assert argv[argv.index("--resolution") + 1] == "32"
     # each example run had its own environment: the variable of its variant, none that `import sd` chose for ours
     seen = [json.load(open(os.path.join(x["folder"], "output", "standin.json")))["mkl"] for x in runs[:2]]
@@ -235,4 +237,5 @@ def test_the_real_example_accepts_the_versus_command(tmp_path):
     r = subprocess.run([sys.executable, "-c", check, *cmd[3:]], capture_output=True, text=True, timeout=300,
                        cwd=os.path.abspath(REFERENCE_EXAMPLE), env=dict(env, USE_TORCH="0"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split()[-8:] == ["64", "4", "1", "-1.0", "-1", "/kit/unet/config.json", "/data/a.filelist.list", "cpu"]
+    assert r.stdout.split()[-8:] == ["64", "4", "1", "-1.0", "-1", "/kit/unet/config.json", "/data/a.filelist.list",
+                                     "cpu"]

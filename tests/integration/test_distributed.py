@@ -122,7 +122,8 @@ def test_only_rank_zero_writes(two_ranks):
 def test_one_process_with_accumulation_2_is_the_same_training(two_ranks, tiny_kit, demo_file_list, tmp_path):
     """Micro-batch k holds the slots of data rank r·A + k: 1 process × 2 accumulation steps of 4 reads and
     draws exactly what 2 ranks of 4 do, on batches of the same size, so the runs agree bit for bit here."""
-    r = subprocess.run(train_command(tiny_kit, demo_file_list, tmp_path / "acc", *STEPS, "--gradient_accumulation_steps",
+    r = subprocess.run(train_command(tiny_kit, demo_file_list, tmp_path / "acc", *STEPS,
+                                     "--gradient_accumulation_steps",
                                      "2"), capture_output=True, text=True, cwd=ROOT, timeout=600)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]

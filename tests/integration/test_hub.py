@@ -78,7 +78,8 @@ def test_local_folders_make_no_connection(tiny_kit, monkeypatch):
     for name in ("connect", "connect_ex"):
         monkeypatch.setattr(socket.socket, name, no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    m = StableDiffusionModel(ModelArguments(pretrained_model_name_or_path=tiny_kit, model_max_length=16, from_hf_hub=True))
+    m = StableDiffusionModel(ModelArguments(pretrained_model_name_or_path=tiny_kit, model_max_length=16,
+                                            from_hf_hub=True))
     assert m.unet.config.cross_attention_dim == m.text_encoder.config.hidden_size
     args = eval_cli.parse_args(["--pretrained_model_name_or_path", tiny_kit, "--from_hf_hub", "true"])
     pipe = eval_cli.build(eval_cli.resolve_models(args), args)
@@ -108,7 +109,8 @@ def test_unreachable_names_fail_fast_in_one_line(tiny_kit, tmp_path, demo_file_l
 
 def test_a_name_the_hub_does_not_have_is_a_404(tiny_kit, tmp_path):
     with HubMimic({REPO: tiny_kit}) as hub:
-        r, _ = run(eval_cmd(tmp_path / "o", "--pretrained_model_name_or_path", "other-org/missing", "--from_hf_hub", "true"),
+        r, _ = run(eval_cmd(tmp_path / "o", "--pretrained_model_name_or_path", "other-org/missing", "--from_hf_hub",
+                            "true"),
                    hub_env(tmp_path / "cache", hub.url), 120)
     assert r.returncode == 2 and "HTTP 404 (not found)" in r.stderr and "other-org/missing/vae" in r.stderr, r.stderr
 
@@ -199,7 +201,8 @@ def test_a_paddle_text_encoder_from_the_hf_hub_loads_the_same_tensors(tiny_kit, 
     config["intermediate_size"] = config["hidden_size"]
     CLIPTextModel(CLIPTextConfig(**config)).save_pretrained(str(square), safe_serialization=True)  # as the kit
     with HubMimic({REPO: tiny_kit, "some-org/square": str(square)}) as hub:
-        r, _ = run([sys.executable, "-c", TEXT_ENCODER_SCRIPT, os.path.join(tiny_kit, "text_encoder"), f"{REPO}/text_encoder",
+        r, _ = run([sys.executable, "-c", TEXT_ENCODER_SCRIPT, os.path.join(tiny_kit, "text_encoder"),
+                    f"{REPO}/text_encoder",
                     str(square), "some-org/square"], hub_env(tmp_path / "cache", hub.url))
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.split("RESULT ", 1)[1])

@@ -180,7 +180,8 @@ SD_V1_4_FIELDS = {
                         "latent_channels", "layers_per_block", "norm_num_groups", "out_channels", "sample_size",
                         "up_block_types"},
     "unet/config.json": {"_class_name", "act_fn", "attention_head_dim", "block_out_channels", "center_input_sample",
-                         "cross_attention_dim", "down_block_types", "downsample_padding", "flip_sin_to_cos", "freq_shift",
+                         "cross_attention_dim", "down_block_types", "downsample_padding", "flip_sin_to_cos",
+                         "freq_shift",
                          "in_channels", "layers_per_block", "mid_block_scale_factor", "norm_eps", "norm_num_groups",
                          "out_channels", "sample_size", "up_block_types"},
     "text_encoder/config.json": {"architectures", "attention_dropout", "bos_token_id", "dropout", "eos_token_id",
@@ -205,7 +206,8 @@ def test_configs_have_the_fields_of_sd_v1(tiny_kit):
 
 # CompVis/stable-diffusion-v1-4's scheduler/scheduler_config.json (without its library version)
 SD_V1_4_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                     "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                     "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+                     "set_alpha_to_one": False,
                      "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
 
 
@@ -279,11 +281,14 @@ def test_shipped_kit_is_what_the_code_builds(tiny_kit, tmp_path):
     cfg = KitConfig()
     assert report["seed"] == 0 and report["captions_file"] is None
     assert report["config"] == json.loads(json.dumps(asdict(cfg)))  # built with today's defaults
-    save_tokenizer(str(tmp_path / "tok"), learn_bpe([p[3] for p in all_prompts()], max_merges=cfg.max_merges), cfg.max_length)
+    save_tokenizer(str(tmp_path / "tok"), learn_bpe([p[3] for p in all_prompts()], max_merges=cfg.max_merges),
+                   cfg.max_length)
     for name in ("merges.txt", "vocab.json"):
-        assert (tmp_path / "tok" / name).read_bytes() == open(os.path.join(DEFAULT_KIT, "tokenizer", name), "rb").read(), name
+        assert (tmp_path / "tok" / name).read_bytes() == open(os.path.join(DEFAULT_KIT, "tokenizer", name),
+                                                              "rb").read(), name
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(DEFAULT_KIT, "tokenizer"))
-    shipped = {part: json.load(open(os.path.join(DEFAULT_KIT, part, "config.json"))) for part in ("vae", "text_encoder", "unet")}
+    shipped = {part: json.load(open(os.path.join(DEFAULT_KIT, part, "config.json")))
+               for part in ("vae", "text_encoder", "unet")}
     for key, value in text_encoder_config(cfg, tokenizer).to_dict().items():
         if key in shipped["text_encoder"] and key not in ("architectures", "transformers_version", "paddlenlp_version"):
             assert shipped["text_encoder"][key] == value, key
@@ -298,7 +303,8 @@ def test_shipped_kit_is_what_the_code_builds(tiny_kit, tmp_path):
                "text_encoder/model.safetensors": CLIPTextModel(text_encoder_config(cfg, tokenizer))}
     for part, model in weights.items():
         saved = load_file(os.path.join(DEFAULT_KIT, part))
-        assert {k: list(v.shape) for k, v in saved.items()} == {k: list(v.shape) for k, v in model.state_dict().items()}, part
+        assert {k: list(v.shape) for k, v in saved.items()} == \
+            {k: list(v.shape) for k, v in model.state_dict().items()}, part
 
 
 def test_shipped_kit_loads_through_components():

@@ -25,7 +25,8 @@ PARITY_PYTHON = os.path.join(PARITY_VENV, "bin", "python")
 
 
 def run_cli(*args, timeout=600, env=None):
-    return subprocess.run([sys.executable, "-m", "sd.evaluation.metrics", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sd.evaluation.metrics", *args], cwd=ROOT, capture_output=True,
+                          text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -138,7 +139,8 @@ def fid_parity(tmp_path_factory):
     save_file(state, str(tmp / "weights.safetensors"))
     ref = tmp / "ref"
     ref.mkdir()
-    proc = subprocess.run([PARITY_PYTHON, os.path.join(ROOT, "tests", "helpers", "fid_reference.py"), str(tmp / "weights.npz"),
+    proc = subprocess.run([PARITY_PYTHON, os.path.join(ROOT, "tests", "helpers", "fid_reference.py"),
+                           str(tmp / "weights.npz"),
                            dirs["a"], dirs["b"], str(ref)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = load_fid_inception(str(tmp / "weights.safetensors"))
@@ -207,7 +209,8 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
     cases = [("fid", a, str(tmp_path / "none"), "--inception_weights", str(tmp_path / "w.safetensors")),
              ("fid", a, a, "--fid_features", "clip"),
              ("fid", a, a, "--inception_weights", str(corrupt)),  # a truncated download
-             ("clip_score", "--clip_model_name_or_path", str(tmp_path), "--images", a, "--captions", str(tmp_path / "c.txt"))]
+             ("clip_score", "--clip_model_name_or_path", str(tmp_path), "--images", a, "--captions",
+              str(tmp_path / "c.txt"))]
     for args in cases:
         out = run_cli(*args, env={"HOME": str(tmp_path)})  # no cached Inception weights either
         assert out.returncode == 2, (args, out.stderr[-2000:])
@@ -271,7 +274,8 @@ def hf_clip(tmp_path_factory):
     captions = demo_pairs(str(tmp / "images"))
     (tmp / "captions.txt").write_text("\n".join(captions) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "helpers", "clip_reference.py"), str(tmp / "tok"),
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "helpers", "clip_reference.py"),
+                           str(tmp / "tok"),
                            str(tmp / "images"), str(tmp / "captions.txt"), str(tmp)], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -320,12 +324,14 @@ def test_the_kits_clip_loads_in_paddlenlp_layout_and_is_meaningful(tiny_kit, tmp
     clip = load_clip(os.path.join(tiny_kit, "clip"))
     assert clip.layout == "paddlenlp"
     captions = demo_pairs(str(tmp_path / "images"), n=36, size=32, seed=5)
-    ids = clip.processor.tokenizer(captions, padding="max_length", max_length=16, return_attention_mask=False)["input_ids"]
+    ids = clip.processor.tokenizer(captions, padding="max_length", max_length=16,
+                                   return_attention_mask=False)["input_ids"]
     ids = paddle.to_tensor(np.asarray(ids, dtype=np.int64))
     kit_text = CLIPTextModel.from_pretrained(os.path.join(tiny_kit, "text_encoder"))
     kit_text.eval()
     with paddle.no_grad():
-        np.testing.assert_allclose(clip.model.text_model(ids)[1].numpy(), kit_text(ids)[1].numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(clip.model.text_model(ids)[1].numpy(), kit_text(ids)[1].numpy(), rtol=1e-5,
+                                   atol=1e-5)
     files, caps = read_captions(_write(tmp_path / "c.txt", captions), str(tmp_path / "images"))
     matched = clip_score_of(clip, files, caps)["clip_score"]
     shuffled = clip_score_of(clip, files, caps[7:] + caps[:7])["clip_score"]

@@ -16,7 +16,8 @@ def _model(tiny_kit, **kw):
     from sd.model import StableDiffusionModel
     from sd.sd_args import ModelArguments
 
-    args = ModelArguments(pretrained_model_name_or_path=tiny_kit, unet_name_or_path=os.path.join(tiny_kit, "unet", "config.json"),
+    args = ModelArguments(pretrained_model_name_or_path=tiny_kit,
+                          unet_name_or_path=os.path.join(tiny_kit, "unet", "config.json"),
                           model_max_length=16, image_logging_steps=0, **kw)
     paddle.seed(0)
     return StableDiffusionModel(args)
@@ -32,7 +33,8 @@ def test_frozen_inference_encodes_as_the_eager_encoders(tiny_kit):
         model.args.frozen_inference = True  # what --frozen_inference sets: predictors are built on the next call
         fast = model.encode_images(pixels, [np.random.default_rng(i) for i in range(3)]).numpy()
         fast_text = model.encode_text(ids).numpy()
-        other = model.encode_images(pixels[:2] * 0.5, [np.random.default_rng(i) for i in range(2)]).numpy()  # another batch, same predictor
+        other = model.encode_images(pixels[:2] * 0.5,
+                                    [np.random.default_rng(i) for i in range(2)]).numpy()  # another batch, same predictor
     assert {type(model._static[k]).__name__ for k in ("vae", "text")} == {"InferenceFunction"}
     np.testing.assert_allclose(fast, eager, rtol=1e-4, atol=1e-5 * np.abs(eager).max())
     np.testing.assert_allclose(fast_text, eager_text, rtol=1e-4, atol=1e-5 * np.abs(eager_text).max())

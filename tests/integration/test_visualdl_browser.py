@@ -35,11 +35,14 @@ IMAGE_TAGS = {"images/original", "images/reconstruction", "images/guidance_1.0",
 def run(tiny_kit, demo_file_list, tmp_path_factory):
     """4 steps with VisualDL logging: scalars every step, images at steps 2 and 4."""
     out = tmp_path_factory.mktemp("vdl") / "out"
-    cmd = [sys.executable, os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"), "--do_train", "--output_dir", str(out),
-           "--pretrained_model_name_or_path", tiny_kit, "--unet_name_or_path", os.path.join(tiny_kit, "unet", "config.json"),
+    cmd = [sys.executable, os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"), "--do_train", "--output_dir",
+           str(out),
+           "--pretrained_model_name_or_path", tiny_kit, "--unet_name_or_path",
+           os.path.join(tiny_kit, "unet", "config.json"),
            "--file_list", demo_file_list, "--resolution", "32", "--per_device_train_batch_size", "2",
            "--learning_rate", "1e-3", "--model_max_length", "16", "--num_inference_steps", "2", "--logging_steps", "1",
-           "--max_steps", "4", "--save_steps", "100", "--seed", "7", "--report_to", "visualdl", "--image_logging_steps", "2"]
+           "--max_steps", "4", "--save_steps", "100", "--seed", "7", "--report_to", "visualdl",
+           "--image_logging_steps", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out

@@ -24,7 +24,8 @@ def test_hub_names_and_paths(tmp_path, monkeypatch):
     assert not components.is_hub_name("org/name")  # a local folder wins, as in from_pretrained
     assert components.split_hub_name("CompVis/stable-diffusion-v1-4/vae") == ("CompVis/stable-diffusion-v1-4", "vae")
     assert components.split_hub_name("org/name") == ("org/name", "")
-    with pytest.raises(components.ComponentError, match="--vae_name_or_path VAE ./nope does not exist.*python -m sd.kit"):
+    with pytest.raises(components.ComponentError,
+                       match="--vae_name_or_path VAE ./nope does not exist.*python -m sd.kit"):
         components.locate("./nope", "VAE", "vae", flag="--vae_name_or_path")
 
 
@@ -48,7 +49,8 @@ def test_one_newest_complete_checkpoint_rule(tmp_path):
     assert components.find_unet(out, None) == os.path.join(out, "checkpoint-10", "unet")
     make_checkpoint(out, 12)  # the final save in output_dir itself, a later step
     assert checkpoints.newest_model_folder(out) == out
-    assert checkpoints.newest_complete_checkpoint(out) == os.path.join(out, "checkpoint-10")  # resume needs a checkpoint
+    assert checkpoints.newest_complete_checkpoint(out) == os.path.join(out,
+                                                                       "checkpoint-10")  # resume needs a checkpoint
     assert checkpoints.newest_model_folder(os.path.join(out, "checkpoint-2")) == os.path.join(out, "checkpoint-2")
 
 

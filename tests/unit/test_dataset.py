@@ -179,7 +179,8 @@ def mixed_dataset(root, n_parts=3, corrupt_body=False):
 def _count_decodes(dataset, monkeypatch):
     decoded = []
     real = dataset.load_image
-    monkeypatch.setattr(dataset, "load_image", lambda data, rng: (rng is not None and decoded.append(1)) or real(data, rng))
+    monkeypatch.setattr(dataset, "load_image", lambda data,
+                        rng: (rng is not None and decoded.append(1)) or real(data, rng))
     return decoded
 
 

@@ -9,7 +9,8 @@ from PIL import Image
 from sd.components import load_pipeline
 from sd.evaluation.sampling import SCHEDULERS, generate, initial_latents, make_grid, make_scheduler
 
-PROMPTS = ["a red circle on a white background", "a blue square on a black background", "a green triangle on a white background"]
+PROMPTS = ["a red circle on a white background", "a blue square on a black background",
+           "a green triangle on a white background"]
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,12 @@ def arr(im):
 
 def test_scheduler_settings():
     ddim = make_scheduler("ddim").config
-    assert (ddim.num_train_timesteps, ddim.beta_start, ddim.beta_end, ddim.beta_schedule) == (1000, 0.00085, 0.012, "scaled_linear")
+    assert (ddim.num_train_timesteps, ddim.beta_start, ddim.beta_end, ddim.beta_schedule) == (1000, 0.00085, 0.012,
+                                                                                              "scaled_linear")
     assert (ddim.clip_sample, ddim.set_alpha_to_one, ddim.steps_offset) == (False, False, 1)
     # a given (training) config wins over SD v1's defaults; keys a class does not take are dropped
-    v = make_scheduler("lms", {"_class_name": "PNDMScheduler", "prediction_type": "v_prediction", "skip_prk_steps": True})
+    v = make_scheduler("lms",
+                       {"_class_name": "PNDMScheduler", "prediction_type": "v_prediction", "skip_prk_steps": True})
     assert v.config.prediction_type == "v_prediction" and "skip_prk_steps" not in v.config
     assert make_scheduler("pndm").config.skip_prk_steps is True  # PLMS, as SD v1 samples
     assert make_scheduler("dpm-solver++", {"algorithm_type": "dpmsolver"}).config.algorithm_type == "dpmsolver++"
