@@ -161,7 +161,8 @@ def write_table(results: dict, out_dir: str, guidance: str) -> str:
     tune, report = results["tune_seeds"], results["report_seeds"]
     lines = [f"Shapes benchmark at guidance {guidance}: % right, colour / shape / background / all three (36 prompts × "
              f"{results['num_seeds']} seeds; {results['scheduler']} {results['num_inference_steps']} steps). Budget: "
-             f"{results['steps']} steps of batch {BASE_BATCH} per process, {results.get('nproc', 1)} process(es) unless "
+             f"{results['steps']} steps of batch {BASE_BATCH} per process, {results.get('nproc', 1)} process(es) "
+             "unless "
              "the row says otherwise (other batch sizes: the same number of images).", "",
              f"| row | change | steps × batch × processes (images) | tuning seeds {tune[0]}–{tune[-1]} "
              f"| report seeds {report[0]}–{report[-1]} | wall min | CPU min | final loss |",
@@ -180,12 +181,14 @@ def write_table(results: dict, out_dir: str, guidance: str) -> str:
             if f"{g:g}" != guidance:
                 f.write(f"\nAt guidance {g:g}:\n\n| row | tuning seeds | report seeds |\n|---|---|---|\n")
                 for name, r in results["rows"].items():
-                    f.write(f"| {name} | {fmt(r.get('tune', {}).get(f'{g:g}'))} | {fmt(r.get('report', {}).get(f'{g:g}'))} |\n")
+                    f.write(f"| {name} | {fmt(r.get('tune', {}).get(f'{g:g}'))} | "
+                            f"{fmt(r.get('report', {}).get(f'{g:g}'))} |\n")
     return table
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Ablation of train.sh's CPU default on the shapes benchmark (see the docstring).")
+    p = argparse.ArgumentParser(description="Ablation of train.sh's CPU default on the shapes benchmark (see the "
+                                            "docstring).")
     p.add_argument("--output_dir", default="./ablation", help="row folders, ablation.json, ablation.md")
     p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run, from: {', '.join(ROWS)}")
     p.add_argument("--steps", type=int, default=1000,
@@ -217,7 +220,8 @@ def main(argv=None) -> int:
                    report_seeds=[a.report_seed + i for i in range(a.num_seeds)])
     if not a.table:
         if not os.path.isfile(os.path.join(a.kit, "model_index.json")):
-            p.error(f"no kit at {a.kit}: build it with `python -m sd.kit --output_dir {a.kit}` (or run `sh train.sh` once)")
+            p.error(f"no kit at {a.kit}: build it with `python -m sd.kit --output_dir {a.kit}` (or run `sh train.sh` "
+                    "once)")
         if not os.path.isfile(a.file_list):
             p.error(f"no data at {a.file_list}: run `sh train.sh` once (it makes the demo data), or pass --file_list")
         if "random text encoder" in a.rows:
@@ -235,7 +239,8 @@ def main(argv=None) -> int:
             elif os.path.isfile(os.path.join(row_dir, "ablation_train.json")):  # trained by an interrupted run
                 train = json.load(open(os.path.join(row_dir, "ablation_train.json")))
                 if train["steps"] != a.steps * BASE_BATCH // ROWS[name].batch:
-                    raise SystemExit(f"{row_dir} was trained for {train['steps']} steps; remove it or use another --output_dir")
+                    raise SystemExit(f"{row_dir} was trained for {train['steps']} steps; remove it or use another "
+                                     "--output_dir")
                 evals = ("eval_tune", "eval_report")
             else:
                 train = train_row(name, ROWS[name], a, row_dir)

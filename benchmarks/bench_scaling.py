@@ -3,9 +3,9 @@
     python -m benchmarks.bench_scaling --nproc 2 --batch_size 4 --rounds 2      # from the repository root
 
 Each round runs ``benchmarks/run_benchmark.py`` once alone and once under
-``python -m paddle.distributed.launch --nproc_per_node N``, with the repository on PYTHONPATH; the medians over rounds are printed as a
-markdown table. On a 2-core machine N = 2 processes share the cores with each other (and with
-anything else running), so the figure bounds, rather than measures, data-parallel scaling.
+``python -m paddle.distributed.launch --nproc_per_node N``, with the repository on PYTHONPATH; the medians
+over rounds are printed as a markdown table. On a 2-core machine N = 2 processes share the cores with each
+other (and with anything else running), so the figure bounds, rather than measures, data-parallel scaling.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What the in-training scores (sd/evaluation/during_training.py) cost the CPU default, relative to its training steps.
 
-    python -m benchmarks.bench_train_eval --kit ./tiny-sd [--rounds 3] [--eval_num_images 72]   # from the repository root
+    python -m benchmarks.bench_train_eval --kit ./tiny-sd [--rounds 3] [--eval_num_images 72]   # from the root
 
 Builds the default kit's architecture at 32 px (its UNet from ``unet/config.json``, VAE, text encoder with
 77 tokens) and times, interleaved (A B A B) in one process: a training step of one rank of the CPU

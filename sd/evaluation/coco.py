@@ -40,12 +40,14 @@ def add_arguments(p) -> None:
     g.add_argument("--num_images", type=int, default=None,
                    help="images per guidance scale: the first N captions (default all)")
     g.add_argument("--reference", default=None,
-                   help="reference images for FID: a folder of images, or a .npz with mu and sigma (e.g. PaddleMIX's coco_256_30k.npz)")
+                   help="reference images for FID: a folder of images, or a .npz with mu and sigma (e.g. PaddleMIX's "
+                        "coco_256_30k.npz)")
     g.add_argument("--fid_features", choices=["inception", "clip"], default="inception",
                    help="inception: FID; clip: the Fréchet distance of CLIP image embeddings (FD-CLIP), when no "
                         "Inception weights exist")
     g.add_argument("--inception_weights", default=None,
-                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, a .safetensors copy, or PaddleMIX's .pdparams")
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, a .safetensors copy, or PaddleMIX's "
+                        ".pdparams")
     g.add_argument("--clip_model_name_or_path", default=None,
                    help="CLIP for the CLIP score (and FD-CLIP): a folder (paddlenlp or Hugging Face layout) or a name "
                         "such as openai/clip-vit-base-patch32 (offline: the kit's ./tiny-sd/clip)")
@@ -128,7 +130,8 @@ def wait_for_images(output_dir: str, guidance_scales: Sequence[float], n: int, t
               disable=done == total) as bar:
         while done < total:
             if time.time() - start > timeout:
-                raise metrics.MetricsError(f"{total - done} images are still missing in {output_dir} after {timeout:.0f} s: "
+                raise metrics.MetricsError(f"{total - done} images are still missing in {output_dir} after "
+                                           f"{timeout:.0f} s: "
                                            "did another rank fail? Run the same command again to resume")
             time.sleep(2)
             new = count()
@@ -207,10 +210,12 @@ def format_table(results: Dict) -> str:
     """Markdown: one row per guidance scale."""
     fd = results["fd_name"]
     shapes = any("shapes" in r for r in results["rows"])
-    head = f"| guidance | {fd} ↓ | CLIP score ↑ | CLIP score (torchmetrics) | images |" + (" shapes: all three |" if shapes else "")
+    head = (f"| guidance | {fd} ↓ | CLIP score ↑ | CLIP score (torchmetrics) | images |"
+            + (" shapes: all three |" if shapes else ""))
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in results["rows"]:
-        lines.append(f"| {r['guidance_scale']:g} | {r[fd]:.3f} | {r['clip_score']:.3f} | {r['clip_score_torchmetrics']:.3f} | "
+        lines.append(f"| {r['guidance_scale']:g} | {r[fd]:.3f} | {r['clip_score']:.3f} | "
+                     f"{r['clip_score_torchmetrics']:.3f} | "
                      f"{r['n']} |" + (f" {r['shapes']['all']:.1%} |" if "shapes" in r else ""))
     return "\n".join(lines) + "\n"
 
@@ -248,9 +253,11 @@ def check_args(args, parser) -> None:
 
 def _check(args) -> None:
     if not args.captions:
-        raise metrics.MetricsError("--evaluate coco needs --captions FILE (PaddleMIX's coco30k.tsv, or data/demo_raw/demo.jsonl)")
+        raise metrics.MetricsError("--evaluate coco needs --captions FILE (PaddleMIX's coco30k.tsv, or "
+                                   "data/demo_raw/demo.jsonl)")
     if not args.reference:
-        raise metrics.MetricsError("--evaluate coco needs --reference DIR_or_stats.npz (the real images FID compares with)")
+        raise metrics.MetricsError("--evaluate coco needs --reference DIR_or_stats.npz (the real images FID compares "
+                                   "with)")
     if not os.path.exists(args.reference):
         raise metrics.MetricsError(f"--reference {args.reference} does not exist")
     if not args.clip_model_name_or_path:
@@ -281,7 +288,8 @@ def _run(pipe, args, timeout: float) -> int:
     prompts = read_prompts(args.captions)
     if args.num_images is not None:
         if args.num_images > len(prompts):
-            raise metrics.MetricsError(f"--num_images {args.num_images}: {args.captions} has only {len(prompts)} captions")
+            raise metrics.MetricsError(f"--num_images {args.num_images}: {args.captions} has only {len(prompts)} "
+                                       "captions")
         prompts = prompts[: args.num_images]
     made = generate_missing(pipe, prompts, args.guidance_scale, args, rank, world)
     print(f"rank {rank}: {made} images generated, the others were already on disk")

@@ -14,7 +14,8 @@ so the weights load from any of:
 * pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (read with PyTorch, ``weights_only=True``;
   PyTorch is imported only for this format);
 * a ``.safetensors`` file with the same key names, made once from the ``.pth`` by
-  ``python -m sd.evaluation.inception convert pt_inception-2015-12-05-6726825d.pth pt_inception-2015-12-05-6726825d.safetensors``
+  ``python -m sd.evaluation.inception convert pt_inception-2015-12-05-6726825d.pth NAME.safetensors`` (NAME:
+  ``pt_inception-2015-12-05-6726825d``)
   (needs PyTorch that once; afterwards nothing does);
 * PaddleMIX's ``pp_inception-2015-12-05-6726825d.pdparams`` (paddle.vision naming, renamed on load).
 """
@@ -292,7 +293,8 @@ def load_fid_inception(path: str) -> FIDInceptionV3:
                          f"{WEIGHT_FILES[0]} or PaddleMIX's {WEIGHT_FILES[2]}")
     for k, v in expected.items():
         if tuple(v.shape) != tuple(state[k].shape):
-            raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, the FID Inception network needs {tuple(v.shape)}")
+            raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, the FID Inception network needs "
+                             f"{tuple(v.shape)}")
     model.set_state_dict({k: paddle.to_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
     model.eval()
     return model
@@ -312,7 +314,8 @@ def convert(src: str, dst: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="FID Inception weights: convert a .pth (or .pdparams) to .safetensors once.")
+    p = argparse.ArgumentParser(description="FID Inception weights: convert a .pth (or .pdparams) to .safetensors "
+                                            "once.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="SRC (.pth/.pdparams/.safetensors) → DST.safetensors")
     c.add_argument("src")

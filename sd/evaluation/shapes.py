@@ -38,7 +38,8 @@ def score(labels: Sequence[Label], readings: Sequence[Reading]) -> Dict[str, flo
         {"colour", "shape", "background", "colour+shape", "all": fraction in [0, 1], "n": count}.
     """
     if len(labels) != len(readings) or not labels:
-        raise ValueError(f"score needs as many readings as labels, and at least one (got {len(labels)}, {len(readings)})")
+        raise ValueError(f"score needs as many readings as labels, and at least one (got {len(labels)}, "
+                         f"{len(readings)})")
     n = len(labels)
     hits = dict.fromkeys(METRICS, 0)
     for label, r in zip(labels, readings):

@@ -192,7 +192,8 @@ def test_versus_interleaves_and_reads_each_trainers_own_figures(standin_example,
     # each example run had its own environment: the variable of its variant, none that `import sd` chose for ours
     seen = [json.load(open(os.path.join(x["folder"], "output", "standin.json")))["mkl"] for x in runs[:2]]
     assert seen == [None if cpu.CHOICE else os.environ.get("MKL_DEBUG_CPU_TYPE"), "7"]
-    # the stand-in's interval figures are at most 2 × 2 / (2 × 0.01 s) = 200 samples/s: nothing is invented by the parser
+    # the stand-in's interval figures are at most 2 × 2 / (2 × 0.01 s) = 200 samples/s: nothing is invented by the
+    # parser
     assert 20 < r["samples_per_s"]["example"] <= 200
     assert sorted(os.listdir(standin_example)) == before  # the example folder itself is never written
     text = describe_versus(r)

@@ -366,4 +366,5 @@ def test_image_over_pils_pixel_limit_is_skipped_with_its_own_reason(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     assert cpd.main(["--input_path", "in.jsonl", "--output_path", "out", "--num_workers", "1"]) == 0
     assert "image too large (over PIL's decompression-bomb limit): 1 (jsonl line 1)" in capsys.readouterr().out
-    assert [line.split("\t")[0] for line in part_lines(tmp_path / "out" / "laion400m_format_data" / "part-000001")] == ["b"]
+    part = tmp_path / "out" / "laion400m_format_data" / "part-000001"
+    assert [line.split("\t")[0] for line in part_lines(part)] == ["b"]

@@ -54,7 +54,8 @@ def worker_log(log_dir, rank):
 
 
 def spied(spy_dir, rank):
-    """Per batch a rank trained on, its samples as ``seed:image hash:token ids hash`` (tests/helpers/fault_runner.py)."""
+    """Per batch a rank trained on, its samples as ``seed:image hash:token ids hash``
+    (tests/helpers/fault_runner.py)."""
     with open(os.path.join(spy_dir, f"rank-{rank}.txt")) as f:
         return [line.split() for line in f]
 

@@ -161,7 +161,8 @@ def test_shapes_benchmark_through_the_cli(workdir, tmp_path):
     report = json.load(open(tmp_path / "shapes_eval.json"))
     assert set(report["guidance"]) == {"1", "3"} and report["height"] == 32
     for res in report["guidance"].values():
-        assert res["scores"]["n"] == 36 and 0 <= res["scores"]["all"] <= res["scores"]["colour+shape"] <= res["scores"]["colour"]
+        assert res["scores"]["n"] == 36
+        assert 0 <= res["scores"]["all"] <= res["scores"]["colour+shape"] <= res["scores"]["colour"]
         assert sum(sum(row.values()) for row in res["confusion"]["shape"].values()) == 36
     assert report["reference"]["rendered"]["scores"]["all"] >= 0.9  # the checker reads clean renders
     assert {"shapes_eval.md", "shapes_grid_g1.png", "shapes_grid_g3.png"} <= files_of(tmp_path)

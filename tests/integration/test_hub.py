@@ -103,7 +103,8 @@ def test_unreachable_names_fail_fast_in_one_line(tiny_kit, tmp_path, demo_file_l
     r, seconds = run(cmd, env, 180)
     log = r.stdout + r.stderr
     assert r.returncode != 0 and "Traceback" not in log, log[-3000:]
-    assert "cannot download the VAE 'CompVis/stable-diffusion-v1-4/vae'" in log and "Connection refused" in log, log[-2000:]
+    assert "cannot download the VAE 'CompVis/stable-diffusion-v1-4/vae'" in log and "Connection refused" in log, \
+        log[-2000:]
     assert not os.path.exists(tmp_path / "run" / "checkpoint-1")
 
 
@@ -176,10 +177,12 @@ TEXT_ENCODER_SCRIPT = textwrap.dedent('''
     for folder, repo in zip(sys.argv[1::2], sys.argv[2::2]):
         local = components.load_text_encoder(folder).state_dict()
         hub = components.load_text_encoder(components.locate(repo, "text encoder", "text_encoder", True)).state_dict()
-        res = {"equal": sorted(local) == sorted(hub) and all(np.array_equal(local[k].numpy(), hub[k].numpy()) for k in local)}
+        res = {"equal": sorted(local) == sorted(hub)
+               and all(np.array_equal(local[k].numpy(), hub[k].numpy()) for k in local)}
         org, name, sub = repo.split("/", 2) + [""] * (2 - repo.count("/"))
         try:  # paddlenlp's own default for the hub: convert_from_torch, whatever the weights' layout
-            stock = CLIPTextModel.from_pretrained(org + "/" + name, subfolder=sub or None, from_hf_hub=True).state_dict()
+            stock = CLIPTextModel.from_pretrained(org + "/" + name, subfolder=sub or None,
+                                                  from_hf_hub=True).state_dict()
             q = [k for k in local if k.endswith("q_proj.weight")][0]
             res["q_equal"] = bool(np.array_equal(local[q].numpy(), stock[q].numpy()))
             res["q_transposed"] = bool(np.array_equal(local[q].numpy().T, stock[q].numpy()))

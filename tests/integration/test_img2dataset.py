@@ -188,7 +188,8 @@ def test_readers_give_the_same_samples_in_every_format(outputs, urls):
         counts = collections.Counter(s.image is not None for s in samples)
         stats = i2d.read_stats(shards)
         # webdataset and files hold img2dataset's successes, parquet every URL (failures without image)
-        assert len(decoded) == stats.successes and len(samples) == (stats.count if fmt == "parquet" else stats.successes)
+        assert len(decoded) == stats.successes
+        assert len(samples) == (stats.count if fmt == "parquet" else stats.successes)
         assert counts[False] == (2 if fmt == "parquet" else 0)
         for s in samples:
             meta = i2d._meta_dict(s) if s.image is not None else s.meta
@@ -483,7 +484,8 @@ def test_train_on_webdataset_shards_directly_and_resume_exactly(outputs, tiny_ki
         cmd = train_command(tiny_kit, listing, out, *args)
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        return [line.split("loss: ")[1].split(",")[0] for line in (p.stdout + p.stderr).splitlines() if " - loss: " in line]
+        return [line.split("loss: ")[1].split(",")[0] for line in (p.stdout + p.stderr).splitlines()
+                if " - loss: " in line]
 
     full = train(tmp_path / "full")
     assert len(full) == 10

@@ -239,7 +239,8 @@ def test_a_scheduler_swapped_in_with_from_config_samples_as_sd_v1(tiny_kit, name
 
 
 def test_default_kit_meets_its_figures():
-    """The built default kit's report meets the kit's targets (README, section 4), and its VAE reproduces them on fresh images."""
+    """The built default kit's report meets the kit's targets (README, section 4), and its VAE reproduces them on
+    fresh images."""
     import paddle
     from ppdiffusers import AutoencoderKL
 
@@ -360,7 +361,8 @@ def test_kit_comparison_tolerates_rounding_only(tiny_kit, tmp_path):
     assert problems == [] and not_identical == ["tokenizer/vocab.json", "vae/diffusion_paddle_model.safetensors"]
     save_file({**tensors, name: tensors[name] + np.float32(1e-2)}, str(part))  # other weights
     problems, _ = compare_kits(tiny_kit, str(kit), rtol=1e-4, atol=1e-6)
-    assert len(problems) == 1 and problems[0].startswith(f"vae/diffusion_paddle_model.safetensors: {name} differs by up to 0.01")
+    assert len(problems) == 1 and problems[0].startswith(f"vae/diffusion_paddle_model.safetensors: {name} differs by "
+                                                         "up to 0.01")
 
 
 @pytest.mark.slow

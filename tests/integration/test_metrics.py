@@ -230,7 +230,8 @@ def test_caption_formats(tmp_path):
     assert [os.path.basename(f) for f in files] == ["00000_000.png", "00001_000.png", "00002_000.png"]
     assert caps == ["first", "second", "third"]  # the first N for N images
     # PaddleMIX's coco30k.tsv: tab-separated with a header, captions in column caption_en
-    (tmp_path / "coco.tsv").write_text("id\tcaption_en\tcaption_zh\n7\ta cat, on a mat\t猫\n8\ta dog\t狗\n9\ta cow\t牛\n",
+    (tmp_path / "coco.tsv").write_text("id\tcaption_en\tcaption_zh\n"
+                                       "7\ta cat, on a mat\t猫\n8\ta dog\t狗\n9\ta cow\t牛\n",
                                        encoding="utf-8")
     assert read_captions(str(tmp_path / "coco.tsv"), images)[1] == ["a cat, on a mat", "a dog", "a cow"]
     recs = [{"image": "00002_000.png", "caption": "x"}, {"image": "00000_000.png", "caption": "y"}]

@@ -33,8 +33,8 @@ def test_frozen_inference_encodes_as_the_eager_encoders(tiny_kit):
         model.args.frozen_inference = True  # what --frozen_inference sets: predictors are built on the next call
         fast = model.encode_images(pixels, [np.random.default_rng(i) for i in range(3)]).numpy()
         fast_text = model.encode_text(ids).numpy()
-        other = model.encode_images(pixels[:2] * 0.5,
-                                    [np.random.default_rng(i) for i in range(2)]).numpy()  # another batch, same predictor
+        # another batch, same predictor
+        other = model.encode_images(pixels[:2] * 0.5, [np.random.default_rng(i) for i in range(2)]).numpy()
     assert {type(model._static[k]).__name__ for k in ("vae", "text")} == {"InferenceFunction"}
     np.testing.assert_allclose(fast, eager, rtol=1e-4, atol=1e-5 * np.abs(eager).max())
     np.testing.assert_allclose(fast_text, eager_text, rtol=1e-4, atol=1e-5 * np.abs(eager_text).max())

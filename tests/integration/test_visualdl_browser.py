@@ -27,7 +27,8 @@ from scripts.readme_figures import (
 from tests.helpers.common import ROOT
 
 pytestmark = [pytest.mark.long, pytest.mark.skipif(find_chromium() is None,
-                                                  reason="no chromium for the VisualDL browser test: apt-get install -y chromium")]
+                                                  reason="no chromium for the VisualDL browser test: apt-get install "
+                                                         "-y chromium")]
 IMAGE_TAGS = {"images/original", "images/reconstruction", "images/guidance_1.0", "images/guidance_7.5"}
 
 
@@ -101,6 +102,7 @@ def test_readme_figures_from_the_run(run, tmp_path):
     grid = Image.open(samples_over_steps_figure(str(run), str(tmp_path / "steps.png")))
     step2 = Image.open(run / "images" / "step-0000002.png")
     assert curve.size == (800, 420)
-    assert grid.width == 2 * step2.width and grid.height == 2 * (2 * step2.height + 18)  # steps 2 and 4 (×2), a header each
+    # steps 2 and 4 (×2), a header each
+    assert grid.width == 2 * step2.width and grid.height == 2 * (2 * step2.height + 18)
     with pytest.raises(FileNotFoundError, match="image_logging_steps"):
         samples_over_steps_figure(str(tmp_path), str(tmp_path / "none.png"))

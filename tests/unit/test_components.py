@@ -18,7 +18,8 @@ from tests.helpers.common import ROOT
 
 def test_hub_names_and_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert components.is_hub_name("CompVis/stable-diffusion-v1-4") and components.is_hub_name("CompVis/stable-diffusion-v1-4/vae")
+    assert components.is_hub_name("CompVis/stable-diffusion-v1-4")
+    assert components.is_hub_name("CompVis/stable-diffusion-v1-4/vae")
     assert not any(components.is_hub_name(n) for n in ("./CompVis/sd", "/abs/path", "~/x/y", "tiny-sd", "a b/c"))
     (tmp_path / "org" / "name").mkdir(parents=True)
     assert not components.is_hub_name("org/name")  # a local folder wins, as in from_pretrained
@@ -84,7 +85,8 @@ def test_sd_scheduler_states_sd_v1_settings_for_every_sampler():
     assert (ddim.config.clip_sample, ddim.config.set_alpha_to_one, ddim.config.steps_offset) == (False, False, 1)
     ddpm = components.load_noise_scheduler(None, "v_prediction")  # training without a scheduler folder
     assert ddpm.config.prediction_type == "v_prediction" and ddpm.config.clip_sample is False
-    assert list(ddpm.alphas_cumprod.numpy()) == list(ppdiffusers.DDPMScheduler(**components.SD_NOISE_SCHEDULE).alphas_cumprod.numpy())
+    stock = ppdiffusers.DDPMScheduler(**components.SD_NOISE_SCHEDULE)
+    assert list(ddpm.alphas_cumprod.numpy()) == list(stock.alphas_cumprod.numpy())
 
 
 def imports_of(path):
@@ -105,6 +107,7 @@ def test_who_imports_what():
     for path in glob.glob(os.path.join(ROOT, "sd", "*.py")) + [os.path.join(ROOT, "eval.py")]:
         if os.path.basename(path) not in ("components.py", "kit.py", "benchmark.py"):  # the benchmark builds kits
             assert "sd.kit" not in imports_of(path), f"{path} imports the kit builder"
-    code = "import sys, sd.model, sd.evaluation.sampling, sd.tools.export; print(sorted(m for m in sys.modules if m == 'sd.kit'))"
+    code = ("import sys, sd.model, sd.evaluation.sampling, sd.tools.export; "
+            "print(sorted(m for m in sys.modules if m == 'sd.kit'))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
