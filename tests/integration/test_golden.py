@@ -11,8 +11,12 @@ On a kind with an asset the run must match it bit for bit. On any other kind it 
 within tolerances that the stored kinds bound. The AuthenticAMD-avx2 and -avx512 assets log the same loss
 at 8 of the 20 steps and agree in the first 5 of the 8 logged decimals at every step; they differ by at most
 1.8e-7 (0.67652625 against 0.67652607 at step 17, relative 2.7e-7). So a loss may differ by ``LOSS_TOLERANCE``
-= 1e-6 (about 5× that); a tensor's L2 norm, and its sum on the scale sqrt(size) × norm, by ``WEIGHT_TOLERANCE``
-(relative), where an asset has a fingerprint.
+= 1e-6 (about 5× that). For scale: MKL's generic kernels instead of its AVX2 ones on this AMD Zen 4
+(``MKL_DEBUG_CPU_TYPE=`` empty) move the losses by up to 6.2e-5, so such a run fails here. Where an asset has a
+fingerprint, a tensor's L2 norm may differ by ``WEIGHT_TOLERANCE`` = 1e-5 × max(norm, 1) and its sum by that
+× sqrt(size) (the floor of 1 because zero-initialised biases, still of norm < 1e-4 after 20 steps, change by a
+large share of it); that MKL run moved them by up to 5.8e-5 on that scale, the tensors of norm >= 1 by up to
+4.4e-5 of their norm and the total norm by 5.7e-7.
 ``SD_GOLDEN_CPU_KIND`` overrides the kind read from /proc/cpuinfo (to check the tolerant path on a kind that
 has an asset). After a change that is *meant* to alter the numbers, regenerate the asset of every kind you can
 run on that stack and commit them with the reason (an asset left stale fails on its kind):
@@ -35,7 +39,7 @@ from tests.helpers.common import ASSETS, ROOT, train_command
 
 STEPS = 20
 LOSS_TOLERANCE = 1e-6  # absolute, per logged loss, on a kind without an asset (see above)
-WEIGHT_TOLERANCE = 1e-4  # relative, per tensor norm and sum, on a kind without an asset (see above)
+WEIGHT_TOLERANCE = 1e-5  # relative to max(norm, 1), per tensor norm and sum, on a kind without an asset (see above)
 EXTRA = ("--max_steps", str(STEPS), "--save_steps", str(STEPS), "--use_ema", "True", "--report_to", "none",
          "--image_logging_steps", "0", "--dataloader_num_workers", "1")
 
@@ -126,9 +130,10 @@ def differences_beyond_tolerance(got: dict, expected: dict) -> list:
             continue
         for name, (size, got_sum, got_norm) in got[key].items():
             _, want_sum, want_norm = expected[key][name]
-            if abs(got_norm - want_norm) > WEIGHT_TOLERANCE * want_norm:
+            scale = max(want_norm, 1.0)
+            if abs(got_norm - want_norm) > WEIGHT_TOLERANCE * scale:
                 problems.append(f"{key} {name}: norm {got_norm!r}, stored {want_norm!r}")
-            if abs(got_sum - want_sum) > WEIGHT_TOLERANCE * size ** 0.5 * want_norm:  # |sum| <= sqrt(size) * norm
+            if abs(got_sum - want_sum) > WEIGHT_TOLERANCE * size ** 0.5 * scale:  # |sum| <= sqrt(size) * norm
                 problems.append(f"{key} {name}: sum {got_sum!r}, stored {want_sum!r}")
     return problems
 
@@ -175,10 +180,10 @@ def test_a_moved_loss_or_weight_lies_outside_the_tolerances():
         moved = copy.deepcopy(asset)
         name = "conv_in.weight"
         size, total, norm = asset[key][name]
-        moved[key][name] = [size, total, norm * (1 + 2 * WEIGHT_TOLERANCE)]
+        moved[key][name] = [size, total, norm + 2 * WEIGHT_TOLERANCE * max(norm, 1.0)]
         assert differences_beyond_tolerance(moved, asset) == [f"{key} {name}: norm {moved[key][name][2]!r}, "
                                                               f"stored {norm!r}"]
-        moved[key][name] = [size, total + 2 * WEIGHT_TOLERANCE * size ** 0.5 * norm, norm]
+        moved[key][name] = [size, total + 2 * WEIGHT_TOLERANCE * size ** 0.5 * max(norm, 1.0), norm]
         assert len(differences_beyond_tolerance(moved, asset)) == 1
 
 
