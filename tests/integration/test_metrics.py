@@ -344,7 +344,10 @@ def _write(path, lines):
     return str(path)
 
 
-PADDLEMIX_FID = "/work/shared/reference/paddlemix_fid_clip_score"
+# PaddleMIX's FID code in the shared reference folder: beside a clone (../shared) or two levels up from a worktree
+PADDLEMIX_FID = next((p for p in (os.path.join(ROOT, "..", "shared", "reference", "paddlemix_fid_clip_score"),
+                                  os.path.join(ROOT, "..", "..", "shared", "reference", "paddlemix_fid_clip_score"))
+                      if os.path.isdir(p)), os.path.join(ROOT, "..", "shared", "reference", "paddlemix_fid_clip_score"))
 
 
 def test_paddlemix_port_and_pdparams_give_our_features(tmp_path, monkeypatch):
