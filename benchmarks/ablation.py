@@ -57,7 +57,8 @@ ROWS: Dict[str, Row] = {
     "no noise offset": Row("--noise_offset 0", env={"NOISE_OFFSET": "0"}),
     "no EMA": Row("the default's raw UNet weights instead of its EMA (same training run)", raw_weights_of="default"),
     "lr 3e-4": Row("--learning_rate 3e-4", env={"LR": "3e-4"}),
-    "lr 1e-3": Row("--learning_rate 1e-3 (the default until the LR rows showed higher rates better)", env={"LR": "1e-3"}),
+    "lr 1e-3": Row("--learning_rate 1e-3 (the default until the LR rows showed higher rates better)",
+                   env={"LR": "1e-3"}),
     "lr 3e-3": Row("--learning_rate 3e-3", env={"LR": "3e-3"}),
     "lr 6e-3": Row("--learning_rate 6e-3", env={"LR": "6e-3"}),
     "cosine": Row("cosine LR decay to 0 with 5 % warm-up", env={"LR_SCHEDULER": "cosine", "WARMUP_STEPS": "{warmup}"}),
@@ -120,12 +121,14 @@ def train_row(name: str, row: Row, a, row_dir: str) -> dict:
     if proc.returncode and not finished:
         raise RuntimeError(f"row {name!r}: train.sh failed (exit {proc.returncode}); see {log_path}")
     if proc.returncode:  # seen with NPROC=2: a worker aborts at exit after the final save
-        print(f"   warning: train.sh exited with {proc.returncode} after saving step {steps}; see {log_path}", flush=True)
+        print(f"   warning: train.sh exited with {proc.returncode} after saving step {steps}; see {log_path}",
+              flush=True)
     runtime = re.findall(r"train_runtime\W+([\d.]+)", text)
     losses = [float(x) for x in re.findall(r"'loss': '?([\d.]+)", text)] or \
              [float(x) for x in re.findall(r"\bloss: ([\d.]+)", text)]
     train_loss = re.findall(r"train_loss\W+([\d.]+)", text)
-    return {"steps": steps, "batch": row.batch, "exit_code": proc.returncode, "processes": int(env["NPROC"]), "images": steps * row.batch * int(env["NPROC"]), "wall_seconds": round(wall, 1),
+    return {"steps": steps, "batch": row.batch, "exit_code": proc.returncode, "processes": int(env["NPROC"]),
+            "images": steps * row.batch * int(env["NPROC"]), "wall_seconds": round(wall, 1),
             "train_loss": float(train_loss[-1]) if train_loss else None,
             "cpu_seconds": round(cpu, 1), "train_runtime": float(runtime[-1]) if runtime else None,
             "final_loss": losses[-1] if losses else None, "ema": row.env.get("FLAG_USE_EMA", "1") != "0"}
@@ -158,7 +161,8 @@ def write_table(results: dict, out_dir: str, guidance: str) -> str:
     tune, report = results["tune_seeds"], results["report_seeds"]
     lines = [f"Shapes benchmark at guidance {guidance}: % right, colour / shape / background / all three (36 prompts × "
              f"{results['num_seeds']} seeds; {results['scheduler']} {results['num_inference_steps']} steps). Budget: "
-             f"{results['steps']} steps of batch {BASE_BATCH} per process, {results.get('nproc', 1)} process(es) unless "
+             f"{results['steps']} steps of batch {BASE_BATCH} per process, {results.get('nproc', 1)} process(es) "
+             "unless "
              "the row says otherwise (other batch sizes: the same number of images).", "",
              f"| row | change | steps × batch × processes (images) | tuning seeds {tune[0]}–{tune[-1]} "
              f"| report seeds {report[0]}–{report[-1]} | wall min | CPU min | final loss |",
@@ -177,15 +181,18 @@ def write_table(results: dict, out_dir: str, guidance: str) -> str:
             if f"{g:g}" != guidance:
                 f.write(f"\nAt guidance {g:g}:\n\n| row | tuning seeds | report seeds |\n|---|---|---|\n")
                 for name, r in results["rows"].items():
-                    f.write(f"| {name} | {fmt(r.get('tune', {}).get(f'{g:g}'))} | {fmt(r.get('report', {}).get(f'{g:g}'))} |\n")
+                    f.write(f"| {name} | {fmt(r.get('tune', {}).get(f'{g:g}'))} | "
+                            f"{fmt(r.get('report', {}).get(f'{g:g}'))} |\n")
     return table
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Ablation of train.sh's CPU default on the shapes benchmark (see the docstring).")
+    p = argparse.ArgumentParser(description="Ablation of train.sh's CPU default on the shapes benchmark (see the "
+                                            "docstring).")
     p.add_argument("--output_dir", default="./ablation", help="row folders, ablation.json, ablation.md")
     p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run, from: {', '.join(ROWS)}")
-    p.add_argument("--steps", type=int, default=1000, help="budget: optimizer steps at batch 32 per process (1000: the budget of docs/ablation.md's "
+    p.add_argument("--steps", type=int, default=1000,
+                   help="budget: optimizer steps at batch 32 per process (1000: the budget of docs/ablation.md's "
                    "tables, the CPU default's before it became 3000 steps of batch 16)")
     p.add_argument("--nproc", type=int, default=2,
                    help="training processes per row unless the row sets NPROC (train.sh's CPU default is 2)")
@@ -213,7 +220,8 @@ def main(argv=None) -> int:
                    report_seeds=[a.report_seed + i for i in range(a.num_seeds)])
     if not a.table:
         if not os.path.isfile(os.path.join(a.kit, "model_index.json")):
-            p.error(f"no kit at {a.kit}: build it with `python -m sd.kit --output_dir {a.kit}` (or run `sh train.sh` once)")
+            p.error(f"no kit at {a.kit}: build it with `python -m sd.kit --output_dir {a.kit}` (or run `sh train.sh` "
+                    "once)")
         if not os.path.isfile(a.file_list):
             p.error(f"no data at {a.file_list}: run `sh train.sh` once (it makes the demo data), or pass --file_list")
         if "random text encoder" in a.rows:
@@ -231,7 +239,8 @@ def main(argv=None) -> int:
             elif os.path.isfile(os.path.join(row_dir, "ablation_train.json")):  # trained by an interrupted run
                 train = json.load(open(os.path.join(row_dir, "ablation_train.json")))
                 if train["steps"] != a.steps * BASE_BATCH // ROWS[name].batch:
-                    raise SystemExit(f"{row_dir} was trained for {train['steps']} steps; remove it or use another --output_dir")
+                    raise SystemExit(f"{row_dir} was trained for {train['steps']} steps; remove it or use another "
+                                     "--output_dir")
                 evals = ("eval_tune", "eval_report")
             else:
                 train = train_row(name, ROWS[name], a, row_dir)

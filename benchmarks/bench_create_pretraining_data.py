@@ -8,7 +8,7 @@ interpreter start-up not) and CPU ms per image (the main process plus its worker
 shared with other jobs, images/s with all workers is bounded by the free cores; the CPU per image
 shows what the tool itself costs: with k free cores expect about k × 1000 / (CPU ms per image).
 
-    python benchmarks/bench_create_pretraining_data.py --num_images 96 --rounds 3 [--from_shards]
+    python -m benchmarks.bench_create_pretraining_data --num_images 96 --rounds 3 [--from_shards]   # from the root
 
 ``--from_shards`` adds the same images read from an img2dataset webdataset shard (one ``.tar``).
 
@@ -37,9 +37,7 @@ import time
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import create_pretraining_data  # noqa: E402
+import create_pretraining_data
 
 
 def noisy_jpeg(rng: np.random.Generator, size=(1024, 768), sigma: float = 10.0) -> bytes:
@@ -131,9 +129,8 @@ def shard_from_jsonl(folder: str) -> None:
 
 
 RSS_RUN = """
-import resource, sys
-sys.path.insert(0, {root!r})
-import create_pretraining_data
+import resource
+import create_pretraining_data  # `python -c` has its working directory, the repository root, on sys.path
 rc = create_pretraining_data.main({argv!r})
 me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 print("RSS", rc, me.ru_maxrss, kids.ru_maxrss)
@@ -150,10 +147,10 @@ def rss_main(sizes) -> None:
             argv = ["--input_path", os.path.join(folder, "shards"), "--output_path", os.path.join(folder, "out"),
                     "--save_gzip_file", "--where", "pwatermark < 2"]
             t = time.perf_counter()
-            r = subprocess.run([sys.executable, "-c", RSS_RUN.format(root=root, argv=argv)], capture_output=True,
-                               text=True, timeout=3600)
+            r = subprocess.run([sys.executable, "-c", RSS_RUN.format(argv=argv)], capture_output=True, text=True,
+                               timeout=3600, cwd=root)
             elapsed = time.perf_counter() - t
-            line = [l for l in r.stdout.splitlines() if l.startswith("RSS")]
+            line = [row for row in r.stdout.splitlines() if row.startswith("RSS")]
             assert r.returncode == 0 and line, r.stdout[-2000:] + r.stderr[-2000:]
             _, rc, main_kb, worker_kb = line[0].split()
             assert rc == "0" and f"records written:    {n} " in r.stdout, r.stdout[-2000:]

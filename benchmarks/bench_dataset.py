@@ -22,8 +22,8 @@ webdataset ``.tar``: ``KEY.jpg`` + ``KEY.txt`` + ``KEY.json``, listed in the ``.
 interleaved rounds; the ratio is taken within each round (median over rounds). ``--size`` sets the
 images' size (img2dataset writes ``--image_size`` 256 by default).
 
-    python benchmarks/bench_dataset.py --resolution 256 --num_images 48 --rounds 7 [--content detailed]
-    python benchmarks/bench_dataset.py --shards [--gzip] --size 1024 768 --resolution 256 --rounds 9
+    python -m benchmarks.bench_dataset --resolution 256 --num_images 48 --rounds 7 [--content detailed]  # from the root
+    python -m benchmarks.bench_dataset --shards [--gzip] --size 1024 768 --resolution 256 --rounds 9
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import tarfile
 import tempfile
 import time
@@ -43,11 +42,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sd.data.formats import (decode_image_b64, decode_line_bytes, encode_part_line, iter_part_file,  # noqa: E402
+from sd.data.formats import (decode_image_b64, decode_line_bytes, encode_part_line, iter_part_file,
                             parse_part_line, parse_part_line_bytes, write_filelists)
-from sd.text_image_pair_dataset import INTERPOLATIONS, TextImagePairDataset, collate_fn, load_tokenizer  # noqa: E402
+from sd.text_image_pair_dataset import INTERPOLATIONS, TextImagePairDataset, collate_fn, load_tokenizer
 
 COCO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "paddlemix",
                     "coco_data", "val2014", "COCO_val2014_000000522418.jpg")

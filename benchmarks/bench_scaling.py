@@ -1,11 +1,11 @@
 """Samples/s of 1 process vs N data-parallel CPU processes (gloo), same per-process batch, interleaved rounds.
 
-    python benchmarks/bench_scaling.py --nproc 2 --batch_size 4 --rounds 2
+    python -m benchmarks.bench_scaling --nproc 2 --batch_size 4 --rounds 2      # from the repository root
 
 Each round runs ``benchmarks/run_benchmark.py`` once alone and once under
-``python -m paddle.distributed.launch --nproc_per_node N``; the medians over rounds are printed as a
-markdown table. On a 2-core machine N = 2 processes share the cores with each other (and with
-anything else running), so the figure bounds, rather than measures, data-parallel scaling.
+``python -m paddle.distributed.launch --nproc_per_node N``, with the repository on PYTHONPATH; the medians
+over rounds are printed as a markdown table. On a 2-core machine N = 2 processes share the cores with each
+other (and with anything else running), so the figure bounds, rather than measures, data-parallel scaling.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "run_benchmark.py")
 def one(nproc: int, args, extra) -> dict:
     out = tempfile.mktemp(suffix=".json")
     cmd = [SCRIPT, "--kit", args.kit, "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
-           "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", out,
+           "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup), "--json",
+           out,
            *extra]
     if nproc > 1:
         cmd = ["-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc),
                "--log_dir", tempfile.mkdtemp(prefix="bench-launch-")] + cmd
-    r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT, env=env)
     if r.returncode != 0 or not os.path.isfile(out):
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     with open(out) as f:

@@ -1,6 +1,6 @@
 """What the in-training scores (sd/evaluation/during_training.py) cost the CPU default, relative to its training steps.
 
-    python benchmarks/bench_train_eval.py --kit ./tiny-sd [--rounds 3] [--eval_num_images 72]
+    python -m benchmarks.bench_train_eval --kit ./tiny-sd [--rounds 3] [--eval_num_images 72]   # from the root
 
 Builds the default kit's architecture at 32 px (its UNet from ``unet/config.json``, VAE, text encoder with
 77 tokens) and times, interleaved (A B A B) in one process: a training step of one rank of the CPU
@@ -13,10 +13,7 @@ of the training time. The scoring itself (tiny CLIP on rank 0) is timed separate
 import argparse
 import os
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
@@ -34,17 +31,14 @@ def main():
     import numpy as np
     import paddle
     import paddle.nn.functional as F
+    from paddlenlp.transformers import CLIPTokenizer
     from ppdiffusers import AutoencoderKL, UNet2DConditionModel
     from ppdiffusers.transformers import CLIPTextModel
-    from paddlenlp.transformers import CLIPTokenizer
 
     from sd.components.pipeline import build_pipeline
     from sd.components.schedulers import make_scheduler
     from sd.data import demo_data
-
-    from sd.evaluation import metrics
-
-    from sd.evaluation import sampling
+    from sd.evaluation import metrics, sampling
 
     vae = AutoencoderKL.from_pretrained(os.path.join(a.kit, "vae"))
     text = CLIPTextModel.from_pretrained(os.path.join(a.kit, "text_encoder"))

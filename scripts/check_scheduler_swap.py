@@ -1,7 +1,7 @@
 """Swap the sampler as a user of the stock pipeline does, and check the images still follow the prompt.
 
-    python scripts/check_scheduler_swap.py --checkpoint ./laion400m_pretrain_output_trainer/checkpoint-1000 \\
-        [--kit ./tiny-sd] [--num_seeds 2] [--guidance_scale 7.5] [--min_colour 0.9]
+    python -m scripts.check_scheduler_swap --checkpoint ./laion400m_pretrain_output_trainer/checkpoint-1000 \\
+        [--kit ./tiny-sd] [--num_seeds 2] [--guidance_scale 7.5] [--min_colour 0.9]     # from the repository root
 
 For DDIM, PNDM, Euler-ancestral, LMS and DPM-solver++: ``pipe.scheduler = X.from_config(pipe.scheduler.config)``
 on ``StableDiffusionPipeline.from_pretrained(kit, unet=<the checkpoint's UNet, EMA weights when present>)``,
@@ -16,15 +16,14 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 CLASSES = ("DDIMScheduler", "PNDMScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
            "DPMSolverMultistepScheduler")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (checkpoint-N) of the trained default model")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint folder (checkpoint-N) of the trained default model")
     p.add_argument("--kit", default="./tiny-sd", help="the pipeline folder it was trained with")
     p.add_argument("--num_seeds", type=int, default=2, help="seeds per prompt")
     p.add_argument("--num_inference_steps", type=int, default=50)

@@ -1,10 +1,14 @@
 """The README's pictures, made from a training output folder.
 
-    python scripts/readme_figures.py --output_dir ./laion400m_pretrain_output_trainer --images_dir docs/images
+    python -m scripts.readme_figures --output_dir ./laion400m_pretrain_output_trainer --images_dir docs/images
+
+from the repository root.
+
 
 Writes into --images_dir:
   demo_dataset.png         a sample of the demo shapes dataset (images and captions, as sd/data/demo_data.py draws them)
-  samples_over_steps.png   the trainer's logged image grids (<output_dir>/images/step-N.png) at a few steps, top to bottom
+  samples_over_steps.png   the trainer's logged image grids (<output_dir>/images/step-N.png) at a few steps, top to
+                           bottom
   loss_curve.png           training loss per logged step (trainer_state.json), raw and smoothed
   visualdl_scalars.png     VisualDL's scalar page for the run, in headless Chromium (needs `chromium`)
   visualdl_images.png      VisualDL's image page (reconstructions and samples)
@@ -31,8 +35,6 @@ import urllib.request
 from typing import Iterator, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--hide-scrollbars",
                   "--disable-dev-shm-usage", "--no-first-run"]
@@ -53,7 +55,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_visualdl(logdir: str, port: Optional[int] = None, timeout: float = 90.0, cwd: Optional[str] = None) -> Iterator[str]:
+def serve_visualdl(logdir: str, port: Optional[int] = None, timeout: float = 90.0,
+                   cwd: Optional[str] = None) -> Iterator[str]:
     """Run ``visualdl --logdir LOGDIR --host 127.0.0.1 --port PORT`` (in ``cwd``: run names are the
     event folders' paths as given); yield its base URL once its API answers; stop it (that process
     only) on exit."""
@@ -69,7 +72,8 @@ def serve_visualdl(logdir: str, port: Optional[int] = None, timeout: float = 90.
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                raise RuntimeError(f"visualdl exited with {proc.returncode}:\n{log.read().decode(errors='replace')[-2000:]}")
+                raise RuntimeError(f"visualdl exited with "
+                                   f"{proc.returncode}:\n{log.read().decode(errors='replace')[-2000:]}")
             try:
                 visualdl_api(base, "runs")
                 break
@@ -117,7 +121,8 @@ def run_chromium(args: List[str], chromium: Optional[str] = None, timeout: float
     for attempt in range(1, attempts + 1):
         with tempfile.TemporaryDirectory() as profile:
             try:
-                r = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
+                r = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                                   capture_output=True,
                                    text=True, timeout=timeout)
                 break
             except subprocess.TimeoutExpired:
@@ -226,7 +231,8 @@ def read_losses(output_dir: str):
     raise FileNotFoundError(f"no logged loss in {output_dir}/trainer_state.json (nor in its checkpoints)")
 
 
-def loss_curve_figure(output_dir: str, out_png: str, width: int = 800, height: int = 420, smoothing: float = 0.9) -> str:
+def loss_curve_figure(output_dir: str, out_png: str, width: int = 800, height: int = 420,
+                      smoothing: float = 0.9) -> str:
     """Loss against step: raw points (light) and an exponential moving average (dark), drawn with PIL."""
     from PIL import Image, ImageDraw
 
@@ -277,7 +283,8 @@ def save(image, path: str) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate the README's images from a training output folder.")
     p.add_argument("--output_dir", default="./laion400m_pretrain_output_trainer",
-                   help="a training output folder (train.sh's OUTPUT_DIR), with images/ and runs/ (--report_to visualdl)")
+                   help="a training output folder (train.sh's OUTPUT_DIR), with images/ and runs/ (--report_to "
+                        "visualdl)")
     p.add_argument("--images_dir", default="docs/images", help="where the PNGs go")
     p.add_argument("--skip_visualdl", action="store_true", help="no VisualDL screenshots (no chromium needed)")
     return p.parse_args(argv)
@@ -293,7 +300,8 @@ def main(argv=None) -> int:
             loss_curve_figure(args.output_dir, os.path.join(args.images_dir, "loss_curve.png"))]
     if not args.skip_visualdl:
         if not find_chromium():
-            print("error: no chromium for the VisualDL screenshots: apt-get install -y chromium, or pass --skip_visualdl",
+            print("error: no chromium for the VisualDL screenshots: apt-get install -y chromium, or pass "
+                  "--skip_visualdl",
                   file=sys.stderr)
             return 2
         made += visualdl_screenshots(args.output_dir, args.images_dir)

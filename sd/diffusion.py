@@ -15,7 +15,8 @@ def _gather(alphas_cumprod: paddle.Tensor, t: paddle.Tensor, ndim: int) -> paddl
     return a.reshape([-1] + [1] * (ndim - 1))
 
 
-def add_noise(x0: paddle.Tensor, noise: paddle.Tensor, t: paddle.Tensor, alphas_cumprod: paddle.Tensor) -> paddle.Tensor:
+def add_noise(x0: paddle.Tensor, noise: paddle.Tensor, t: paddle.Tensor,
+              alphas_cumprod: paddle.Tensor) -> paddle.Tensor:
     """Forward process q(x_t | x_0): x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · ε. Shapes: (B, C, h, w)."""
     a = _gather(alphas_cumprod, t, x0.ndim)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise

@@ -90,7 +90,8 @@ class LatentDataset(TextImagePairDataset):
         """One latent record → ``(caption, mean, std, hidden)``. Raises BadRecord."""
         caption, mean, std, hidden = parse_latent_line(record)
         if mean.shape != self.latent_shape or hidden.shape != self.hidden_shape:
-            raise BadRecord("bad_latent", f"shapes {mean.shape}, {hidden.shape} ≠ {self.latent_shape}, {self.hidden_shape}")
+            raise BadRecord("bad_latent",
+                            f"shapes {mean.shape}, {hidden.shape} ≠ {self.latent_shape}, {self.hidden_shape}")
         return caption, mean, std, hidden
 
     def _check_record(self, source, record) -> None:
@@ -117,7 +118,8 @@ class LatentDataset(TextImagePairDataset):
         ``input_ids``/``stream_state``/``skip_counts`` when present, as ``collate_fn`` of the image dataset.
         """
         batch = add_stream_fields({k: np.stack([s[k] for s in samples]) for k in
-                                   ("latent_mean", "latent_std", "encoder_hidden_states", "input_ids") if k in samples[0]},
+                                   ("latent_mean", "latent_std", "encoder_hidden_states",
+                                    "input_ids") if k in samples[0]},
                                   samples)
         if get_worker_info() is None:
             batch = {k: paddle.to_tensor(v) for k, v in batch.items()}

@@ -37,14 +37,17 @@ def add_arguments(p) -> None:
     g.add_argument("--captions", default=None,
                    help="captions to generate: PaddleMIX's coco30k.tsv/.csv (column caption_en), a jsonl with "
                         "'caption' (e.g. data/demo_raw/demo.jsonl), or one caption per line")
-    g.add_argument("--num_images", type=int, default=None, help="images per guidance scale: the first N captions (default all)")
+    g.add_argument("--num_images", type=int, default=None,
+                   help="images per guidance scale: the first N captions (default all)")
     g.add_argument("--reference", default=None,
-                   help="reference images for FID: a folder of images, or a .npz with mu and sigma (e.g. PaddleMIX's coco_256_30k.npz)")
+                   help="reference images for FID: a folder of images, or a .npz with mu and sigma (e.g. PaddleMIX's "
+                        "coco_256_30k.npz)")
     g.add_argument("--fid_features", choices=["inception", "clip"], default="inception",
                    help="inception: FID; clip: the Fréchet distance of CLIP image embeddings (FD-CLIP), when no "
                         "Inception weights exist")
     g.add_argument("--inception_weights", default=None,
-                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, a .safetensors copy, or PaddleMIX's .pdparams")
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, a .safetensors copy, or PaddleMIX's "
+                        ".pdparams")
     g.add_argument("--clip_model_name_or_path", default=None,
                    help="CLIP for the CLIP score (and FD-CLIP): a folder (paddlenlp or Hugging Face layout) or a name "
                         "such as openai/clip-vit-base-patch32 (offline: the kit's ./tiny-sd/clip)")
@@ -119,13 +122,16 @@ def wait_for_images(output_dir: str, guidance_scales: Sequence[float], n: int, t
     total = n * len(guidance_scales)
 
     def count():
-        return sum(os.path.isfile(image_path(guidance_folder(output_dir, g), i)) for g in guidance_scales for i in range(n))
+        return sum(os.path.isfile(image_path(guidance_folder(output_dir, g),
+                                             i)) for g in guidance_scales for i in range(n))
 
     done, start = count(), time.time()
-    with tqdm(total=total, initial=done, desc="waiting for the other ranks", unit="image", disable=done == total) as bar:
+    with tqdm(total=total, initial=done, desc="waiting for the other ranks", unit="image",
+              disable=done == total) as bar:
         while done < total:
             if time.time() - start > timeout:
-                raise metrics.MetricsError(f"{total - done} images are still missing in {output_dir} after {timeout:.0f} s: "
+                raise metrics.MetricsError(f"{total - done} images are still missing in {output_dir} after "
+                                           f"{timeout:.0f} s: "
                                            "did another rank fail? Run the same command again to resume")
             time.sleep(2)
             new = count()
@@ -139,7 +145,8 @@ def reference_stats(reference: str, extractor: "metrics.FeatureExtractor", outpu
     if reference.endswith(".npz"):
         return metrics.read_stats(reference)
     files = metrics.list_images(reference)
-    key = hashlib.sha1(json.dumps([extractor.kind, extractor.source, [(f, os.path.getsize(f)) for f in files]]).encode())
+    key = hashlib.sha1(json.dumps([extractor.kind, extractor.source,
+                                   [(f, os.path.getsize(f)) for f in files]]).encode())
     cache = os.path.join(output_dir, f"reference_{extractor.kind}_{key.hexdigest()[:12]}.npz")
     if os.path.isfile(cache):
         return metrics.read_stats(cache)
@@ -185,7 +192,8 @@ def score_all(args, prompts: Sequence[str]) -> Dict:
             row["shapes"] = {k: v for k, v in shapes.items() if k != "n"}
         rows.append(row)
         print(f"guidance {g:g}: {fd_name} {fd:.4f}, CLIP score {cs['clip_score']:.4f}")
-    results = {"fd_name": fd_name, "reference": args.reference, "captions": args.captions, "unet": getattr(args, "unet_path", None),
+    results = {"fd_name": fd_name, "reference": args.reference, "captions": args.captions,
+               "unet": getattr(args, "unet_path", None),
                "inception_weights": args.inception_weights if args.fid_features == "inception" else None,
                "clip_model": args.clip_model_name_or_path, "scheduler": args.scheduler,
                "num_inference_steps": args.num_inference_steps, "height": args.height, "width": args.width,
@@ -202,10 +210,12 @@ def format_table(results: Dict) -> str:
     """Markdown: one row per guidance scale."""
     fd = results["fd_name"]
     shapes = any("shapes" in r for r in results["rows"])
-    head = f"| guidance | {fd} ↓ | CLIP score ↑ | CLIP score (torchmetrics) | images |" + (" shapes: all three |" if shapes else "")
+    head = (f"| guidance | {fd} ↓ | CLIP score ↑ | CLIP score (torchmetrics) | images |"
+            + (" shapes: all three |" if shapes else ""))
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in results["rows"]:
-        lines.append(f"| {r['guidance_scale']:g} | {r[fd]:.3f} | {r['clip_score']:.3f} | {r['clip_score_torchmetrics']:.3f} | "
+        lines.append(f"| {r['guidance_scale']:g} | {r[fd]:.3f} | {r['clip_score']:.3f} | "
+                     f"{r['clip_score_torchmetrics']:.3f} | "
                      f"{r['n']} |" + (f" {r['shapes']['all']:.1%} |" if "shapes" in r else ""))
     return "\n".join(lines) + "\n"
 
@@ -243,9 +253,11 @@ def check_args(args, parser) -> None:
 
 def _check(args) -> None:
     if not args.captions:
-        raise metrics.MetricsError("--evaluate coco needs --captions FILE (PaddleMIX's coco30k.tsv, or data/demo_raw/demo.jsonl)")
+        raise metrics.MetricsError("--evaluate coco needs --captions FILE (PaddleMIX's coco30k.tsv, or "
+                                   "data/demo_raw/demo.jsonl)")
     if not args.reference:
-        raise metrics.MetricsError("--evaluate coco needs --reference DIR_or_stats.npz (the real images FID compares with)")
+        raise metrics.MetricsError("--evaluate coco needs --reference DIR_or_stats.npz (the real images FID compares "
+                                   "with)")
     if not os.path.exists(args.reference):
         raise metrics.MetricsError(f"--reference {args.reference} does not exist")
     if not args.clip_model_name_or_path:
@@ -276,7 +288,8 @@ def _run(pipe, args, timeout: float) -> int:
     prompts = read_prompts(args.captions)
     if args.num_images is not None:
         if args.num_images > len(prompts):
-            raise metrics.MetricsError(f"--num_images {args.num_images}: {args.captions} has only {len(prompts)} captions")
+            raise metrics.MetricsError(f"--num_images {args.num_images}: {args.captions} has only {len(prompts)} "
+                                       "captions")
         prompts = prompts[: args.num_images]
     made = generate_missing(pipe, prompts, args.guidance_scale, args, rank, world)
     print(f"rank {rank}: {made} images generated, the others were already on disk")

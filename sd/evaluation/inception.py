@@ -14,7 +14,8 @@ so the weights load from any of:
 * pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (read with PyTorch, ``weights_only=True``;
   PyTorch is imported only for this format);
 * a ``.safetensors`` file with the same key names, made once from the ``.pth`` by
-  ``python -m sd.evaluation.inception convert pt_inception-2015-12-05-6726825d.pth pt_inception-2015-12-05-6726825d.safetensors``
+  ``python -m sd.evaluation.inception convert pt_inception-2015-12-05-6726825d.pth NAME.safetensors`` (NAME:
+  ``pt_inception-2015-12-05-6726825d``)
   (needs PyTorch that once; afterwards nothing does);
 * PaddleMIX's ``pp_inception-2015-12-05-6726825d.pdparams`` (paddle.vision naming, renamed on load).
 """
@@ -109,7 +110,8 @@ class InceptionC(nn.Layer):
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                      self.branch7x7dbl_5):
             d = layer(d)
         return paddle.concat([self.branch1x1(x), b7, d, self.branch_pool(_avg_pool_no_pad(x))], axis=1)
 
@@ -222,7 +224,8 @@ def read_weight_file(path: str) -> Dict[str, np.ndarray]:
 
     try:
         return _read_weight_file(path)
-    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, SafetensorError) as e:  # torch, paddle, safetensors
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError,
+            SafetensorError) as e:  # torch, paddle, safetensors
         raise ValueError(f"{path} is not a readable weight file ({type(e).__name__}: {e}); download it again") from None
 
 
@@ -290,7 +293,8 @@ def load_fid_inception(path: str) -> FIDInceptionV3:
                          f"{WEIGHT_FILES[0]} or PaddleMIX's {WEIGHT_FILES[2]}")
     for k, v in expected.items():
         if tuple(v.shape) != tuple(state[k].shape):
-            raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, the FID Inception network needs {tuple(v.shape)}")
+            raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, the FID Inception network needs "
+                             f"{tuple(v.shape)}")
     model.set_state_dict({k: paddle.to_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
     model.eval()
     return model
@@ -310,7 +314,8 @@ def convert(src: str, dst: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="FID Inception weights: convert a .pth (or .pdparams) to .safetensors once.")
+    p = argparse.ArgumentParser(description="FID Inception weights: convert a .pth (or .pdparams) to .safetensors "
+                                            "once.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="SRC (.pth/.pdparams/.safetensors) → DST.safetensors")
     c.add_argument("src")

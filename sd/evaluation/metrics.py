@@ -1,9 +1,11 @@
 """FID and CLIP score, as PaddleMIX's ``compute_fid_clip_score.py`` defines them, as a module and a CLI.
 
-    python -m sd.evaluation.metrics fid DIR_A DIR_B_or_stats.npz --inception_weights pt_inception-2015-12-05-6726825d.pth
-    python -m sd.evaluation.metrics fid DIR_A DIR_B --fid_features clip --clip_model_name_or_path ./tiny-sd/clip   # FD-CLIP
-    python -m sd.evaluation.metrics fid_stats DIR OUT.npz --inception_weights W          # reference statistics (mu, sigma)
+    python -m sd.evaluation.metrics fid DIR_A DIR_B_or_stats.npz --inception_weights W        # FID
+    python -m sd.evaluation.metrics fid DIR_A DIR_B --fid_features clip --clip_model_name_or_path ./tiny-sd/clip
+    python -m sd.evaluation.metrics fid_stats DIR OUT.npz --inception_weights W    # reference statistics (mu, sigma)
     python -m sd.evaluation.metrics clip_score --clip_model_name_or_path M --images DIR --captions FILE
+
+(W: the FID Inception weights, e.g. pytorch-fid's pt_inception-2015-12-05-6726825d.pth; the second line: FD-CLIP.)
 
 * **FID** (Heusel et al. 2017): the Fréchet distance between Gaussians fitted to the pool-3 features
   (2048-d) of the FID Inception network (``sd/evaluation/inception.py``, pytorch-fid's graph) of two image sets,
@@ -125,7 +127,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         root = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(root):
         if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):
-            raise ValueError(f"the square root of the covariance product has an imaginary part {np.abs(root.imag).max():g}")
+            raise ValueError(f"the square root of the covariance product has an imaginary part "
+                             f"{np.abs(root.imag).max():g}")
         root = root.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
@@ -151,7 +154,8 @@ def load_inception(weights: Optional[str]):
     path = weights or inception.find_weights()
     if path is None:
         raise MetricsError("no FID Inception weights: pass --inception_weights FILE (pytorch-fid's "
-                           f"{inception.WEIGHT_FILES[0]} from its GitHub release, or PaddleMIX's {inception.WEIGHT_FILES[2]}), "
+                           f"{inception.WEIGHT_FILES[0]} from its GitHub release, or PaddleMIX's "
+                           f"{inception.WEIGHT_FILES[2]}), "
                            "or use --fid_features clip --clip_model_name_or_path M for FD-CLIP")
     try:
         return inception.load_fid_inception(path)
@@ -240,7 +244,8 @@ class Clip:
 
         out = []
         with paddle.no_grad():
-            for i in tqdm(range(0, len(images), batch_size), desc="CLIP images", unit="batch", disable=len(images) <= batch_size):
+            for i in tqdm(range(0, len(images), batch_size), desc="CLIP images", unit="batch",
+                          disable=len(images) <= batch_size):
                 chunk = [Image.open(im).convert("RGB") if isinstance(im, str) else im.convert("RGB")
                          for im in images[i : i + batch_size]]
                 pixels = self.processor.image_processor(images=chunk, return_tensors="np")["pixel_values"]
@@ -258,7 +263,8 @@ class Clip:
             for i in range(0, len(texts), batch_size):
                 ids = tok(list(texts[i : i + batch_size]), padding="max_length", max_length=tok.model_max_length,
                           truncation=True, return_attention_mask=False)["input_ids"]
-                out.append(self.model.get_text_features(input_ids=paddle.to_tensor(np.asarray(ids, dtype=np.int64))).numpy())
+                out.append(self.model.get_text_features(input_ids=paddle.to_tensor(np.asarray(ids,
+                                                                                              dtype=np.int64))).numpy())
         return np.concatenate(out).astype(np.float64)
 
 
@@ -292,8 +298,9 @@ def load_clip(name_or_path: str) -> Clip:
             return Clip(CLIPModel.from_pretrained(name_or_path), CLIPProcessor.from_pretrained(name_or_path),
                         "paddlenlp", name_or_path)
         except OSError:
-            raise MetricsError(f"CLIP model '{name_or_path}' is not a local folder nor cached, and could not be downloaded: "
-                               "pass --clip_model_name_or_path FOLDER (a CLIP saved by paddlenlp or transformers, with its "
+            raise MetricsError(f"CLIP model '{name_or_path}' is not a local folder nor cached, and could not be "
+                               "downloaded: pass --clip_model_name_or_path FOLDER (a CLIP saved by paddlenlp or "
+                               "transformers, with its "
                                "tokenizer and preprocessor_config.json; offline: the kit's ./tiny-sd/clip)") from None
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise MetricsError(f"{folder} has no config.json: pass a CLIP model folder (e.g. ./tiny-sd/clip)")
@@ -345,7 +352,8 @@ def read_captions(captions_file: str, images_dir: Optional[str]) -> Tuple[List[s
                     rec = json.loads(line)
                     image, caption = rec["image"], rec["caption"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise MetricsError(f"{captions_file}:{n}: not a JSON object with 'image' and 'caption' ({e})") from None
+                    raise MetricsError(f"{captions_file}:{n}: not a JSON object with 'image' and 'caption' "
+                                       f"({e})") from None
                 where = [os.path.join(d, image) for d in (images_dir, os.path.dirname(captions_file)) if d]
                 found = next((p for p in where if os.path.isfile(p)), None)
                 if found is None:
@@ -389,12 +397,14 @@ def clip_score_of(clip: Clip, images, captions: Sequence[str], batch_size: int =
         "per_image": the PaddleMIX score of each pair}.
     """
     if len(images) != len(captions) or not images:
-        raise MetricsError(f"CLIP score needs one caption per image (got {len(images)} images, {len(captions)} captions)")
+        raise MetricsError(f"CLIP score needs one caption per image (got {len(images)} images, {len(captions)} "
+                           "captions)")
     img = clip.image_features(images, batch_size)
     txt = clip.text_features(captions, batch_size)
     cos = (img / np.linalg.norm(img, axis=1, keepdims=True) * (txt / np.linalg.norm(txt, axis=1, keepdims=True))).sum(1)
     scale = clip.logit_scale
-    return {"clip_score": float((scale * cos).mean()), "clip_score_torchmetrics": float((100 * np.maximum(cos, 0)).mean()),
+    return {"clip_score": float((scale * cos).mean()),
+            "clip_score_torchmetrics": float((100 * np.maximum(cos, 0)).mean()),
             "cosine": float(cos.mean()), "logit_scale": scale, "n": len(images), "per_image": (scale * cos).tolist()}
 
 
@@ -402,15 +412,18 @@ def clip_score_of(clip: Clip, images, captions: Sequence[str], batch_size: int =
 # CLI
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sd.evaluation.metrics", description="FID / FD-CLIP and CLIP score (see the module docstring).")
+    p = argparse.ArgumentParser(prog="python -m sd.evaluation.metrics",
+                                description="FID / FD-CLIP and CLIP score (see the module docstring).")
     sub = p.add_subparsers(dest="command", required=True)
 
     def features(q):
         q.add_argument("--fid_features", choices=["inception", "clip"], default="inception",
-                       help="inception: FID (pool-3 of the FID Inception network); clip: FD-CLIP (CLIP image embeddings)")
+                       help="inception: FID (pool-3 of the FID Inception network); clip: FD-CLIP (CLIP image "
+                            "embeddings)")
         q.add_argument("--inception_weights", default=None,
                        help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, a .safetensors copy, or PaddleMIX's "
-                            "pp_inception-2015-12-05-6726825d.pdparams (default: a copy already in the torch or paddle cache)")
+                            "pp_inception-2015-12-05-6726825d.pdparams (default: a copy already in the torch or "
+                            "paddle cache)")
         q.add_argument("--clip_model_name_or_path", default=None, help="the CLIP model for --fid_features clip")
         q.add_argument("--batch_size", type=int, default=50, help="images per forward pass")
         q.add_argument("--resolution", type=int, default=None,

@@ -38,7 +38,8 @@ def score(labels: Sequence[Label], readings: Sequence[Reading]) -> Dict[str, flo
         {"colour", "shape", "background", "colour+shape", "all": fraction in [0, 1], "n": count}.
     """
     if len(labels) != len(readings) or not labels:
-        raise ValueError(f"score needs as many readings as labels, and at least one (got {len(labels)}, {len(readings)})")
+        raise ValueError(f"score needs as many readings as labels, and at least one (got {len(labels)}, "
+                         f"{len(readings)})")
     n = len(labels)
     hits = dict.fromkeys(METRICS, 0)
     for label, r in zip(labels, readings):
@@ -68,7 +69,8 @@ def chance() -> Dict[str, float]:
 
 def evaluate_readings(labels: Sequence[Label], readings: Sequence[Reading]) -> dict:
     """Scores and the colour and shape confusion tables of one set of readings."""
-    return {"scores": score(labels, readings), "confusion": {f: confusion(labels, readings, f) for f in ("colour", "shape")}}
+    return {"scores": score(labels, readings),
+            "confusion": {f: confusion(labels, readings, f) for f in ("colour", "shape")}}
 
 
 def _pct(x: float) -> str:
@@ -168,12 +170,14 @@ def run_shapes_benchmark(pipe, guidance_scales: Sequence[float], seeds: Sequence
         images: List = []
         for i in range(0, len(jobs), batch_size):
             chunk = jobs[i : i + batch_size]
-            images += generate(pipe, [p[3] for p, _ in chunk], guidance_scale=g, num_inference_steps=num_inference_steps,
+            images += generate(pipe, [p[3] for p, _ in chunk], guidance_scale=g,
+                               num_inference_steps=num_inference_steps,
                                height=height, width=width, seeds=[s for _, s in chunk])
             bar.update(len(chunk))
         results["guidance"][f"{g:g}"] = evaluate_readings(labels, [demo_data.check(im) for im in images])
         shown = min(len(seeds), 4)
-        make_grid(images[: 36 * shown], rows=6 * shown, cols=6, tile=max(64, height)).save(os.path.join(output_dir, f"shapes_grid_g{g:g}.png"))
+        make_grid(images[: 36 * shown], rows=6 * shown, cols=6,
+                  tile=max(64, height)).save(os.path.join(output_dir, f"shapes_grid_g{g:g}.png"))
         prompt_table(images[:36], tile=max(64, height)).save(os.path.join(output_dir, f"shapes_table_g{g:g}.png"))
     bar.close()
     if height == width:  # the demo images are square

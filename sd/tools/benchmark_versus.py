@@ -206,7 +206,8 @@ def versus(example_dir: str, kit: str, file_list: str, rounds: int = 3, steps: i
             try:
                 run = run_side(side, script, cwd, command_args, extra, os.path.join(work, f"{n}"), k, warmup_logs,
                                timeout, is_example, extra_env)
-            except RuntimeError as e:  # a crashed run (e.g. a loader worker's segfault) ends the series, keeps the rounds done
+            # a crashed run (e.g. a loader worker's segfault) ends the series, keeps the rounds done
+            except RuntimeError as e:
                 if not per_round:
                     raise
                 failed = str(e)
@@ -231,7 +232,8 @@ def describe_versus(result: dict) -> str:
     """Human summary: per round each side's samples/s and ratio to the example, then the medians and the load."""
     c = result["config"]
     lines = [f"side by side (run order per round: {' | '.join(result['sides'])}); batch {c['batch_size']}, "
-             f"{c['resolution']} px, {c['num_workers']} loader worker(s), {c['steps']} steps per run; samples/s = median "
+             f"{c['resolution']} px, {c['num_workers']} loader worker(s), {c['steps']} steps per run; samples/s = "
+             "median "
              f"of each run's interval_samples_per_second after {c['warmup_logs']} warm-up interval(s) of "
              f"{c['logging_steps']} steps"]
     for k, r in enumerate(result["rounds"], 1):
@@ -242,7 +244,7 @@ def describe_versus(result: dict) -> str:
         ratios = ", ".join(f"{r['ratio'][s]:.2f}" for r in result["rounds"])
         lines.append(f"{s} / example = {result['ratio'][s]:.2f}× (median of per-round ratios {ratios}); "
                      f"{result['samples_per_s'][s]:.2f} vs {result['samples_per_s']['example']:.2f} samples/s "
-                     f"(medians of rounds)")
+                     "(medians of rounds)")
     lo, hi = result["load"]
     lines.append(f"1-minute load average during the runs {lo:.1f}-{hi:.1f} on {os.cpu_count()} CPU(s)")
     if result.get("failed"):

@@ -34,13 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description="Export a training checkpoint as a diffusers (PyTorch) pipeline folder.")
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint folder (<output_dir>/checkpoint-N), its unet/ folder, or an output folder (its newest checkpoint)")
+                   help="a checkpoint folder (<output_dir>/checkpoint-N), its unet/ folder, or an output folder (its "
+                        "newest checkpoint)")
     p.add_argument("--to", default="diffusers", choices=["diffusers"], help="target format (only diffusers)")
     p.add_argument("--output_dir", required=True, help="folder to write; must not exist unless --overwrite")
     p.add_argument("--variant", default="auto",
-                   help="UNet weights to export: auto (the EMA weights when the checkpoint has them, as eval.py), ema, none (raw)")
+                   help="UNet weights to export: auto (the EMA weights when the checkpoint has them, as eval.py), "
+                        "ema, none (raw)")
     p.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="SD folder supplying vae/ text_encoder/ tokenizer/ scheduler/ (default: what the checkpoint was trained with)")
+                   help="SD folder supplying vae/ text_encoder/ tokenizer/ scheduler/ (default: what the checkpoint "
+                        "was trained with)")
     p.add_argument("--scheduler", default="pndm", choices=list(SCHEDULERS),
                    help="sampler written to scheduler/ (the training noise schedule and prediction type are kept); "
                         "pndm is what SD v1 pipelines ship with")
@@ -74,7 +77,8 @@ def export_to_diffusers(checkpoint: str, output_dir: str, variant: str = "auto",
     os.replace(partial, output_dir)
     name = components.source_name
     return {"unet": name(models["unet"]), "variant": models["variant"], "vae": name(models["vae"]),
-            "text_encoder": name(models["text_encoder"]), "tokenizer": name(models["tokenizer"]), "scheduler": scheduler,
+            "text_encoder": name(models["text_encoder"]), "tokenizer": name(models["tokenizer"]),
+            "scheduler": scheduler,
             "prediction_type": models["prediction_type"]}
 
 

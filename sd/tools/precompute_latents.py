@@ -43,10 +43,12 @@ from sd.data.record_stream import source_for
 
 def load_encoders(pretrained: str, vae: Optional[str] = None, text_encoder: Optional[str] = None,
                   tokenizer: Optional[str] = None):
-    """(tokenizer, vae, text_encoder, paths) from folders or hub names (sd/components/__init__.py), frozen and in eval mode."""
+    """(tokenizer, vae, text_encoder, paths) from folders or hub names (sd/components/__init__.py), frozen and in
+    eval mode."""
     from sd import components
 
-    paths = {"vae": vae or os.path.join(pretrained, "vae"), "text_encoder": text_encoder or os.path.join(pretrained, "text_encoder"),
+    paths = {"vae": vae or os.path.join(pretrained, "vae"),
+             "text_encoder": text_encoder or os.path.join(pretrained, "text_encoder"),
              "tokenizer": tokenizer or os.path.join(pretrained, "tokenizer")}
     sources = {k: components.locate(v, k.replace("_", " "), k) for k, v in paths.items()}
     tok = components.load_tokenizer(sources["tokenizer"])
@@ -190,12 +192,15 @@ def precompute(file_list: str, output_path: str, pretrained: str, resolution: in
         info = {"resolution": resolution, "crop": "center", "interpolation": interpolation, "dtype": dtype,
                 "latent_shape": mean_shape, "hidden_shape": list(empty.shape), "model_max_length": model_max_length,
                 "vae": os.path.abspath(paths["vae"]), "text_encoder": os.path.abspath(paths["text_encoder"]),
-                "tokenizer": os.path.abspath(paths["tokenizer"]), "scaling_factor": float(vae_model.config.scaling_factor),
-                "empty_caption_hidden_states": {"dtype": dtype, "shape": list(empty.shape),
-                                                "base64": base64.b64encode(empty.astype(dtype).tobytes()).decode("ascii")},
+                "tokenizer": os.path.abspath(paths["tokenizer"]),
+                "scaling_factor": float(vae_model.config.scaling_factor),
+                "empty_caption_hidden_states": {
+                    "dtype": dtype, "shape": list(empty.shape),
+                    "base64": base64.b64encode(empty.astype(dtype).tobytes()).decode("ascii")},
                 "source": os.path.abspath(entry.path), "records_written": records, "skipped": dict(counters),
                 "paddle": paddle.__version__}
-        sidecar = filelist[: -len(".filelist")] + ".latents.json" if filelist.endswith(".filelist") else filelist + ".latents.json"
+        sidecar = (filelist[: -len(".filelist")] + ".latents.json" if filelist.endswith(".filelist")
+                   else filelist + ".latents.json")
         with open(sidecar, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
         list_lines.append(os.path.relpath(filelist) + ("" if entry.weight is None else f" {entry.weight}"))

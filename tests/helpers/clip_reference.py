@@ -25,7 +25,8 @@ def main(tok_dir, images_dir, captions_file, out_dir):
                 pad_token_id=tok.pad_token_id)
     vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                   patch_size=4)
-    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    model = transformers.CLIPModel(config).eval()
     processor = transformers.CLIPProcessor(
         transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tok)
     folder = os.path.join(out_dir, "hf_clip")

@@ -1,4 +1,5 @@
-"""What the tests share besides fixtures: the repository's paths, the training command, weight comparison."""
+"""What the tests share besides fixtures: the repository's paths, the environment of the programs they start, the
+training command, weight comparison."""
 
 import os
 import sys
@@ -7,6 +8,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 HELPERS = os.path.join(ROOT, "tests", "helpers")  # the helper programs the tests start
 ASSETS = os.path.join(ROOT, "tests", "assets")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+
+def env_with_root(env=None, **extra) -> dict:
+    """``env`` (default: this process's environment) with the repository first on PYTHONPATH, plus ``extra``.
+
+    The environment of every subprocess that runs a program from tests/helpers, benchmarks/ or ``python -c``
+    code and imports ``sd``: nothing edits ``sys.path`` itself, and a program started by file (directly or by
+    ``paddle.distributed.launch``, which takes no ``-m``) has its own folder on it, not the repository's.
+    """
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
 
 
 def train_command(tiny_kit, file_list, output_dir, *extra, entry="train_txt2img_laion400m_trainer.py"):
@@ -22,7 +36,8 @@ WEIGHT_FILES = ("unet/diffusion_paddle_model.safetensors", "unet/diffusion_paddl
 
 
 def weight_difference(a_dir, b_dir):
-    """(largest |a - b|, ||a - b|| / ||a||) over the UNet and EMA weights of two checkpoints, each the worse of the two."""
+    """(largest |a - b|, ||a - b|| / ||a||) over the UNet and EMA weights of two checkpoints, each the worse of
+    the two."""
     import numpy as np
     from safetensors.numpy import load_file
 

@@ -1,6 +1,9 @@
 """Run the training entry point with faults injected (used by tests/integration/test_faults.py).
 
-    python tests/helpers/fault_runner.py <train_txt2img_laion400m_trainer.py arguments>
+    PYTHONPATH=. python tests/helpers/fault_runner.py <train_txt2img_laion400m_trainer.py arguments>
+
+from the repository root: the caller puts the repository on PYTHONPATH (the tests through
+``tests.helpers.common.env_with_root``), which a rank that ``paddle.distributed.launch`` starts inherits.
 
 Faults are chosen by environment variables:
   SD_FAULT_NAN_BATCHES="2,4-"   the loss of these batch indices (0-based, "4-" = 4 and every later one)
@@ -24,11 +27,10 @@ import runpy
 import signal
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+from sd.model import StableDiffusionModel
+from sd.sd_trainer import StableDiffusionTrainer
 
-from sd.model import StableDiffusionModel  # noqa: E402
-from sd.sd_trainer import StableDiffusionTrainer  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _batches(spec: str):
@@ -54,7 +56,8 @@ if os.environ.get("SD_FAULT_NAN_BATCHES"):
 
 
 def break_save(step: int, then) -> None:
-    """Saving checkpoint-``step`` writes the trained modules, then calls ``then(output_dir)`` (which raises or kills)."""
+    """Saving checkpoint-``step`` writes the trained modules, then calls ``then(output_dir)`` (which raises or
+    kills)."""
     save, broken_dir = StableDiffusionTrainer._save, f"checkpoint-{step}"
 
     def broken_save(self, output_dir=None, *args, **kwargs):

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.helpers.common import ROOT
+
 # Four short trainings through train.sh: a research tool's test, outside the default suite.
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,6 @@ import pytest
 
 from sd import cpu
 from sd.tools.benchmark import count_forward_flops, cpu_peak_gflops, run
-
 from tests.helpers.common import ROOT
 
 
@@ -66,7 +65,8 @@ def test_flops_only_cli_scales_with_resolution(tiny_kit):
     cfg = os.path.join(tiny_kit, "unet", "config.json")
     out = {}
     for res in (32, 64):
-        r = subprocess.run([sys.executable, "-m", "sd.tools.benchmark", "--flops_only", "--unet_config", cfg, "--resolution",
+        r = subprocess.run([sys.executable, "-m", "sd.tools.benchmark", "--flops_only", "--unet_config", cfg,
+                            "--resolution",
                             str(res), "--latent_factor", "2"], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0, r.stderr[-2000:]
         out[res] = float(r.stdout.split("training (3 × forward) ")[1].split(" TFLOP")[0])
@@ -74,9 +74,9 @@ def test_flops_only_cli_scales_with_resolution(tiny_kit):
 
 
 def test_dense_conv_bias_is_exact():
-    from sd.model import use_dense_conv_bias
-
     from ppdiffusers.models.lora import LoRACompatibleConv  # what ppdiffusers' resnets use
+
+    from sd.model import use_dense_conv_bias
 
     paddle.seed(0)
     make = lambda: paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 3, padding=1), paddle.nn.SiLU(),  # noqa: E731
@@ -186,12 +186,14 @@ def test_versus_interleaves_and_reads_each_trainers_own_figures(standin_example,
         assert x["start"] <= seen["start"] <= seen["end"] <= x["end"]
         assert seen["cwd"] == os.path.join(r["work_dir"], "paddlemix_example") == os.path.dirname(seen["sd"])
         argv = seen["argv"]
-        assert argv[argv.index("--unet_name_or_path") + 1] == os.path.join(os.path.abspath(tiny_kit), "unet", "config.json")
+        assert argv[argv.index("--unet_name_or_path") + 1] == os.path.join(os.path.abspath(tiny_kit), "unet",
+                                                                           "config.json")
         assert argv[argv.index("--resolution") + 1] == "32"
     # each example run had its own environment: the variable of its variant, none that `import sd` chose for ours
     seen = [json.load(open(os.path.join(x["folder"], "output", "standin.json")))["mkl"] for x in runs[:2]]
     assert seen == [None if cpu.CHOICE else os.environ.get("MKL_DEBUG_CPU_TYPE"), "7"]
-    # the stand-in's interval figures are at most 2 × 2 / (2 × 0.01 s) = 200 samples/s: nothing is invented by the parser
+    # the stand-in's interval figures are at most 2 × 2 / (2 × 0.01 s) = 200 samples/s: nothing is invented by the
+    # parser
     assert 20 < r["samples_per_s"]["example"] <= 200
     assert sorted(os.listdir(standin_example)) == before  # the example folder itself is never written
     text = describe_versus(r)
@@ -236,4 +238,5 @@ def test_the_real_example_accepts_the_versus_command(tmp_path):
     r = subprocess.run([sys.executable, "-c", check, *cmd[3:]], capture_output=True, text=True, timeout=300,
                        cwd=os.path.abspath(REFERENCE_EXAMPLE), env=dict(env, USE_TORCH="0"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split()[-8:] == ["64", "4", "1", "-1.0", "-1", "/kit/unet/config.json", "/data/a.filelist.list", "cpu"]
+    assert r.stdout.split()[-8:] == ["64", "4", "1", "-1.0", "-1", "/kit/unet/config.json", "/data/a.filelist.list",
+                                     "cpu"]

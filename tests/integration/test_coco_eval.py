@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests.helpers.common import ROOT
+
 N = 6
 
 
@@ -90,9 +91,10 @@ def _losses(log):
 def test_scores_during_training_are_logged_and_change_nothing(tiny_kit, demo_jsonl, demo_file_list, tmp_path):
     """--eval_steps 2 over 4 steps: two evaluations in scores.jsonl and VisualDL (eval/ tags beside the
     loss); the losses and final weights equal those of the same run without scoring."""
-    from tests.helpers.common import train_command
     from safetensors.numpy import load_file
     from visualdl import LogReader
+
+    from tests.helpers.common import train_command
 
     common = ("--max_steps", "4", "--save_steps", "4", "--use_ema", "True", "--image_logging_steps", "0")
     scored = tmp_path / "scored"

@@ -17,8 +17,8 @@ from PIL import Image
 
 import create_pretraining_data as cpd
 from sd.data.formats import read_filelist, read_filelist_list
-
 from tests.helpers.common import ROOT
+
 SCRIPT = os.path.join(ROOT, "create_pretraining_data.py")
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "paddlemix")  # written by PaddleMIX's own tool (its README)
 
@@ -83,8 +83,8 @@ def test_paddlemix_command_layout_and_line_format(data):
     assert listed == [f"processed_data/laion400m_format_data/{p}" for p in parts] * 3
     assert (data / "processed_data" / "filelist" / "custom_dataset.filelist.list").read_text().split() == \
         ["processed_data/filelist/custom_dataset.filelist"]
-    records = [json.loads(l) for l in open(data / "data.jsonl")]
-    lines = [l for p in parts for l in part_lines(folder / p)]
+    records = [json.loads(line) for line in open(data / "data.jsonl")]
+    lines = [line for p in parts for line in part_lines(folder / p)]
     assert [len(part_lines(folder / p)) for p in parts] == [10, 10, 5]
     for rec, line in zip(records, lines, strict=True):
         caption, _, img_b64 = line.split("\t")[:3]  # PaddleMIX's parser
@@ -160,10 +160,10 @@ def test_every_kind_of_bad_record_is_skipped_counted_and_reported(tmp_path):
     r = run(["--input_path", "in.jsonl", "--output_path", "out", "--num_workers", "2"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = part_lines(tmp_path / "out" / "laion400m_format_data" / "part-000001")
-    assert [l.split("\t")[0] for l in out] == ["tab here new line", "one", "two"]
-    assert all(len(l.split("\t")) == 3 for l in out)
+    assert [line.split("\t")[0] for line in out] == ["tab here new line", "one", "two"]
+    assert all(len(line.split("\t")) == 3 for line in out)
     good = (tmp_path / "good.png").read_bytes()
-    assert all(base64.b64decode(l.split("\t")[2]) == good for l in out)
+    assert all(base64.b64decode(line.split("\t")[2]) == good for line in out)
     assert "jsonl records read: 21\n" in r.stdout  # the blank line is not a record
     assert "records written:    3 " in r.stdout and "records skipped:    19\n" in r.stdout
     expected = {
@@ -178,7 +178,7 @@ def test_every_kind_of_bad_record_is_skipped_counted_and_reported(tmp_path):
         "'image' is not a path: 1 (jsonl line 15)",
         "line is not UTF-8: 1 (jsonl line 22)",
     }
-    reported = {l.strip() for l in r.stdout.splitlines() if l.startswith("  ")}
+    reported = {line.strip() for line in r.stdout.splitlines() if line.startswith("  ")}
     assert reported == expected
 
 
@@ -293,7 +293,7 @@ def test_list_caption_records_fill_parts_across_a_boundary(tmp_path):
     r = run(["--input_path", "in.jsonl", "--output_path", "o", "--per_part_file_num", "2"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     folder = tmp_path / "o" / "laion400m_format_data"
-    assert [[l.split("\t")[0] for l in part_lines(folder / p)] for p in sorted(os.listdir(folder))] == \
+    assert [[line.split("\t")[0] for line in part_lines(folder / p)] for p in sorted(os.listdir(folder))] == \
         [["c1", "c2"], ["c3"]]
 
 
@@ -307,7 +307,7 @@ def test_max_image_size_reencodes_only_larger_images(tmp_path):
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = part_lines(tmp_path / "out" / "laion400m_format_data" / "part-000001")
-    imgs = [Image.open(io.BytesIO(base64.b64decode(l.split("\t")[2]))) for l in lines]
+    imgs = [Image.open(io.BytesIO(base64.b64decode(line.split("\t")[2]))) for line in lines]
     assert imgs[0].format == "JPEG" and imgs[0].size == (45, 30)
     assert base64.b64decode(lines[1].split("\t")[2]) == (tmp_path / "small.png").read_bytes()  # untouched
 
@@ -319,8 +319,8 @@ def test_packs_the_demo_dataset(tmp_path):
     r = run(["--input_path", jsonl, "--output_path", str(tmp_path / "packed")], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = part_lines(tmp_path / "packed" / "laion400m_format_data" / "part-000001")
-    records = [json.loads(l) for l in open(jsonl)]
-    assert [l.split("\t")[0] for l in lines] == [rec["caption"] for rec in records]
+    records = [json.loads(line) for line in open(jsonl)]
+    assert [line.split("\t")[0] for line in lines] == [rec["caption"] for rec in records]
 
 
 def test_same_output_as_paddlemix(tmp_path):
@@ -366,4 +366,5 @@ def test_image_over_pils_pixel_limit_is_skipped_with_its_own_reason(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     assert cpd.main(["--input_path", "in.jsonl", "--output_path", "out", "--num_workers", "1"]) == 0
     assert "image too large (over PIL's decompression-bomb limit): 1 (jsonl line 1)" in capsys.readouterr().out
-    assert [l.split("\t")[0] for l in part_lines(tmp_path / "out" / "laion400m_format_data" / "part-000001")] == ["b"]
+    part = tmp_path / "out" / "laion400m_format_data" / "part-000001"
+    assert [line.split("\t")[0] for line in part_lines(part)] == ["b"]

@@ -15,9 +15,10 @@ import time
 
 import numpy as np
 import pytest
-from tests.helpers.common import ROOT, train_command, weight_difference
 from safetensors.numpy import load_file
 from sd.runtime.run_state import Layout, RunState
+
+from tests.helpers.common import ROOT, env_with_root, train_command, weight_difference
 
 RUNNER = os.path.join(ROOT, "tests", "helpers", "fault_runner.py")
 STEPS = ["--max_steps", "20", "--save_steps", "10", "--dataloader_num_workers", "1", "--report_to", "visualdl",
@@ -43,7 +44,7 @@ def launch(tiny_kit, file_list, out, log_dir, *extra, env=None, batch="4"):
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
            RUNNER, *args]
     start = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env_with_root(**(env or {})), timeout=600)
     return r, time.time() - start
 
 
@@ -53,7 +54,8 @@ def worker_log(log_dir, rank):
 
 
 def spied(spy_dir, rank):
-    """Per batch a rank trained on, its samples as ``seed:image hash:token ids hash`` (tests/helpers/fault_runner.py)."""
+    """Per batch a rank trained on, its samples as ``seed:image hash:token ids hash``
+    (tests/helpers/fault_runner.py)."""
     with open(os.path.join(spy_dir, f"rank-{rank}.txt")) as f:
         return [line.split() for line in f]
 
@@ -83,7 +85,7 @@ def one_process_batch_8(tiny_kit, demo_file_list, tmp_path_factory):
     cmd = [sys.executable, RUNNER] + train_command(tiny_kit, demo_file_list, root / "out", *STEPS)[2:]
     cmd[cmd.index("--per_device_train_batch_size") + 1] = "8"
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env={**os.environ, "SD_SPY_DIR": str(root / "spy")})
+                       env=env_with_root(SD_SPY_DIR=str(root / "spy")))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return root, r.stdout + r.stderr
 
@@ -121,7 +123,8 @@ def test_only_rank_zero_writes(two_ranks):
 def test_one_process_with_accumulation_2_is_the_same_training(two_ranks, tiny_kit, demo_file_list, tmp_path):
     """Micro-batch k holds the slots of data rank r·A + k: 1 process × 2 accumulation steps of 4 reads and
     draws exactly what 2 ranks of 4 do, on batches of the same size, so the runs agree bit for bit here."""
-    r = subprocess.run(train_command(tiny_kit, demo_file_list, tmp_path / "acc", *STEPS, "--gradient_accumulation_steps",
+    r = subprocess.run(train_command(tiny_kit, demo_file_list, tmp_path / "acc", *STEPS,
+                                     "--gradient_accumulation_steps",
                                      "2"), capture_output=True, text=True, cwd=ROOT, timeout=600)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
@@ -175,12 +178,11 @@ def test_finished_rank_runs_exit_handlers_then_leaves_with_0(tmp_path):
     which hold Paddle's own clean-up (data-loader shared memory, process groups)."""
     marker = tmp_path / "handler-ran"
     code = ("import atexit, sys\n"
-            f"sys.path.insert(0, {ROOT!r})\n"
             "from sd.runtime.distributed import leave_finished_rank\n"
             f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ok'))\n"
             "leave_finished_rank()\n"
             "sys.exit(3)  # not reached\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env_with_root())
     assert r.returncode == 0, r.stderr[-2000:]
     assert marker.read_text() == "ok"
 
@@ -247,7 +249,7 @@ def test_other_ranks_outwait_rank_zero_work_longer_than_a_gloo_collective(tmp_pa
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path),
            os.path.join(ROOT, "tests", "helpers", "rank_zero_toy.py")]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400,
-                       env={**os.environ, "SD_TOY_SECONDS": "35", "SD_TOY_WAIT": "1"})
+                       env=env_with_root(SD_TOY_SECONDS="35", SD_TOY_WAIT="1"))
     logs = [worker_log(tmp_path, rank) for rank in (0, 1)]
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + logs[1][-2000:]
     assert "rank 0 done: 6" in logs[0] and "rank 1 done: 6" in logs[1]

@@ -22,6 +22,7 @@ import sys
 import time
 
 import pytest
+
 from tests.helpers.common import ROOT
 
 TOY = os.path.join(ROOT, "tests", "helpers", "elastic_toy.py")
@@ -141,7 +142,9 @@ def stop_all(nodes):
 # default suite. Slow (another ~50 s each): losing rank 1's node; a node that freezes (SIGSTOP: its
 # sockets stay open, so the survivor's all_reduce blocks instead of failing, and only the lapsed etcd
 # heartbeat of the frozen node tells the survivor's launcher to restart).
-@pytest.mark.parametrize("victim_rank,how", [pytest.param(0, "kill", marks=pytest.mark.long), pytest.param(1, "kill", marks=pytest.mark.slow),
+@pytest.mark.parametrize("victim_rank,how",
+                         [pytest.param(0, "kill", marks=pytest.mark.long),
+                          pytest.param(1, "kill", marks=pytest.mark.slow),
                                              pytest.param(0, "freeze", marks=pytest.mark.slow)])
 def test_survivor_restarts_alone_and_finishes(etcd, tmp_path, victim_rank, how):
     (tmp_path / "state").mkdir()

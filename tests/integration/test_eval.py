@@ -18,6 +18,7 @@ from sd.evaluation.shapes import chance, confusion, format_report, score
 from sd.runtime.run_state import RunState
 
 from tests.helpers.common import ROOT
+
 OUT = "laion400m_pretrain_output_trainer"
 
 
@@ -25,7 +26,8 @@ def train(tiny_kit, file_list, output_dir, *extra):
     cmd = [sys.executable, os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"), "--do_train",
            "--output_dir", str(output_dir), "--pretrained_model_name_or_path", tiny_kit,
            "--unet_name_or_path", os.path.join(tiny_kit, "unet", "config.json"), "--file_list", file_list,
-           "--resolution", "32", "--per_device_train_batch_size", "2", "--model_max_length", "16", "--report_to", "none",
+           "--resolution", "32", "--per_device_train_batch_size", "2", "--model_max_length", "16", "--report_to",
+           "none",
            "--image_logging_steps", "0", "--dataloader_num_workers", "0", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -76,7 +78,8 @@ def test_outputs_manifest_and_determinism(workdir, tmp_path):
     assert manifest["variant"] == "ema" and len(rows) == 8
     assert eval_cli.main([*base[:4], "--variant", "none", *base[6:12], "--output_dir", str(tmp_path / "raw")]) == 0
     assert json.load(open(tmp_path / "raw" / "manifest.json"))["variant"] is None
-    assert {r["file"] for r in rows} == {f"{i:03d}_g{g}_s{s}.png" for i in (0, 1) for g in ("1", "7.5") for s in (10, 11)}
+    assert {r["file"] for r in rows} == {f"{i:03d}_g{g}_s{s}.png" for i in (0, 1)
+                                         for g in ("1", "7.5") for s in (10, 11)}
     assert files_of(tmp_path / "a") == {r["file"] for r in rows} | {"grid.png", "manifest.json", "manifest.csv"}
     with open(tmp_path / "a" / "manifest.csv") as f:
         assert [{**r, "prompt_index": int(r["prompt_index"]), "seed": int(r["seed"]),
@@ -114,7 +117,8 @@ def test_whole_pipeline_checkpoint_with_trained_text_encoder(tiny_kit, demo_file
     assert (manifest["unet"], manifest["text_encoder"], manifest["vae"]) == (
         str(ckpt / "unet"), str(ckpt / "text_encoder"), str(ckpt / "vae"))  # the checkpoint's own, trained, modules
     # the same folder as --pretrained_model_name_or_path (it is a whole pipeline): the same image
-    assert eval_cli.main(["--pretrained_model_name_or_path", str(ckpt), *prompt, "--output_dir", str(tmp_path / "b")]) == 0
+    assert eval_cli.main(["--pretrained_model_name_or_path", str(ckpt), *prompt, "--output_dir",
+                          str(tmp_path / "b")]) == 0
     name = "000_g7.5_s0.png"
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
@@ -159,7 +163,8 @@ def test_shapes_benchmark_through_the_cli(workdir, tmp_path):
     report = json.load(open(tmp_path / "shapes_eval.json"))
     assert set(report["guidance"]) == {"1", "3"} and report["height"] == 32
     for res in report["guidance"].values():
-        assert res["scores"]["n"] == 36 and 0 <= res["scores"]["all"] <= res["scores"]["colour+shape"] <= res["scores"]["colour"]
+        assert res["scores"]["n"] == 36
+        assert 0 <= res["scores"]["all"] <= res["scores"]["colour+shape"] <= res["scores"]["colour"]
         assert sum(sum(row.values()) for row in res["confusion"]["shape"].values()) == 36
     assert report["reference"]["rendered"]["scores"]["all"] >= 0.9  # the checker reads clean renders
     assert {"shapes_eval.md", "shapes_grid_g1.png", "shapes_grid_g3.png"} <= files_of(tmp_path)
@@ -180,7 +185,8 @@ def test_scoring_on_rendered_images_by_hand():
     readings = [demo_data.check(im) for im in images]
     assert [(r.colour, r.shape, r.background) for r in readings] == drawn  # the checker reads renders
     s = score(labels, readings)
-    assert (s["colour"], s["shape"], s["background"], s["colour+shape"], s["all"], s["n"]) == (3 / 6, 3 / 6, 4 / 6, 2 / 6, 1 / 6, 6)
+    assert (s["colour"], s["shape"], s["background"], s["colour+shape"], s["all"], s["n"]) == \
+        (3 / 6, 3 / 6, 4 / 6, 2 / 6, 1 / 6, 6)
     assert confusion(labels, readings, "shape") == {"circle": {"circle": 2, "square": 2}, "triangle": {"triangle": 1},
                                                    "square": {"triangle": 1}}
     assert confusion(labels, readings, "colour")["red"] == {"red": 1, "green": 1, "orange": 1}

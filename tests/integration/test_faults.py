@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 import pytest
-from tests.helpers.common import ROOT, train_command
 from safetensors.numpy import load_file
 
 from sd.runtime import shm
+from tests.helpers.common import ROOT, env_with_root, train_command
 
 RUNNER = os.path.join(ROOT, "tests", "helpers", "fault_runner.py")
 COMMON = ["--max_steps", "8", "--save_steps", "2", "--dataloader_num_workers", "1", "--use_ema", "True",
@@ -22,7 +22,7 @@ def run(tiny_kit, file_list, out, *extra, faults=None):
     cmd = train_command(tiny_kit, file_list, out, *COMMON, *extra)
     if faults:
         cmd = [sys.executable, RUNNER] + cmd[2:]  # same arguments, through the fault injector
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(faults or {})},
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env_with_root(**(faults or {})),
                           timeout=600)
 
 
@@ -76,7 +76,7 @@ def watch(tiny_kit, file_list, out, faults=None):
         cmd = [sys.executable, RUNNER] + cmd[2:]
     log = out.parent / f"{out.name}-{len(list(out.parent.glob(out.name + '-*.log')))}.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(faults or {})})
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env_with_root(**(faults or {})))
         pids, deadline = {proc.pid}, time.time() + 300
         while proc.poll() is None:
             assert time.time() < deadline, "training did not end"
@@ -107,7 +107,7 @@ def test_repeated_kills_then_resumes_equal_uninterrupted(tiny_kit, demo_file_lis
     code, resumed, pids = watch(tiny_kit, demo_file_list, out)
     assert code == 0, resumed[-3000:]
     assert f"found {out / 'checkpoint-4'}, the newest complete checkpoint" in resumed
-    expected = {s: l for s, l in losses(full_log).items() if s > 4}
+    expected = {s: loss for s, loss in losses(full_log).items() if s > 4}
     assert losses(resumed) == expected and len(expected) == 4
     for variant in ("", "ema"):
         assert same(weights(full / "checkpoint-8", variant), weights(out / "checkpoint-8", variant)), variant

@@ -79,7 +79,8 @@ def test_local_folders_make_no_connection(tiny_kit, monkeypatch):
     for name in ("connect", "connect_ex"):
         monkeypatch.setattr(socket.socket, name, no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    m = StableDiffusionModel(ModelArguments(pretrained_model_name_or_path=tiny_kit, model_max_length=16, from_hf_hub=True))
+    m = StableDiffusionModel(ModelArguments(pretrained_model_name_or_path=tiny_kit, model_max_length=16,
+                                            from_hf_hub=True))
     assert m.unet.config.cross_attention_dim == m.text_encoder.config.hidden_size
     args = eval_cli.parse_args(["--pretrained_model_name_or_path", tiny_kit, "--from_hf_hub", "true"])
     pipe = eval_cli.build(eval_cli.resolve_models(args), args)
@@ -92,7 +93,7 @@ def test_unreachable_names_fail_fast_in_one_line(tiny_kit, tmp_path, demo_file_l
     for hub in ([], ["--from_hf_hub", "true"]):
         r, seconds = run(eval_cmd(tmp_path / "o", "--pretrained_model_name_or_path", "CompVis/stable-diffusion-v1-4",
                                   "--unet_model_name_or_path", "CompVis/stable-diffusion-v1-4/unet", *hub), env, 120)
-        lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
+        lines = [line for line in r.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: cannot download the "), r.stderr
         assert "CompVis/stable-diffusion-v1-4/" in lines[0] and "Connection refused" in lines[0], lines[0]
         assert "python -m sd.kit" in lines[0] and str(tmp_path / "cache") in lines[0]  # what to do, the cache to fill
@@ -103,13 +104,15 @@ def test_unreachable_names_fail_fast_in_one_line(tiny_kit, tmp_path, demo_file_l
     r, seconds = run(cmd, env, 180)
     log = r.stdout + r.stderr
     assert r.returncode != 0 and "Traceback" not in log, log[-3000:]
-    assert "cannot download the VAE 'CompVis/stable-diffusion-v1-4/vae'" in log and "Connection refused" in log, log[-2000:]
+    assert "cannot download the VAE 'CompVis/stable-diffusion-v1-4/vae'" in log and "Connection refused" in log, \
+        log[-2000:]
     assert not os.path.exists(tmp_path / "run" / "checkpoint-1")
 
 
 def test_a_name_the_hub_does_not_have_is_a_404(tiny_kit, tmp_path):
     with HubMimic({REPO: tiny_kit}) as hub:
-        r, _ = run(eval_cmd(tmp_path / "o", "--pretrained_model_name_or_path", "other-org/missing", "--from_hf_hub", "true"),
+        r, _ = run(eval_cmd(tmp_path / "o", "--pretrained_model_name_or_path", "other-org/missing", "--from_hf_hub",
+                            "true"),
                    hub_env(tmp_path / "cache", hub.url), 120)
     assert r.returncode == 2 and "HTTP 404 (not found)" in r.stderr and "other-org/missing/vae" in r.stderr, r.stderr
 
@@ -175,10 +178,12 @@ TEXT_ENCODER_SCRIPT = textwrap.dedent('''
     for folder, repo in zip(sys.argv[1::2], sys.argv[2::2]):
         local = components.load_text_encoder(folder).state_dict()
         hub = components.load_text_encoder(components.locate(repo, "text encoder", "text_encoder", True)).state_dict()
-        res = {"equal": sorted(local) == sorted(hub) and all(np.array_equal(local[k].numpy(), hub[k].numpy()) for k in local)}
+        res = {"equal": sorted(local) == sorted(hub)
+               and all(np.array_equal(local[k].numpy(), hub[k].numpy()) for k in local)}
         org, name, sub = repo.split("/", 2) + [""] * (2 - repo.count("/"))
         try:  # paddlenlp's own default for the hub: convert_from_torch, whatever the weights' layout
-            stock = CLIPTextModel.from_pretrained(org + "/" + name, subfolder=sub or None, from_hf_hub=True).state_dict()
+            stock = CLIPTextModel.from_pretrained(org + "/" + name, subfolder=sub or None,
+                                                  from_hf_hub=True).state_dict()
             q = [k for k in local if k.endswith("q_proj.weight")][0]
             res["q_equal"] = bool(np.array_equal(local[q].numpy(), stock[q].numpy()))
             res["q_transposed"] = bool(np.array_equal(local[q].numpy().T, stock[q].numpy()))
@@ -200,7 +205,8 @@ def test_a_paddle_text_encoder_from_the_hf_hub_loads_the_same_tensors(tiny_kit, 
     config["intermediate_size"] = config["hidden_size"]
     CLIPTextModel(CLIPTextConfig(**config)).save_pretrained(str(square), safe_serialization=True)  # as the kit
     with HubMimic({REPO: tiny_kit, "some-org/square": str(square)}) as hub:
-        r, _ = run([sys.executable, "-c", TEXT_ENCODER_SCRIPT, os.path.join(tiny_kit, "text_encoder"), f"{REPO}/text_encoder",
+        r, _ = run([sys.executable, "-c", TEXT_ENCODER_SCRIPT, os.path.join(tiny_kit, "text_encoder"),
+                    f"{REPO}/text_encoder",
                     str(square), "some-org/square"], hub_env(tmp_path / "cache", hub.url))
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.split("RESULT ", 1)[1])

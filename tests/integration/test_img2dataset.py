@@ -30,8 +30,8 @@ from PIL import Image
 
 from sd.data import img2dataset as i2d
 from sd.data.formats import BadRecord, read_filelist, read_filelist_list
-
 from tests.helpers.common import ROOT
+
 SCRIPT = os.path.join(ROOT, "create_pretraining_data.py")
 PER_SHARD = 16  # img2dataset --number_sample_per_shard: 42 URLs → 3 shards
 FORMATS = ("webdataset", "parquet", "files")
@@ -188,7 +188,8 @@ def test_readers_give_the_same_samples_in_every_format(outputs, urls):
         counts = collections.Counter(s.image is not None for s in samples)
         stats = i2d.read_stats(shards)
         # webdataset and files hold img2dataset's successes, parquet every URL (failures without image)
-        assert len(decoded) == stats.successes and len(samples) == (stats.count if fmt == "parquet" else stats.successes)
+        assert len(decoded) == stats.successes
+        assert len(samples) == (stats.count if fmt == "parquet" else stats.successes)
         assert counts[False] == (2 if fmt == "parquet" else 0)
         for s in samples:
             meta = i2d._meta_dict(s) if s.image is not None else s.meta
@@ -469,8 +470,9 @@ def test_bad_shard_members_counted_by_reason_in_the_stream(outputs, tokenizer, t
 def test_train_on_webdataset_shards_directly_and_resume_exactly(outputs, tiny_kit, tmp_path):
     """10 steps on the tar shards (a --link_only file list), with a loader worker; resumed from step 5,
     the run logs the same losses and ends with the same weights."""
-    from tests.helpers.common import train_command
     from safetensors.numpy import load_file
+
+    from tests.helpers.common import train_command
 
     r = convert("--input_path", outputs["webdataset"], "--output_path", "links", "--link_only", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -482,7 +484,8 @@ def test_train_on_webdataset_shards_directly_and_resume_exactly(outputs, tiny_ki
         cmd = train_command(tiny_kit, listing, out, *args)
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        return [l.split("loss: ")[1].split(",")[0] for l in (p.stdout + p.stderr).splitlines() if " - loss: " in l]
+        return [line.split("loss: ")[1].split(",")[0] for line in (p.stdout + p.stderr).splitlines()
+                if " - loss: " in line]
 
     full = train(tmp_path / "full")
     assert len(full) == 10

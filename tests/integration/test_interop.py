@@ -27,7 +27,8 @@ import pytest
 from tests.helpers.common import ROOT
 from sd.runtime.run_state import RunState
 MISSING = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
-pytestmark = [pytest.mark.long, pytest.mark.skipif(bool(MISSING), reason=f"interop tests need {', '.join(MISSING)} (PyTorch side): "
+pytestmark = [pytest.mark.long,
+              pytest.mark.skipif(bool(MISSING), reason=f"interop tests need {', '.join(MISSING)} (PyTorch side): "
                                                                          "pip install -r requirements-interop.txt")]
 TOL = 1e-4  # max |paddle - torch| / max |torch| allowed; measured values are ~1e-6 (float32, CPU)
 PROMPTS = ["a red circle on a white background", "a blue square"]
@@ -52,7 +53,8 @@ def run_paddle(script_args, what):
     r = subprocess.run([sys.executable, "-X", "importtime", *script_args], capture_output=True, text=True, cwd=ROOT,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in r.stderr.splitlines() if line.startswith("import time:")}
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in r.stderr.splitlines()
+                if line.startswith("import time:")}
     assert len(imported) > 50, "no -X importtime report"  # the check below would pass vacuously
     assert not imported & TORCH_LIBS, f"{what} imported {sorted(imported & TORCH_LIBS)}"
     return r.stdout + r.stderr
@@ -123,7 +125,8 @@ def paddle_outputs(model, inputs):
     import paddle
 
     with paddle.no_grad():
-        ids = model.tokenizer(PROMPTS, padding="max_length", max_length=16, truncation=True, return_tensors="pd").input_ids
+        ids = model.tokenizer(PROMPTS, padding="max_length", max_length=16, truncation=True,
+                              return_tensors="pd").input_ids
         out = {"ids": ids.numpy(), "text": model.text_encoder(ids)[0].numpy()}
         posterior = model.vae.encode(paddle.to_tensor(inputs["pixels"])).latent_dist
         out["vae_mean"], out["vae_std"] = posterior.mean.numpy(), posterior.std.numpy()
@@ -191,12 +194,14 @@ def test_train_and_eval_run_on_a_diffusers_folder(diffusers_folder, demo_file_li
     """Fine-tune the diffusers UNet for 1 step with its own VAE/text encoder, then eval.py on the
     checkpoint and on the folder itself; neither imports PyTorch."""
     out = tmp_path / "ft"
-    run_paddle(train_args(diffusers_folder["safetensors"], demo_file_list, out, "--max_steps", "1", "--save_steps", "1"),
+    run_paddle(train_args(diffusers_folder["safetensors"], demo_file_list, out, "--max_steps", "1", "--save_steps",
+                          "1"),
                "training")
     state = RunState.read(str(out / "checkpoint-1"))
     assert state.model_paths["vae"] == os.path.join(diffusers_folder["safetensors"], "vae")
     for name, source in (("ckpt", ["--unet_model_name_or_path", str(out / "checkpoint-1")]),
-                         ("folder", ["--pretrained_model_name_or_path", diffusers_folder["safetensors"], "--height", "32",
+                         ("folder",
+                          ["--pretrained_model_name_or_path", diffusers_folder["safetensors"], "--height", "32",
                                      "--width", "32"])):
         log = run_paddle([os.path.join(ROOT, "eval.py"), *source, "--prompt", PROMPTS[0], "--num_inference_steps", "2",
                           "--guidance_scale", "1", "--output_dir", str(tmp_path / name)], "eval.py")
@@ -239,7 +244,8 @@ def test_export_loads_in_diffusers_and_matches(trained_run, tiny_kit, tmp_path):
                     encoder_hidden_states=paddle.to_tensor(inputs["embeddings"])).sample.numpy()
         raw_step = raw(paddle.to_tensor(inputs["latents"]), paddle.to_tensor(inputs["timesteps"]),
                        encoder_hidden_states=paddle.to_tensor(inputs["embeddings"])).sample.numpy()
-        ids = kit.tokenizer(PROMPTS, padding="max_length", max_length=16, truncation=True, return_tensors="pd").input_ids
+        ids = kit.tokenizer(PROMPTS, padding="max_length", max_length=16, truncation=True,
+                            return_tensors="pd").input_ids
         text = kit.text_encoder(ids)[0].numpy()
     assert np.abs(step).max() > 1e-3 and rel_err(raw_step, step) > 1e-3  # trained, and the EMA weights differ
     assert rel_err(step, ref["unet"]) < TOL, rel_err(step, ref["unet"])  # one UNet step: the exported EMA weights
@@ -262,7 +268,8 @@ def test_export_loads_in_diffusers_and_matches(trained_run, tiny_kit, tmp_path):
 
 def test_export_refuses_bad_arguments(trained_run, tmp_path):
     def export(*args):
-        return subprocess.run([sys.executable, "-m", "sd.tools.export", *args], capture_output=True, text=True, cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "sd.tools.export", *args], capture_output=True, text=True,
+                              cwd=ROOT,
                               timeout=300)
 
     (tmp_path / "full").mkdir()
@@ -271,7 +278,8 @@ def test_export_refuses_bad_arguments(trained_run, tmp_path):
     assert r.returncode == 2 and "exists and is not empty" in r.stderr and (tmp_path / "full" / "x").is_file()
     r = export("--checkpoint", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o"))
     assert r.returncode == 2 and "is not a folder" in r.stderr
-    r = export("--checkpoint", str(trained_run / "checkpoint-2"), "--output_dir", str(tmp_path / "o"), "--variant", "fp16")
+    r = export("--checkpoint", str(trained_run / "checkpoint-2"), "--output_dir", str(tmp_path / "o"), "--variant",
+               "fp16")
     assert r.returncode == 2 and "no 'fp16' weights" in r.stderr and not (tmp_path / "o").exists()
     r = export("--checkpoint", str(trained_run / "checkpoint-2"), "--output_dir", str(tmp_path / "o"), "--to", "onnx")
     assert r.returncode == 2 and "invalid choice" in r.stderr
@@ -294,7 +302,8 @@ def _torch_make(kit, out, inputs_file, result_file):
 
     unet = diffusers.UNet2DConditionModel.from_config(config("unet"))
     vae = diffusers.AutoencoderKL.from_config(config("vae"))
-    te_cfg = {k: v for k, v in config("text_encoder").items() if k not in ("paddlenlp_version", "architectures", "dtype")}
+    te_cfg = {k: v for k, v in config("text_encoder").items()
+              if k not in ("paddlenlp_version", "architectures", "dtype")}
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**te_cfg))
     tokenizer = transformers.CLIPTokenizer.from_pretrained(os.path.join(kit, "tokenizer"))
     scheduler = diffusers.PNDMScheduler.from_pretrained(os.path.join(kit, "scheduler"))
@@ -322,13 +331,15 @@ def _torch_outputs(pipe, inputs_file, result_file, with_images):
     inp = {k: torch.from_numpy(v) for k, v in np.load(inputs_file).items()}
     out = {}
     with torch.no_grad():
-        ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+        ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=16, truncation=True,
+                             return_tensors="pt").input_ids
         out["ids"] = ids.numpy()
         out["text"] = pipe.text_encoder(ids)[0].numpy()
         posterior = pipe.vae.encode(inp["pixels"]).latent_dist
         out["vae_mean"], out["vae_std"] = posterior.mean.numpy(), posterior.std.numpy()
         out["vae_decode"] = pipe.vae.decode(inp["latents"]).sample.numpy()
-        out["unet"] = pipe.unet(inp["latents"], inp["timesteps"], encoder_hidden_states=inp["embeddings"]).sample.numpy()
+        out["unet"] = pipe.unet(inp["latents"], inp["timesteps"],
+                                encoder_hidden_states=inp["embeddings"]).sample.numpy()
         if with_images:
             pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
             pipe.set_progress_bar_config(disable=True)

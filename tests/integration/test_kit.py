@@ -14,14 +14,27 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from sd.components import latent_factor
 from sd.data import demo_data
 from sd.data.demo_data import COLOURS, SHAPES, all_prompts
-from sd.components import latent_factor
-from sd.kit.build import (MANIFEST, UNET_INIT, KitConfig, build_kit, compare_kits, file_digests, main, manifest_problems,
-                    new_vae, read_captions, text_encoder_config, token_separation, unet_config)
+from sd.kit.build import (
+    MANIFEST,
+    UNET_INIT,
+    KitConfig,
+    build_kit,
+    compare_kits,
+    file_digests,
+    main,
+    manifest_problems,
+    new_vae,
+    read_captions,
+    text_encoder_config,
+    token_separation,
+    unet_config,
+)
 from sd.kit.tokenizer import learn_bpe, save_tokenizer
-
 from tests.helpers.common import ROOT
+
 DEFAULT_KIT = os.path.join(ROOT, "tiny-sd")
 WEIGHTS = ("text_encoder/model.safetensors", "vae/diffusion_paddle_model.safetensors",
            "unet/diffusion_paddle_model.safetensors")
@@ -167,7 +180,8 @@ SD_V1_4_FIELDS = {
                         "latent_channels", "layers_per_block", "norm_num_groups", "out_channels", "sample_size",
                         "up_block_types"},
     "unet/config.json": {"_class_name", "act_fn", "attention_head_dim", "block_out_channels", "center_input_sample",
-                         "cross_attention_dim", "down_block_types", "downsample_padding", "flip_sin_to_cos", "freq_shift",
+                         "cross_attention_dim", "down_block_types", "downsample_padding", "flip_sin_to_cos",
+                         "freq_shift",
                          "in_channels", "layers_per_block", "mid_block_scale_factor", "norm_eps", "norm_num_groups",
                          "out_channels", "sample_size", "up_block_types"},
     "text_encoder/config.json": {"architectures", "attention_dropout", "bos_token_id", "dropout", "eos_token_id",
@@ -192,7 +206,8 @@ def test_configs_have_the_fields_of_sd_v1(tiny_kit):
 
 # CompVis/stable-diffusion-v1-4's scheduler/scheduler_config.json (without its library version)
 SD_V1_4_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                     "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                     "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+                     "set_alpha_to_one": False,
                      "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
 
 
@@ -224,7 +239,8 @@ def test_a_scheduler_swapped_in_with_from_config_samples_as_sd_v1(tiny_kit, name
 
 
 def test_default_kit_meets_its_figures():
-    """The built default kit's report meets the kit's targets (docs/models.md), and its VAE reproduces them on fresh images."""
+    """The built default kit's report meets the kit's targets (docs/models.md), and its VAE reproduces them on
+    fresh images."""
     import paddle
     from ppdiffusers import AutoencoderKL
 
@@ -266,11 +282,14 @@ def test_shipped_kit_is_what_the_code_builds(tiny_kit, tmp_path):
     cfg = KitConfig()
     assert report["seed"] == 0 and report["captions_file"] is None
     assert report["config"] == json.loads(json.dumps(asdict(cfg)))  # built with today's defaults
-    save_tokenizer(str(tmp_path / "tok"), learn_bpe([p[3] for p in all_prompts()], max_merges=cfg.max_merges), cfg.max_length)
+    save_tokenizer(str(tmp_path / "tok"), learn_bpe([p[3] for p in all_prompts()], max_merges=cfg.max_merges),
+                   cfg.max_length)
     for name in ("merges.txt", "vocab.json"):
-        assert (tmp_path / "tok" / name).read_bytes() == open(os.path.join(DEFAULT_KIT, "tokenizer", name), "rb").read(), name
+        assert (tmp_path / "tok" / name).read_bytes() == open(os.path.join(DEFAULT_KIT, "tokenizer", name),
+                                                              "rb").read(), name
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(DEFAULT_KIT, "tokenizer"))
-    shipped = {part: json.load(open(os.path.join(DEFAULT_KIT, part, "config.json"))) for part in ("vae", "text_encoder", "unet")}
+    shipped = {part: json.load(open(os.path.join(DEFAULT_KIT, part, "config.json")))
+               for part in ("vae", "text_encoder", "unet")}
     for key, value in text_encoder_config(cfg, tokenizer).to_dict().items():
         if key in shipped["text_encoder"] and key not in ("architectures", "transformers_version", "paddlenlp_version"):
             assert shipped["text_encoder"][key] == value, key
@@ -285,7 +304,8 @@ def test_shipped_kit_is_what_the_code_builds(tiny_kit, tmp_path):
                "text_encoder/model.safetensors": CLIPTextModel(text_encoder_config(cfg, tokenizer))}
     for part, model in weights.items():
         saved = load_file(os.path.join(DEFAULT_KIT, part))
-        assert {k: list(v.shape) for k, v in saved.items()} == {k: list(v.shape) for k, v in model.state_dict().items()}, part
+        assert {k: list(v.shape) for k, v in saved.items()} == \
+            {k: list(v.shape) for k, v in model.state_dict().items()}, part
 
 
 def test_shipped_kit_loads_through_components():
@@ -341,7 +361,8 @@ def test_kit_comparison_tolerates_rounding_only(tiny_kit, tmp_path):
     assert problems == [] and not_identical == ["tokenizer/vocab.json", "vae/diffusion_paddle_model.safetensors"]
     save_file({**tensors, name: tensors[name] + np.float32(1e-2)}, str(part))  # other weights
     problems, _ = compare_kits(tiny_kit, str(kit), rtol=1e-4, atol=1e-6)
-    assert len(problems) == 1 and problems[0].startswith(f"vae/diffusion_paddle_model.safetensors: {name} differs by up to 0.01")
+    assert len(problems) == 1 and problems[0].startswith(f"vae/diffusion_paddle_model.safetensors: {name} differs by "
+                                                         "up to 0.01")
 
 
 @pytest.mark.slow

@@ -4,13 +4,13 @@ import logging
 import os
 import re
 import subprocess
+
 import pytest
-from tests.helpers.common import train_command
 
 from sd.data.formats import encode_part_line, iter_part_file, read_filelist, read_filelist_list, write_filelists
 from sd.log import logger
+from tests.helpers.common import ROOT, train_command
 
-from tests.helpers.common import ROOT
 LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+\] \[ *(INFO|WARNING)\](?:\x1b\[0m)? - ")  # paddlenlp's format
 
 
@@ -46,9 +46,9 @@ def test_dataset_lines_reach_stderr_whatever_the_root_logger_says(tmp_path, toke
         root.setLevel(old_level)
         other.stream.close()
     err = capsys.readouterr().err
-    notice = [l for l in err.splitlines() if "sharding it by record instead of by file" in l]
+    notice = [line for line in err.splitlines() if "sharding it by record instead of by file" in line]
     assert len(notice) == 1 and LINE.search(notice[0]), err[-2000:]
-    assert any("pass 0 of" in l and "bad_image" in l for l in err.splitlines()), err[-2000:]
+    assert any("pass 0 of" in line and "bad_image" in line for line in err.splitlines()), err[-2000:]
 
 
 def test_trainer_and_tools_share_the_logger():
@@ -68,9 +68,9 @@ def test_training_run_shows_the_shard_notice_and_pass_summaries(tiny_kit, demo_f
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     log = (r.stdout + r.stderr).splitlines()
     assert r.returncode == 0, "\n".join(log[-40:])
-    notice = [l for l in log if "sharding it by record instead of by file" in l]
-    passes = [l for l in log if re.search(r"slot \d: pass \d+ of .*one\.filelist done", l)]
-    losses = [l for l in log if " - loss: " in l]
+    notice = [line for line in log if "sharding it by record instead of by file" in line]
+    passes = [line for line in log if re.search(r"slot \d: pass \d+ of .*one\.filelist done", line)]
+    losses = [line for line in log if " - loss: " in line]
     assert len(notice) == 1, "\n".join(log[-60:])  # slot 0 only
-    assert passes and any("too_few_fields" in l or "empty_image" in l for l in passes), "\n".join(log[-60:])
-    assert losses and all(LINE.search(l) for l in notice + passes + losses[:1]), notice + passes + losses[:1]
+    assert passes and any("too_few_fields" in line or "empty_image" in line for line in passes), "\n".join(log[-60:])
+    assert losses and all(LINE.search(line) for line in notice + passes + losses[:1]), notice + passes + losses[:1]

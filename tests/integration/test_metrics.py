@@ -19,12 +19,14 @@ import pytest
 from PIL import Image
 
 from tests.helpers.common import ROOT
+
 PARITY_VENV = os.environ.get("SD_PARITY_VENV", os.path.join(os.path.expanduser("~"), ".cache", "sd-parity-venv"))
 PARITY_PYTHON = os.path.join(PARITY_VENV, "bin", "python")
 
 
 def run_cli(*args, timeout=600, env=None):
-    return subprocess.run([sys.executable, "-m", "sd.evaluation.metrics", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sd.evaluation.metrics", *args], cwd=ROOT, capture_output=True,
+                          text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -137,7 +139,8 @@ def fid_parity(tmp_path_factory):
     save_file(state, str(tmp / "weights.safetensors"))
     ref = tmp / "ref"
     ref.mkdir()
-    proc = subprocess.run([PARITY_PYTHON, os.path.join(ROOT, "tests", "helpers", "fid_reference.py"), str(tmp / "weights.npz"),
+    proc = subprocess.run([PARITY_PYTHON, os.path.join(ROOT, "tests", "helpers", "fid_reference.py"),
+                           str(tmp / "weights.npz"),
                            dirs["a"], dirs["b"], str(ref)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = load_fid_inception(str(tmp / "weights.safetensors"))
@@ -206,7 +209,8 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
     cases = [("fid", a, str(tmp_path / "none"), "--inception_weights", str(tmp_path / "w.safetensors")),
              ("fid", a, a, "--fid_features", "clip"),
              ("fid", a, a, "--inception_weights", str(corrupt)),  # a truncated download
-             ("clip_score", "--clip_model_name_or_path", str(tmp_path), "--images", a, "--captions", str(tmp_path / "c.txt"))]
+             ("clip_score", "--clip_model_name_or_path", str(tmp_path), "--images", a, "--captions",
+              str(tmp_path / "c.txt"))]
     for args in cases:
         out = run_cli(*args, env={"HOME": str(tmp_path)})  # no cached Inception weights either
         assert out.returncode == 2, (args, out.stderr[-2000:])
@@ -226,7 +230,8 @@ def test_caption_formats(tmp_path):
     assert [os.path.basename(f) for f in files] == ["00000_000.png", "00001_000.png", "00002_000.png"]
     assert caps == ["first", "second", "third"]  # the first N for N images
     # PaddleMIX's coco30k.tsv: tab-separated with a header, captions in column caption_en
-    (tmp_path / "coco.tsv").write_text("id\tcaption_en\tcaption_zh\n7\ta cat, on a mat\t猫\n8\ta dog\t狗\n9\ta cow\t牛\n",
+    (tmp_path / "coco.tsv").write_text("id\tcaption_en\tcaption_zh\n"
+                                       "7\ta cat, on a mat\t猫\n8\ta dog\t狗\n9\ta cow\t牛\n",
                                        encoding="utf-8")
     assert read_captions(str(tmp_path / "coco.tsv"), images)[1] == ["a cat, on a mat", "a dog", "a cow"]
     recs = [{"image": "00002_000.png", "caption": "x"}, {"image": "00000_000.png", "caption": "y"}]
@@ -270,7 +275,8 @@ def hf_clip(tmp_path_factory):
     captions = demo_pairs(str(tmp / "images"))
     (tmp / "captions.txt").write_text("\n".join(captions) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "helpers", "clip_reference.py"), str(tmp / "tok"),
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "helpers", "clip_reference.py"),
+                           str(tmp / "tok"),
                            str(tmp / "images"), str(tmp / "captions.txt"), str(tmp)], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -319,12 +325,14 @@ def test_the_kits_clip_loads_in_paddlenlp_layout_and_is_meaningful(tiny_kit, tmp
     clip = load_clip(os.path.join(tiny_kit, "clip"))
     assert clip.layout == "paddlenlp"
     captions = demo_pairs(str(tmp_path / "images"), n=36, size=32, seed=5)
-    ids = clip.processor.tokenizer(captions, padding="max_length", max_length=16, return_attention_mask=False)["input_ids"]
+    ids = clip.processor.tokenizer(captions, padding="max_length", max_length=16,
+                                   return_attention_mask=False)["input_ids"]
     ids = paddle.to_tensor(np.asarray(ids, dtype=np.int64))
     kit_text = CLIPTextModel.from_pretrained(os.path.join(tiny_kit, "text_encoder"))
     kit_text.eval()
     with paddle.no_grad():
-        np.testing.assert_allclose(clip.model.text_model(ids)[1].numpy(), kit_text(ids)[1].numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(clip.model.text_model(ids)[1].numpy(), kit_text(ids)[1].numpy(), rtol=1e-5,
+                                   atol=1e-5)
     files, caps = read_captions(_write(tmp_path / "c.txt", captions), str(tmp_path / "images"))
     matched = clip_score_of(clip, files, caps)["clip_score"]
     shuffled = clip_score_of(clip, files, caps[7:] + caps[:7])["clip_score"]
@@ -336,7 +344,10 @@ def _write(path, lines):
     return str(path)
 
 
-PADDLEMIX_FID = "/work/shared/reference/paddlemix_fid_clip_score"
+# PaddleMIX's FID code in the shared reference folder: beside a clone (../shared) or two levels up from a worktree
+PADDLEMIX_FID = next((p for p in (os.path.join(ROOT, "..", "shared", "reference", "paddlemix_fid_clip_score"),
+                                  os.path.join(ROOT, "..", "..", "shared", "reference", "paddlemix_fid_clip_score"))
+                      if os.path.isdir(p)), os.path.join(ROOT, "..", "shared", "reference", "paddlemix_fid_clip_score"))
 
 
 def test_paddlemix_port_and_pdparams_give_our_features(tmp_path, monkeypatch):

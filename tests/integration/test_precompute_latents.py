@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from sd.data.formats import encode_latent_line, parse_latent_line, BadRecord
+from sd.data.formats import BadRecord, encode_latent_line, parse_latent_line
 from sd.latent_dataset import LatentDataset, decode_array, read_info
 from sd.runtime.run_state import RunState
 from sd.text_image_pair_dataset import TextImagePairDataset
@@ -155,7 +155,8 @@ def test_loss_samples_mean_plus_std_noise(latents, tiny_kit, demo_file_list, tok
         seeds = [11, 12, 13, 14]
         faithful = float(model(img_batch["input_ids"], img_batch["pixel_values"], seeds=seeds))
         pre = float(model(seeds=seeds, **{k: v for k, v in lat_batch.items() if k != "stream_state"}))
-        no_std = float(model(seeds=seeds, latent_mean=lat_batch["latent_mean"], latent_std=paddle.zeros_like(lat_batch["latent_std"]),
+        no_std = float(model(seeds=seeds, latent_mean=lat_batch["latent_mean"],
+                             latent_std=paddle.zeros_like(lat_batch["latent_std"]),
                              encoder_hidden_states=lat_batch["encoder_hidden_states"]))
     assert abs(faithful - pre) < 1e-4 * abs(faithful)
     assert abs(no_std - pre) > 1e-6

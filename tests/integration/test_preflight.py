@@ -8,11 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from tests.helpers.common import ROOT, train_command
 
-from sd.runtime import preflight
-
-from sd.runtime import shm
+from sd.runtime import preflight, shm
+from tests.helpers.common import ROOT, env_with_root, train_command
 
 ENTRY = os.path.join(ROOT, "train_txt2img_laion400m_trainer.py")
 
@@ -20,7 +18,6 @@ ENTRY = os.path.join(ROOT, "train_txt2img_laion400m_trainer.py")
 # in its own file; a case ends in SystemExit, like the command line would.
 DRIVER = r"""
 import json, os, runpy, sys
-sys.path.insert(0, {root!r})
 cases, out = json.loads(sys.argv[1]), sys.argv[2]
 results = {{}}
 for name, (argv, env, bug) in cases.items():
@@ -72,9 +69,9 @@ def mistakes(tiny_kit, demo_file_list, tmp_path_factory):
         "bad_switch": (argv("o8"), {"FLAG_USE_EMA": "maybe"}, False),
         "bug": (argv("o9"), {}, True),
     }
-    code = DRIVER.format(root=ROOT, entry=ENTRY)
+    code = DRIVER.format(entry=ENTRY)
     r = subprocess.run([sys.executable, "-c", code, json.dumps(cases), str(root)], capture_output=True, text=True,
-                       timeout=400, cwd=ROOT)
+                       timeout=400, cwd=ROOT, env=env_with_root())
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     codes = json.loads(r.stdout.strip().splitlines()[-1])
     return {name: (codes[name], (root / f"{name}.log").read_text()) for name in cases}

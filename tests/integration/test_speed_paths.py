@@ -3,7 +3,6 @@
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import paddle
@@ -17,7 +16,8 @@ def _model(tiny_kit, **kw):
     from sd.model import StableDiffusionModel
     from sd.sd_args import ModelArguments
 
-    args = ModelArguments(pretrained_model_name_or_path=tiny_kit, unet_name_or_path=os.path.join(tiny_kit, "unet", "config.json"),
+    args = ModelArguments(pretrained_model_name_or_path=tiny_kit,
+                          unet_name_or_path=os.path.join(tiny_kit, "unet", "config.json"),
                           model_max_length=16, image_logging_steps=0, **kw)
     paddle.seed(0)
     return StableDiffusionModel(args)
@@ -33,7 +33,8 @@ def test_frozen_inference_encodes_as_the_eager_encoders(tiny_kit):
         model.args.frozen_inference = True  # what --frozen_inference sets: predictors are built on the next call
         fast = model.encode_images(pixels, [np.random.default_rng(i) for i in range(3)]).numpy()
         fast_text = model.encode_text(ids).numpy()
-        other = model.encode_images(pixels[:2] * 0.5, [np.random.default_rng(i) for i in range(2)]).numpy()  # another batch, same predictor
+        # another batch, same predictor
+        other = model.encode_images(pixels[:2] * 0.5, [np.random.default_rng(i) for i in range(2)]).numpy()
     assert {type(model._static[k]).__name__ for k in ("vae", "text")} == {"InferenceFunction"}
     np.testing.assert_allclose(fast, eager, rtol=1e-4, atol=1e-5 * np.abs(eager).max())
     np.testing.assert_allclose(fast_text, eager_text, rtol=1e-4, atol=1e-5 * np.abs(eager_text).max())
@@ -52,7 +53,7 @@ def test_to_static_and_frozen_inference_train_as_the_golden_eager_run(tiny_kit, 
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
-    losses = [float(l.split(" - loss: ")[1].split(",")[0]) for l in log.splitlines() if " - loss: " in l]
+    losses = [float(line.split(" - loss: ")[1].split(",")[0]) for line in log.splitlines() if " - loss: " in line]
     golden = [float(x) for x in golden_losses()[:steps]]
     np.testing.assert_allclose(losses, golden, rtol=1e-4)
     assert os.path.isfile(os.path.join(tmp_path, "run", f"checkpoint-{steps}", "unet",

@@ -8,13 +8,11 @@ import subprocess
 
 import numpy as np
 import pytest
-from tests.helpers.common import train_command
 from safetensors.numpy import load_file
 
 from sd.runtime.run_state import RunState
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize, resolve_switches
-
-from tests.helpers.common import ROOT
+from tests.helpers.common import ROOT, train_command
 
 
 def train(tiny_kit, file_list, output_dir, *extra, env=None):
@@ -25,7 +23,7 @@ def train(tiny_kit, file_list, output_dir, *extra, env=None):
 
 
 def losses(log):
-    return [l.split("loss: ")[1].split(",")[0] for l in log.splitlines() if " - loss: " in l]
+    return [line.split("loss: ")[1].split(",")[0] for line in log.splitlines() if " - loss: " in line]
 
 
 def vdl_tags(folder):
@@ -49,7 +47,8 @@ def test_end_to_end_checkpoints_images_logs(tiny_kit, demo_file_list, tmp_path):
         assert (ckpt / f).is_file(), f
     assert not (ckpt / "vae").exists()  # only_save_updated_model (default)
     assert RunState.read(str(ckpt)).resolution == 32
-    assert sorted(os.listdir(out / "images")) == ["step-0000002.png", "step-0000002.txt", "step-0000004.png", "step-0000004.txt"]
+    assert sorted(os.listdir(out / "images")) == ["step-0000002.png", "step-0000002.txt", "step-0000004.png",
+                                                  "step-0000004.txt"]
     assert (ckpt / "unet" / "diffusion_paddle_model.ema.safetensors").is_file()  # FLAG_USE_EMA=1 took effect
     tags = vdl_tags(out / "runs")
     assert {"train/loss", "train/learning_rate", "train/interval_samples_per_second",
@@ -189,10 +188,12 @@ def test_bad_arguments_raise_early():
 
 def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path):
     """train.sh's CPU branch: settings from the environment, extra arguments passed through."""
-    env = {**os.environ, "MODE": "cpu", "KIT_DIR": tiny_kit, "FILE_LIST": demo_file_list, "OUTPUT_DIR": str(tmp_path / "out"),
+    env = {**os.environ, "MODE": "cpu", "KIT_DIR": tiny_kit, "FILE_LIST": demo_file_list,
+           "OUTPUT_DIR": str(tmp_path / "out"),
            "MAX_STEPS": "2", "BATCH_SIZE": "2", "SAVE_STEPS": "2", "LOGGING_STEPS": "1", "IMAGE_LOGGING_STEPS": "0",
            "MODEL_MAX_LENGTH": "16", "NUM_WORKERS": "0", "FLAG_USE_EMA": "0"}
-    r = subprocess.run(["sh", os.path.join(ROOT, "train.sh"), "--report_to", "none", "--prediction_type", "v_prediction"],
+    r = subprocess.run(["sh", os.path.join(ROOT, "train.sh"), "--report_to", "none", "--prediction_type",
+                        "v_prediction"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ckpt = tmp_path / "out" / "checkpoint-2"
@@ -233,8 +234,10 @@ def test_text_encoder_training_gets_its_own_learning_rate(tiny_kit, tmp_path):
     from sd.build import build_model
     from sd.sd_trainer import StableDiffusionTrainer
 
-    m = ModelArguments(pretrained_model_name_or_path=tiny_kit, unet_name_or_path=os.path.join(tiny_kit, "unet", "config.json"),
-                       model_max_length=16, train_text_encoder=True, unet_learning_rate=2e-3, text_encoder_learning_rate=1e-4)
+    m = ModelArguments(pretrained_model_name_or_path=tiny_kit,
+                       unet_name_or_path=os.path.join(tiny_kit, "unet", "config.json"),
+                       model_max_length=16, train_text_encoder=True, unet_learning_rate=2e-3,
+                       text_encoder_learning_rate=1e-4)
     args = SDTrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to=["none"], max_steps=1)
     model = build_model(m, DataArguments(resolution=32), args)
     trainer = StableDiffusionTrainer(model=model, args=args, train_dataset=None, resolution=32)
@@ -247,10 +250,12 @@ def test_text_encoder_training_gets_its_own_learning_rate(tiny_kit, tmp_path):
     # output layers, which would otherwise block every gradient into the text encoder)
     for p in model.unet.parameters():
         p.set_value(p + 0.01 * paddle.randn(p.shape))
-    ids = paddle.to_tensor(model.tokenizer(["a red circle on a white background"] * 2, padding="max_length", max_length=16,
+    ids = paddle.to_tensor(model.tokenizer(["a red circle on a white background"] * 2, padding="max_length",
+                                           max_length=16,
                                            return_attention_mask=False)["input_ids"], dtype="int64")
     px = paddle.uniform([2, 3, 32, 32], min=-1, max=1)
-    before = {n: {k: v.numpy().copy() for k, v in getattr(model, n).state_dict().items()} for n in ("text_encoder", "vae")}
+    before = {n: {k: v.numpy().copy() for k, v in getattr(model, n).state_dict().items()}
+              for n in ("text_encoder", "vae")}
     model.train()
     model(ids, px, seeds=[0, 1]).backward()
     trainer.optimizer.step()

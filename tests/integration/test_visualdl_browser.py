@@ -15,13 +15,20 @@ import urllib.request
 import numpy as np
 import pytest
 
+from scripts.readme_figures import (
+    dump_dom,
+    find_chromium,
+    loss_curve_figure,
+    samples_over_steps_figure,
+    screenshot,
+    serve_visualdl,
+    visualdl_api,
+)
 from tests.helpers.common import ROOT
 
-from scripts.readme_figures import (dump_dom, find_chromium, loss_curve_figure, samples_over_steps_figure,  # noqa: E402
-                                    screenshot, serve_visualdl, visualdl_api)
-
 pytestmark = [pytest.mark.long, pytest.mark.skipif(find_chromium() is None,
-                                                  reason="no chromium for the VisualDL browser test: apt-get install -y chromium")]
+                                                  reason="no chromium for the VisualDL browser test: apt-get install "
+                                                         "-y chromium")]
 IMAGE_TAGS = {"images/original", "images/reconstruction", "images/guidance_1.0", "images/guidance_7.5"}
 
 
@@ -29,11 +36,14 @@ IMAGE_TAGS = {"images/original", "images/reconstruction", "images/guidance_1.0",
 def run(tiny_kit, demo_file_list, tmp_path_factory):
     """4 steps with VisualDL logging: scalars every step, images at steps 2 and 4."""
     out = tmp_path_factory.mktemp("vdl") / "out"
-    cmd = [sys.executable, os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"), "--do_train", "--output_dir", str(out),
-           "--pretrained_model_name_or_path", tiny_kit, "--unet_name_or_path", os.path.join(tiny_kit, "unet", "config.json"),
+    cmd = [sys.executable, os.path.join(ROOT, "train_txt2img_laion400m_trainer.py"), "--do_train", "--output_dir",
+           str(out),
+           "--pretrained_model_name_or_path", tiny_kit, "--unet_name_or_path",
+           os.path.join(tiny_kit, "unet", "config.json"),
            "--file_list", demo_file_list, "--resolution", "32", "--per_device_train_batch_size", "2",
            "--learning_rate", "1e-3", "--model_max_length", "16", "--num_inference_steps", "2", "--logging_steps", "1",
-           "--max_steps", "4", "--save_steps", "100", "--seed", "7", "--report_to", "visualdl", "--image_logging_steps", "2"]
+           "--max_steps", "4", "--save_steps", "100", "--seed", "7", "--report_to", "visualdl",
+           "--image_logging_steps", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
@@ -92,6 +102,7 @@ def test_readme_figures_from_the_run(run, tmp_path):
     grid = Image.open(samples_over_steps_figure(str(run), str(tmp_path / "steps.png")))
     step2 = Image.open(run / "images" / "step-0000002.png")
     assert curve.size == (800, 420)
-    assert grid.width == 2 * step2.width and grid.height == 2 * (2 * step2.height + 18)  # steps 2 and 4 (×2), a header each
+    # steps 2 and 4 (×2), a header each
+    assert grid.width == 2 * step2.width and grid.height == 2 * (2 * step2.height + 18)
     with pytest.raises(FileNotFoundError, match="image_logging_steps"):
         samples_over_steps_figure(str(tmp_path), str(tmp_path / "none.png"))

@@ -13,19 +13,20 @@ from sd import components
 from sd.components.schedulers import SCHEDULERS, SD_NOISE_SCHEDULE, make_scheduler
 
 from sd.runtime import checkpoints
-
 from tests.helpers.common import ROOT
 
 
 def test_hub_names_and_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert components.is_hub_name("CompVis/stable-diffusion-v1-4") and components.is_hub_name("CompVis/stable-diffusion-v1-4/vae")
+    assert components.is_hub_name("CompVis/stable-diffusion-v1-4")
+    assert components.is_hub_name("CompVis/stable-diffusion-v1-4/vae")
     assert not any(components.is_hub_name(n) for n in ("./CompVis/sd", "/abs/path", "~/x/y", "tiny-sd", "a b/c"))
     (tmp_path / "org" / "name").mkdir(parents=True)
     assert not components.is_hub_name("org/name")  # a local folder wins, as in from_pretrained
     assert components.split_hub_name("CompVis/stable-diffusion-v1-4/vae") == ("CompVis/stable-diffusion-v1-4", "vae")
     assert components.split_hub_name("org/name") == ("org/name", "")
-    with pytest.raises(components.ComponentError, match="--vae_name_or_path VAE ./nope does not exist.*python -m sd.kit"):
+    with pytest.raises(components.ComponentError,
+                       match="--vae_name_or_path VAE ./nope does not exist.*python -m sd.kit"):
         components.locate("./nope", "VAE", "vae", flag="--vae_name_or_path")
 
 
@@ -49,7 +50,8 @@ def test_one_newest_complete_checkpoint_rule(tmp_path):
     assert components.find_unet(out, None) == os.path.join(out, "checkpoint-10", "unet")
     make_checkpoint(out, 12)  # the final save in output_dir itself, a later step
     assert checkpoints.newest_model_folder(out) == out
-    assert checkpoints.newest_complete_checkpoint(out) == os.path.join(out, "checkpoint-10")  # resume needs a checkpoint
+    assert checkpoints.newest_complete_checkpoint(out) == os.path.join(out,
+                                                                       "checkpoint-10")  # resume needs a checkpoint
     assert checkpoints.newest_model_folder(os.path.join(out, "checkpoint-2")) == os.path.join(out, "checkpoint-2")
 
 
@@ -121,6 +123,7 @@ def test_noise_scheduler_from_a_folder_keeps_the_sampler_settings(tmp_path):
 
 def test_the_training_path_and_the_sampler_do_not_load_the_kit_builder():
     """(Which folder may import which is tests/unit/test_layering.py.)"""
-    code = "import sys, sd.model, sd.evaluation.sampling, sd.tools.export; print(sorted(m for m in sys.modules if m == 'sd.kit'))"
+    code = ("import sys, sd.model, sd.evaluation.sampling, sd.tools.export; "
+            "print(sorted(m for m in sys.modules if m == 'sd.kit'))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]

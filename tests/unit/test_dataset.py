@@ -23,8 +23,8 @@ import sd.text_image_pair_dataset as tipd
 from sd.data.formats import BadRecord, encode_part_line, write_filelists
 from sd.log import logger
 from sd.text_image_pair_dataset import TextImagePairDataset, collate_fn
-
 from tests.helpers.common import ROOT
+
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "paddlemix")  # files written by PaddleMIX's own tools
 
 
@@ -179,7 +179,8 @@ def mixed_dataset(root, n_parts=3, corrupt_body=False):
 def _count_decodes(dataset, monkeypatch):
     decoded = []
     real = dataset.load_image
-    monkeypatch.setattr(dataset, "load_image", lambda data, rng: (rng is not None and decoded.append(1)) or real(data, rng))
+    monkeypatch.setattr(dataset, "load_image", lambda data,
+                        rng: (rng is not None and decoded.append(1)) or real(data, rng))
     return decoded
 
 
@@ -567,7 +568,7 @@ def test_part_files_vanishing_mid_run_are_skipped_and_counted(tmp_path, tokenize
     a = open(make_dataset(str(tmp_path), 30, 3, name="a", gz=False, prefix="a")).read().strip()
     b = open(make_dataset(str(tmp_path), 10, 1, name="b", prefix="b")).read().strip()
     (tmp_path / "ab.filelist.list").write_text(f"{a}\n{b}\n")
-    a_parts = [l.strip() for l in open(a) if l.strip()]
+    a_parts = [line.strip() for line in open(a) if line.strip()]
     b_part = open(b).read().strip()
     d = ds(str(tmp_path / "ab.filelist.list"), tokenizer, shuffle_buffer=1)
     stream = itertools.chain.from_iterable(d)  # the samples of its one slot
@@ -597,7 +598,7 @@ def test_part_files_vanishing_mid_run_are_skipped_and_counted(tmp_path, tokenize
 def test_vanishing_part_files_through_dataloader_workers(tmp_path, tokenizer, monkeypatch):
     """Workers skip a deleted part and report it in the batches' skip counts; all gone raises, no hang."""
     fl = make_dataset(str(tmp_path), 24, 4)
-    parts = [l.strip() for l in open(open(fl).read().strip()) if l.strip()]
+    parts = [line.strip() for line in open(open(fl).read().strip()) if line.strip()]
     loader = _loader(ds(fl, tokenizer, shuffle_buffer=2, num_slots=4), 2)
     it = iter(loader)
     for _ in range(4):

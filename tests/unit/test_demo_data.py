@@ -52,7 +52,8 @@ def _agreement(size, transform, n=108, seed=5):
 
 def test_checker_is_robust_to_what_generated_images_look_like():
     def noisy(img, rng):  # Gaussian pixel noise, σ = 40 of 255
-        return Image.fromarray(np.clip(np.asarray(img) + rng.normal(0, 40, (img.height, img.width, 3)), 0, 255).astype(np.uint8))
+        return Image.fromarray(np.clip(np.asarray(img) + rng.normal(0, 40, (img.height, img.width, 3)), 0,
+                                       255).astype(np.uint8))
 
     assert _agreement(64, lambda im, r: im.filter(ImageFilter.GaussianBlur(1.5))) >= 0.99
     assert _agreement(32, lambda im, r: im.filter(ImageFilter.GaussianBlur(1.5))) >= 0.99  # a small, very soft shape
@@ -66,7 +67,8 @@ def test_checker_ignores_specks_and_off_white_backgrounds():
     for c, s, b, _ in all_prompts():
         arr = np.asarray(render(c, s, b, 64, rng)).astype(np.int16)
         arr = np.clip(arr + (-25 if b == "white" else 25), 0, 255)  # a grey-ish background and shape
-        speck = (slice(1, 4), slice(1, 4)) if arr[2, 2].tolist() == arr[0, 0].tolist() else (slice(60, 63), slice(60, 63))
+        speck = (slice(1, 4), slice(1, 4)) if arr[2, 2].tolist() == arr[0, 0].tolist() \
+            else (slice(60, 63), slice(60, 63))
         arr[speck] = demo_data.PALETTE[COLOURS[(COLOURS.index(c) + 3) % 6]]  # a stray 3×3 blob of another colour
         assert check(Image.fromarray(arr.astype(np.uint8))) == demo_data.Reading(c, s, b), (c, s, b)
 
@@ -83,7 +85,8 @@ def test_checker_tells_shapes_apart_by_form_not_size():
     # The same colour and area drawn as each shape must read as that shape.
     for shape, box in (("square", (20, 20, 43, 43)), ("circle", (18, 18, 45, 45))):
         img = Image.new("RGB", (64, 64), (255, 255, 255))
-        (ImageDraw.Draw(img).rectangle if shape == "square" else ImageDraw.Draw(img).ellipse)(box, fill=demo_data.PALETTE["blue"])
+        (ImageDraw.Draw(img).rectangle if shape == "square" else ImageDraw.Draw(img).ellipse)(
+            box, fill=demo_data.PALETTE["blue"])
         assert check(img).shape == shape
     img = Image.new("RGB", (64, 64), (0, 0, 0))
     ImageDraw.Draw(img).polygon([(32, 10), (10, 50), (54, 50)], fill=demo_data.PALETTE["green"])
@@ -94,8 +97,9 @@ def test_jsonl_is_balanced_and_deterministic(tmp_path):
     a = write_demo_jsonl(str(tmp_path / "a"), 72, size=32, seed=4)
     b = write_demo_jsonl(str(tmp_path / "b"), 72, size=32, seed=4)
     assert open(a).read() == open(b).read()
-    recs = [json.loads(l) for l in open(a)]
+    recs = [json.loads(line) for line in open(a)]
     assert sorted(r["caption"] for r in recs) == sorted([p[3] for p in all_prompts()] * 2)
     for r in recs[:5]:
         assert (tmp_path / "a" / r["image"]).read_bytes() == (tmp_path / "b" / r["image"]).read_bytes()
-        assert check(Image.open(tmp_path / "a" / r["image"])) == demo_data.Reading(r["colour"], r["shape"], r["background"])
+        assert check(Image.open(tmp_path / "a" / r["image"])) == demo_data.Reading(r["colour"], r["shape"],
+                                                                                   r["background"])

@@ -18,8 +18,10 @@ def fixed(shape, seed):
 def test_add_noise_and_velocity_match_ppdiffusers():
     x0, noise = fixed((4, 4, 8, 8), 0), fixed((4, 4, 8, 8), 1)
     t = paddle.to_tensor([0, 10, 500, 999], dtype="int64")
-    np.testing.assert_allclose(diffusion.add_noise(x0, noise, t, ACP).numpy(), SCHED.add_noise(x0, noise, t).numpy(), atol=1e-5)
-    np.testing.assert_allclose(diffusion.velocity(x0, noise, t, ACP).numpy(), SCHED.get_velocity(x0, noise, t).numpy(), atol=1e-5)
+    np.testing.assert_allclose(diffusion.add_noise(x0, noise, t, ACP).numpy(), SCHED.add_noise(x0, noise, t).numpy(),
+                               atol=1e-5)
+    np.testing.assert_allclose(diffusion.velocity(x0, noise, t, ACP).numpy(), SCHED.get_velocity(x0, noise, t).numpy(),
+                               atol=1e-5)
 
 
 def test_snr_is_alpha_over_one_minus_alpha():

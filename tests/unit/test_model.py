@@ -12,7 +12,8 @@ from sd.sd_args import ModelArguments
 
 
 def make(tiny_kit, **kw):
-    args = ModelArguments(pretrained_model_name_or_path=tiny_kit, unet_name_or_path=os.path.join(tiny_kit, "unet", "config.json"),
+    args = ModelArguments(pretrained_model_name_or_path=tiny_kit,
+                          unet_name_or_path=os.path.join(tiny_kit, "unet", "config.json"),
                           model_max_length=16, **kw)
     paddle.seed(0)
     return StableDiffusionModel(args)
@@ -32,8 +33,8 @@ def perturb_zero_initialised(unet, seed=0):
     from ppdiffusers.models.transformer_2d import Transformer2DModel
 
     rng = np.random.default_rng(seed)
-    layers = [unet.conv_out] + [l.conv2 if isinstance(l, ResnetBlock2D) else l.proj_out for l in unet.sublayers()
-                                if isinstance(l, (ResnetBlock2D, Transformer2DModel))]
+    layers = [unet.conv_out] + [layer.conv2 if isinstance(layer, ResnetBlock2D) else layer.proj_out
+                                for layer in unet.sublayers() if isinstance(layer, (ResnetBlock2D, Transformer2DModel))]
     for layer in layers:
         for p in layer.parameters():
             p.set_value(paddle.to_tensor(0.05 * rng.standard_normal(p.shape, dtype=np.float32)))
@@ -121,7 +122,8 @@ def capture_unet_inputs(m, monkeypatch):
 
     monkeypatch.setattr(m.unet, "forward", spy)
     real_loss = diffusion.diffusion_loss
-    monkeypatch.setattr(diffusion, "diffusion_loss", lambda p, tgt, w=None: seen.update(target=tgt.numpy().copy()) or real_loss(p, tgt, w))
+    monkeypatch.setattr(diffusion, "diffusion_loss", lambda p, tgt,
+                        w=None: seen.update(target=tgt.numpy().copy()) or real_loss(p, tgt, w))
     return seen
 
 
@@ -175,7 +177,8 @@ def test_mismatched_cross_attention_is_a_clear_error(tiny_kit, tmp_path):
     cfg["cross_attention_dim"] = 48
     (tmp_path / "unet.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="cross_attention_dim 48"):
-        StableDiffusionModel(ModelArguments(pretrained_model_name_or_path=tiny_kit, unet_name_or_path=str(tmp_path / "unet.json")))
+        StableDiffusionModel(ModelArguments(pretrained_model_name_or_path=tiny_kit,
+                                            unet_name_or_path=str(tmp_path / "unet.json")))
 
 
 def test_recompute_gives_the_same_loss_and_gradients(tiny_kit):
@@ -190,7 +193,8 @@ def test_recompute_gives_the_same_loss_and_gradients(tiny_kit):
         ids, px = batch(m)
         loss = m(ids, px, seeds=[2, 12])
         loss.backward()
-        grads.append((float(loss), {n: p.grad.numpy().copy() for n, p in m.unet.named_parameters() if p.grad is not None}))
+        grads.append((float(loss),
+                      {n: p.grad.numpy().copy() for n, p in m.unet.named_parameters() if p.grad is not None}))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert grads[0][1].keys() == grads[1][1].keys() and grads[0][1]
     inner = [n for n in grads[0][1] if "down_blocks" in n and "conv1" in n]  # behind a zero-initialised layer at init

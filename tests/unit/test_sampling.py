@@ -10,7 +10,8 @@ from sd.components import load_pipeline
 from sd.components.schedulers import SCHEDULERS, make_scheduler
 from sd.evaluation.sampling import generate, initial_latents, make_grid, pipeline_with_ema
 
-PROMPTS = ["a red circle on a white background", "a blue square on a black background", "a green triangle on a white background"]
+PROMPTS = ["a red circle on a white background", "a blue square on a black background",
+           "a green triangle on a white background"]
 
 
 @pytest.fixture(scope="module")
