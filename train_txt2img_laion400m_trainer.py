@@ -16,7 +16,7 @@ from paddlenlp.trainer import PdArgumentParser, set_seed
 
 from sd import cpu
 
-from sd.runtime import preflight
+from sd.runtime import memory, preflight
 from sd.runtime.checkpoints import CheckpointWriteError, check_output_dir, describe_os_error, free_bytes
 from sd.components import ComponentError
 from sd.runtime.distributed import UserError, after_rank_zero_work, run
@@ -37,10 +37,10 @@ def parameter_checksum(layer: paddle.nn.Layer) -> str:
     return f"{total:.10e}/{squares:.10e}"
 
 
-def checkpoint_bytes(model: StableDiffusionModel) -> int:
-    """Rough size of one checkpoint: trained weights, two AdamW moments, the EMA copy (fp32)."""
+def checkpoint_bytes(model: StableDiffusionModel, precision: str = "fp32") -> int:
+    """Size of one checkpoint: trained weights, two AdamW moments, the EMA copy (sd/runtime/memory.py)."""
     n = sum(int(np.prod(p.shape)) for _, params in model.trainable_groups() for p in params)
-    return 4 * n * (3 + (model.ema is not None))
+    return memory.checkpoint_bytes(n, model.ema is not None, precision)
 
 
 def _log(level: str, message: str) -> None:
@@ -69,7 +69,8 @@ def parse_arguments():
         + preflight.check_env_flags()
         + preflight.check_shm(0 if data_args.precomputed_latents else preflight.shm_bytes_needed(
             training_args.per_device_train_batch_size, data_args.resolution, workers,
-            training_args.gradient_accumulation_steps, ranks_here)), _log)
+            training_args.gradient_accumulation_steps, ranks_here))
+        + preflight.check_memory_of_run(model_args, data_args, training_args, ranks_here), _log)
     return model_args, data_args, training_args, resume
 
 
@@ -84,7 +85,8 @@ def build_model(model_args, data_args, training_args) -> StableDiffusionModel:
         raise UserError(f"--resolution {data_args.resolution} is not a multiple of the VAE's downsampling factor "
                         f"{model.latent_factor}")
     if training_args.should_save:
-        preflight.report(preflight.check_disk(training_args.output_dir, checkpoint_bytes(model), free_bytes), _log)
+        preflight.report(preflight.check_disk(training_args.output_dir, checkpoint_bytes(
+            model, memory.precision_of(training_args)), free_bytes), _log)
     return model
 
 

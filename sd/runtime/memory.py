@@ -448,3 +448,36 @@ def _low(precision: str) -> bool:
 
 def _o2(precision: str) -> bool:
     return precision.endswith("O2")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# From the training command
+# ------------------------------------------------------------------------------------------------------------
+def precision_of(training_args) -> str:
+    """fp32 | bf16-O1 | ... from paddlenlp's --bf16 / --fp16 and --fp16_opt_level."""
+    if getattr(training_args, "bf16", False) or getattr(training_args, "fp16", False):
+        kind = "bf16" if training_args.bf16 else "fp16"
+        return f"{kind}-{getattr(training_args, 'fp16_opt_level', 'O1')}"
+    return "fp32"
+
+
+def config_from_args(model_args, data_args, training_args, device: str, processes: int = 1) -> MemoryConfig:
+    """The MemoryConfig of a training command's (resolved) arguments."""
+    attention = "flash" if device == "gpu" or model_args.enable_xformers_memory_efficient_attention else "math"
+    return MemoryConfig(batch=training_args.per_device_train_batch_size, resolution=data_args.resolution,
+                        precision=precision_of(training_args), recompute=bool(training_args.recompute),
+                        ema=bool(model_args.use_ema), device=device, attention=attention,
+                        num_workers=training_args.dataloader_num_workers,
+                        loaders=training_args.gradient_accumulation_steps, processes=processes,
+                        context_len=model_args.model_max_length, shuffle_buffer=data_args.shuffle_buffer,
+                        precomputed_latents=data_args.precomputed_latents,
+                        train_text_encoder=model_args.train_text_encoder)
+
+
+def architecture_of(model_args) -> Architecture:
+    """The run's components' configs (local files only; FileNotFoundError for a hub name)."""
+    paths = model_args.component_paths()
+    for name in ("unet", "vae", "text_encoder"):
+        if not paths[name]:
+            raise FileNotFoundError(f"no {name} given")
+    return Architecture.from_paths(paths["unet"], paths["vae"], paths["text_encoder"])
