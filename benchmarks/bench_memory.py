@@ -191,7 +191,8 @@ def main(argv=None) -> int:
         print(f"| {r} | {b} | {rc} | {ema} | {args.workers} | {peaks['step_hwm'] / g:.3f} | {peaks['save_hwm'] / g:.3f}"
               f" | {peaks['step_pss'] / g:.3f} | {peaks['save_pss'] / g:.3f}{gpu} | {planned[0] / g:.3f}"
               f" | {planned[1] / g:.3f} |", flush=True)
-    print(f"\n# CALIBRATION rows ({device}, {args.precision}; measured {time.strftime('%Y-%m-%d')} on {os.uname().nodename})")
+    print(f"\n# CALIBRATION rows ({device}, {args.precision}; measured {time.strftime('%Y-%m-%d')} on "
+          f"{os.uname().nodename})")
     attention = "flash" if args.gpu else "math"
     for rc in sorted({r["recompute"] for r in results}):
         rows = [r for r in results if r["recompute"] == rc and not r["ema"]] or \

@@ -30,10 +30,9 @@ Precision (what is assumed, following paddlenlp's Trainer and ``paddle.amp.decor
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 GiB = 2 ** 30
 PRECISIONS = ("fp32", "bf16-O1", "bf16-O2", "fp16-O1", "fp16-O2")
@@ -47,13 +46,14 @@ SD_V1_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_
 SD_V1_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
               "num_attention_heads": 12, "max_position_embeddings": 77}
 
-# Host: the training process before its model (Python, Paddle, paddlenlp, ppdiffusers imported; tiny model).
-# PLACEHOLDER until measured with the real components: 0.6 GiB is the RSS of `import paddle, ppdiffusers` on the
-# CPU build (Paddle 3.3.1, measured here); a CUDA build maps its libraries on top (not counted).
+# Host: the training process besides its model (Python, Paddle, paddlenlp, ppdiffusers). Measured on the test kit
+# (Paddle 3.3.1 CPU build, Zen 4 VM, 2026-12-05, benchmarks/bench_memory.py): peak RSS 0.605-0.612 GiB at batch 1-4,
+# 32-64 px, where the model and activations are < 20 MiB. A CUDA build maps its libraries on top (not measured).
 HOST_BASELINE = int(0.6 * GiB)
-# Host, per loader worker: a forked process touching its copy-on-write pages (decoder, Python objects).
-# PLACEHOLDER (analytic guess: a third of the baseline) until bench_memory.py --workers 0 vs 2 measures it.
-WORKER_BASELINE = int(0.2 * GiB)
+# Host, per loader worker: a forked process touching its copy-on-write pages (decoder, Python objects). Test kit,
+# 64 px: the tree's peak PSS rose 0.354 → 0.399 GiB from 0 to 2 workers (≈ 23 MiB each); PLACEHOLDER of 64 MiB
+# until measured with real images (bench_memory.py --workers 0 and --workers 4 at 256 px).
+WORKER_BASELINE = 64 * 2 ** 20
 # Bytes of one undecoded record a slot's shuffle buffer holds (a base64 JPEG of a LAION image, ~60 KB). Assumed.
 RECORD_BYTES = 80_000
 # A GPU card: what the CUDA context, cuDNN/cuBLAS workspaces and allocator fragmentation take (assumed, not
@@ -112,7 +112,8 @@ def count_text_encoder_parameters(config: dict) -> int:
     two LayerNorms, q/k/v/out projections with bias, a two-layer MLP with bias; a final LayerNorm."""
     d, i = config["hidden_size"], config["intermediate_size"]
     layer = 2 * 2 * d + 4 * (d * d + d) + (d * i + i) + (i * d + d)
-    return config["vocab_size"] * d + config["max_position_embeddings"] * d + config["num_hidden_layers"] * layer + 2 * d
+    embeddings = (config["vocab_size"] + config["max_position_embeddings"]) * d
+    return embeddings + config["num_hidden_layers"] * layer + 2 * d
 
 
 @dataclass
@@ -325,7 +326,8 @@ class MemoryPlan:
 
     @property
     def device_save(self) -> int:
-        static = self.device_step - max(self.device_terms.get("activations", 0), self.device_terms.get("encoders forward", 0))
+        terms = self.device_terms
+        static = self.device_step - max(terms.get("activations", 0), terms.get("encoders forward", 0))
         return static + sum(self.device_save_terms.values())
 
     @property

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
             config = memory.MemoryConfig(resolution=r, precision=precision, recompute=recompute, ema=ema,
                                          device=args.device)
             row = [str(r), precision, "on" if recompute else "off", "on" if ema else "off"]
-            row += [str(memory.largest_batch(arch, config, memory.card_budget(int(c * memory.GiB)))) for c in args.cards]
+            row += [str(memory.largest_batch(arch, config, memory.card_budget(int(c * memory.GiB))))
+                    for c in args.cards]
             rows.append(row)
     reserve = f"{memory.CUDA_RESERVE_FIXED / memory.GiB:g} GiB + {memory.CUDA_RESERVE_FRACTION:.0%} of the card"
     print(f"Largest batch per device that fits (reserve: {reserve}; 0 = not even 1):\n"
