@@ -37,8 +37,8 @@ SEED_PROMPT = "a photo of an astronaut riding a horse on mars"  # PaddleMIX's ex
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from sd.evaluation import coco
     from sd.components.schedulers import SCHEDULERS
+    from sd.evaluation import coco
 
     p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion pipeline (ppdiffusers), "
                                             "or score prompt adherence on the demo shapes.")

@@ -55,7 +55,8 @@ def parse_arguments():
         + preflight.check_env_flags(ENV_SWITCHES)
         + preflight.check_shm(0 if data_args.precomputed_latents else preflight.shm_bytes_needed(
             training_args.per_device_train_batch_size, data_args.resolution, workers,
-            training_args.gradient_accumulation_steps, ranks_here)))
+            training_args.gradient_accumulation_steps, ranks_here))
+        + preflight.check_memory_of_run(model_args, data_args, training_args, ranks_here))
     return model_args, data_args, training_args, resume
 
 

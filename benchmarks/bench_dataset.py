@@ -42,8 +42,15 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from sd.data.formats import (decode_image_b64, decode_line_bytes, encode_part_line, iter_part_file,
-                            parse_part_line, parse_part_line_bytes, write_filelists)
+from sd.data.formats import (
+    decode_image_b64,
+    decode_line_bytes,
+    encode_part_line,
+    iter_part_file,
+    parse_part_line,
+    parse_part_line_bytes,
+    write_filelists,
+)
 from sd.text_image_pair_dataset import INTERPOLATIONS, TextImagePairDataset, collate_fn, load_tokenizer
 
 COCO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "paddlemix",

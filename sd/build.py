@@ -17,7 +17,7 @@ from paddlenlp.trainer import set_seed
 from sd import cpu
 from sd.log import logger
 from sd.model import StableDiffusionModel
-from sd.runtime import preflight
+from sd.runtime import memory, preflight
 from sd.runtime.checkpoints import free_bytes
 from sd.runtime.distributed import UserError
 from sd.sd_trainer import StableDiffusionTrainer
@@ -33,10 +33,10 @@ class Run:
     trainer: StableDiffusionTrainer
 
 
-def checkpoint_bytes(model: StableDiffusionModel) -> int:
-    """Rough size of one checkpoint: trained weights, two AdamW moments, the EMA copy (fp32)."""
+def checkpoint_bytes(model: StableDiffusionModel, precision: str = "fp32") -> int:
+    """Size of one checkpoint: trained weights, two AdamW moments, the EMA copy (sd/runtime/memory.py)."""
     n = sum(int(np.prod(p.shape)) for _, params in model.trainable_groups() for p in params)
-    return 4 * n * (3 + (model.ema is not None))
+    return memory.checkpoint_bytes(n, model.ema is not None, precision)
 
 
 def build_model(model_args, data_args, training_args) -> StableDiffusionModel:
@@ -52,7 +52,7 @@ def build_model(model_args, data_args, training_args) -> StableDiffusionModel:
         raise UserError(f"--resolution {data_args.resolution} is not a multiple of the VAE's downsampling factor "
                         f"{model.latent_factor}")
     if training_args.should_save:
-        preflight.report(preflight.check_disk(training_args.output_dir, checkpoint_bytes(model), free_bytes))
+        preflight.report(preflight.check_disk(training_args.output_dir, checkpoint_bytes(model, memory.precision_of(training_args)), free_bytes))
     return model
 
 

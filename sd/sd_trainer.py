@@ -32,12 +32,17 @@ import paddle
 from paddlenlp.trainer import Trainer
 
 from sd.evaluation import sampling
-from sd.runtime.checkpoints import (CheckpointWriteError, describe_os_error, newest_complete_checkpoint, publish,
-                            staging_root)
+from sd.evaluation.during_training import ScoreCallback
+from sd.log import logger
+from sd.runtime.checkpoints import (
+    CheckpointWriteError,
+    describe_os_error,
+    newest_complete_checkpoint,
+    publish,
+    staging_root,
+)
 from sd.runtime.distributed import after_rank_zero_work
 from sd.runtime.run_state import DataOrder, Layout, RunState
-from sd.log import logger
-from sd.evaluation.during_training import ScoreCallback
 from sd.train_loader import MicroBatchStreams
 
 

@@ -56,11 +56,7 @@ class ScoreCallback(TrainerCallback):
         import paddle
         import paddle.distributed as dist
 
-        from sd.evaluation import coco
-
-        from sd.evaluation import metrics
-
-        from sd.evaluation import sampling
+        from sd.evaluation import coco, metrics, sampling
 
         args, m = self.trainer.args, self.trainer.sd_model
         rank, world = max(0, dist.get_rank()), max(1, dist.get_world_size())

@@ -47,10 +47,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from sd.data import demo_data
 from sd.components import latent_factor, read_json
 from sd.components.pipeline import build_pipeline
 from sd.components.schedulers import make_scheduler
+from sd.data import demo_data
 from sd.kit.tokenizer import learn_bpe, save_tokenizer
 
 

@@ -31,15 +31,6 @@ from sd.runtime import shm
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
-def die_with_parent(worker_id: int = 0) -> None:
-    """The calling process ends when its parent does, even when the parent is killed with SIGKILL (Linux).
-
-    A loader worker's ``worker_init_fn``; a training rank calls it too (its parent is the launcher).
-    """
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class UserError(Exception):
     """A mistake of the command line or the environment, reported as one line (its message says what to do)."""
 

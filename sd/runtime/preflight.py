@@ -5,7 +5,9 @@
 * ``FLAGS_*`` (Paddle's) and ``FLAG_*`` (this trainer's switches) environment values that parse;
 * /dev/shm: room for the batches the loader workers keep in flight;
 * the port of this rank's endpoint, when under ``paddle.distributed.launch``;
-* free space in the output dir for the next two checkpoints (once the model's size is known).
+* free space in the output dir for the next two checkpoints (once the model's size is known);
+* memory: the step and a checkpoint save against the host's available memory (a CPU run: everything is on
+  the host) and the card's (a GPU run), estimated by :mod:`sd.runtime.memory`.
 
 Every check returns ``(level, message)`` pairs, level ``"ok"``, ``"warn"`` or ``"stop"``; :func:`report`
 logs them and raises :class:`~sd.runtime.distributed.UserError` with the first stop.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from sd.runtime.distributed import UserError
 
@@ -175,3 +177,95 @@ def report(findings: List[Finding], log: Callable[[str, str], None] = log_findin
     stops = [m for level, m in findings if level == "stop"]
     if stops:
         raise UserError(stops[0])
+
+
+def _mem_available() -> int:
+    """The host's MemAvailable (/proc/meminfo) plus what this process already holds (VmRSS): the plan counts
+    this process from its start."""
+    values = {}
+    for path in ("/proc/meminfo", "/proc/self/status"):
+        with open(path) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemAvailable", "VmRSS"):
+                    values[key] = int(rest.split()[0]) * 1024  # "kB"
+    return values["MemAvailable"] + values.get("VmRSS", 0)
+
+
+def _largest_terms(plan, save: bool, where: str) -> str:
+    terms = dict(plan.device_terms) if (where == "device" or plan.config.device == "cpu") else {}
+    if where == "host":
+        terms.update(plan.host_terms)
+    if save:
+        terms.pop("activations", None), terms.pop("encoders forward", None)
+        terms.update(plan.device_save_terms if (where == "device" or plan.config.device == "cpu") else {})
+        terms.update(plan.host_save_terms if where == "host" else {})
+    top = sorted(terms.items(), key=lambda kv: -kv[1])[:4]
+    return ", ".join(f"{k} {v / 2**30:.1f}" for k, v in top)
+
+
+def check_memory(arch, config, host_available: int, device_total: Optional[int] = None,
+                 environ=os.environ) -> List[Finding]:
+    """The planned peaks of a step and of a checkpoint save against ``host_available`` bytes and, on a GPU
+    run, the budget of a card of ``device_total`` bytes (:func:`sd.runtime.memory.card_budget`). A stop names
+    the changes that would fit, each alone (or all of them together when none does alone)."""
+    from dataclasses import replace
+
+    from sd.runtime import memory
+
+    if environ.get(memory.SKIP_ENV, "").strip().lower() in _TRUE:
+        return [("warn", f"memory check skipped ({memory.SKIP_ENV} set)")]
+    limits = [("host", host_available)]
+    if config.device == "gpu" and device_total:
+        limits.insert(0, ("device", memory.card_budget(device_total)))
+
+    def peaks(cfg, where):
+        plan = memory.estimate(arch, cfg)
+        return plan, (plan.device_step, plan.device_save) if where == "device" else (plan.host_step, plan.host_save)
+
+    found = []
+    for where, budget in limits:
+        plan, (step, save) = peaks(config, where)
+        need, is_save = max(step, save), save > step
+        label = "host memory" if where == "host" else "memory of the card"
+        what = (f"needs ~{_gib(need)} of {label} for {'a checkpoint save' if is_save else 'a step'} at batch "
+                f"{config.batch}, {config.resolution} px ({_largest_terms(plan, is_save, where)} GiB)")
+        avail = f"{_gib(budget)} {'available' if where == 'host' else 'usable (card minus the CUDA reserve)'}"
+        if need <= budget:
+            level = "warn" if need > 0.9 * budget else "ok"
+            found.append((level, f"{what}; {avail}" + (": little room left" if level == "warn" else "")))
+            continue
+        changes = []
+        b = memory.largest_batch(arch, config, budget, where)
+        if 0 < b < config.batch:
+            changes.append((f"--per_device_train_batch_size {b}", replace(config, batch=b)))
+        if not config.recompute:
+            changes.append(("--recompute True", replace(config, recompute=True)))
+        if config.ema:
+            changes.append(("--use_ema False", replace(config, ema=False)))
+        if config.num_workers and where == "host":
+            changes.append(("--dataloader_num_workers 0", replace(config, num_workers=0)))
+        if config.device == "gpu" and not config.precision.endswith("O2"):
+            changes.append(("--bf16 True --fp16_opt_level O2", replace(config, precision="bf16-O2")))
+        alone = [flag for flag, cfg in changes if max(peaks(cfg, where)[1]) <= budget]
+        advice = (" or ".join(alone) if alone else " and ".join(f for f, _ in changes) + " (none alone is enough)"
+                  if changes else "a machine with more memory")
+        found.append(("stop", f"{what}; {avail}: use {advice} (estimate of sd/runtime/memory.py; if it is wrong, "
+                              f"{memory.SKIP_ENV}=1 skips this check)"))
+    return found
+
+
+def check_memory_of_run(model_args, data_args, training_args, processes: int) -> List[Finding]:
+    """:func:`check_memory` for the training command's arguments (configs read from the local component
+    folders; a hub name leaves the memory unestimated)."""
+    import paddle
+
+    from sd.runtime import memory
+
+    on_gpu = paddle.is_compiled_with_cuda() and "gpu" in paddle.device.get_device()
+    config = memory.config_from_args(model_args, data_args, training_args, "gpu" if on_gpu else "cpu", processes)
+    total = paddle.device.cuda.get_device_properties().total_memory if on_gpu else None
+    try:
+        return check_memory(memory.architecture_of(model_args), config, _mem_available(), total)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # a hub name, a config the memory model cannot read
+        return [("ok", f"memory not estimated ({e})")]

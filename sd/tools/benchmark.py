@@ -70,9 +70,9 @@ def build_reference_kit(output_dir: str, seed: int = 0) -> str:
     from ppdiffusers import AutoencoderKL, UNet2DConditionModel
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
 
-    from sd.data import demo_data
     from sd.components.pipeline import build_pipeline
     from sd.components.schedulers import make_scheduler
+    from sd.data import demo_data
     from sd.kit.tokenizer import learn_bpe, save_tokenizer
 
     if os.path.isfile(os.path.join(output_dir, "model_index.json")):
@@ -127,7 +127,6 @@ def count_forward_flops(layer, *inputs, **kwargs) -> int:
     softmax (O(elements), a few % at most) are left out, as in the usual 6·N·D-style model FLOPs."""
     import paddle
     from paddle import nn
-
     from ppdiffusers.models.attention_processor import Attention
 
     total = [0]
@@ -310,9 +309,9 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
         extra_args: more ``ModelArguments``/``DataArguments``/``SDTrainingArguments`` fields by name.
     """
     import paddle
-    from sd.log import logger
 
     from sd.build import build_run
+    from sd.log import logger
     from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
 
     if warmup < 1 or steps < 1:

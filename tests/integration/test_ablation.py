@@ -7,13 +7,11 @@ import sys
 
 import pytest
 
+from sd.runtime.run_state import RunState
 from tests.helpers.common import ROOT
 
 # Four short trainings through train.sh: a research tool's test, outside the default suite.
 pytestmark = pytest.mark.slow
-
-from tests.helpers.common import ROOT
-from sd.runtime.run_state import RunState
 
 
 def run_ablation(tiny_kit, file_list, out, *rows):

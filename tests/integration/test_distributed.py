@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from sd.runtime.run_state import Layout, RunState
 
+from sd.runtime.run_state import Layout, RunState
 from tests.helpers.common import ROOT, env_with_root, train_command, weight_difference
 
 RUNNER = os.path.join(ROOT, "tests", "helpers", "fault_runner.py")

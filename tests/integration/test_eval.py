@@ -16,7 +16,6 @@ import eval as eval_cli
 from sd.data import demo_data
 from sd.evaluation.shapes import chance, confusion, format_report, score
 from sd.runtime.run_state import RunState
-
 from tests.helpers.common import ROOT
 
 OUT = "laion400m_pretrain_output_trainer"

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
+from sd.runtime.run_state import RunState
 from tests.helpers.common import ROOT, train_command
 from tests.helpers.hub_mimic import HubMimic
-from sd.runtime.run_state import RunState
 
 REPO = "some-org/tiny-sd"
 PROMPT = ["--prompt", "a red circle on a white background", "--num_inference_steps", "2", "--guidance_scale", "1"]

@@ -24,8 +24,9 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers.common import ROOT
 from sd.runtime.run_state import RunState
+from tests.helpers.common import ROOT
+
 MISSING = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
 pytestmark = [pytest.mark.long,
               pytest.mark.skipif(bool(MISSING), reason=f"interop tests need {', '.join(MISSING)} (PyTorch side): "

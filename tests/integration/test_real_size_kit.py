@@ -12,7 +12,6 @@ from sd.components import load_text_encoder, load_tokenizer, load_unet, load_vae
 from sd.kit import real_size
 from sd.kit.real_size import parameter_layout, random_tensor, write_safetensors, write_tokenizer
 from sd.kit.tokenizer import find_clip_bpe
-
 from tests.helpers.common import ROOT
 
 PROMPT = "a photo of an astronaut riding a horse on mars"

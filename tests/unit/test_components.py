@@ -11,7 +11,6 @@ import requests
 
 from sd import components
 from sd.components.schedulers import SCHEDULERS, SD_NOISE_SCHEDULE, make_scheduler
-
 from sd.runtime import checkpoints
 from tests.helpers.common import ROOT
 
