@@ -19,7 +19,11 @@ from paddle import nn
 from sd import components, diffusion
 from sd.components import init_unet_from_config  # noqa: F401 - part of this module's interface (tests, benchmark)
 from sd.components.pipeline import build_pipeline
+from sd.runtime import tensor_files
 from sd.sd_args import ModelArguments
+
+UNET_WEIGHTS = "diffusion_paddle_model.safetensors"  # ppdiffusers' file name (PADDLE_SAFETENSORS_WEIGHTS_NAME)
+UNET_EMA_WEIGHTS = "diffusion_paddle_model.ema.safetensors"  # its variant "ema"
 
 
 def per_sample(rngs: List[np.random.Generator], draw: Callable[[np.random.Generator], np.ndarray]) -> paddle.Tensor:
@@ -293,12 +297,20 @@ class StableDiffusionModel(nn.Layer):
         return groups
 
     def save_trained(self, output_dir: str) -> None:
-        """Write the trained modules in ``from_pretrained`` layout: unet/ (+ EMA variant), text_encoder/."""
-        self.unet.save_pretrained(os.path.join(output_dir, "unet"))
+        """Write the trained modules in ``from_pretrained`` layout: unet/ (+ EMA variant), text_encoder/.
+
+        The UNet and its EMA are written tensor by tensor (sd/runtime/tensor_files.py: the same safetensors
+        files ``save_pretrained`` writes, without first copying all weights to the host), so a save at real
+        size needs no second copy of the UNet in memory.
+        """
+        unet_dir = os.path.join(output_dir, "unet")
+        os.makedirs(unet_dir, exist_ok=True)
+        self.unet.save_config(unet_dir)
+        weights = self.unet.state_dict()
+        tensor_files.save_tensors(weights, os.path.join(unet_dir, UNET_WEIGHTS), {"format": "pd"})
         if self.ema is not None:
-            backup = self.ema.copy_to(self.unet)
-            self.unet.save_pretrained(os.path.join(output_dir, "unet"), variant="ema")
-            self.unet.set_state_dict(backup)
+            averaged = {k: self.ema.shadow.get(k, v) for k, v in weights.items()}
+            tensor_files.save_tensors(averaged, os.path.join(unet_dir, UNET_EMA_WEIGHTS), {"format": "pd"})
         if self.args.train_text_encoder:
             self.text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"))
 
@@ -310,12 +322,27 @@ class StableDiffusionModel(nn.Layer):
         self.save_trained(output_dir)  # the EMA variant (and the same unet/, text_encoder/ again)
 
     def load_trained(self, checkpoint_dir: str) -> None:
-        """Inverse of ``save_trained`` (used on resume)."""
+        """Inverse of ``save_trained`` (used on resume): the weights are read into the existing UNet and EMA
+        tensor by tensor, so resuming at real size builds no second UNet."""
         unet_dir = os.path.join(checkpoint_dir, "unet")
-        self.unet.set_state_dict(components.load_unet(unet_dir).state_dict())
+        _read_into(self.unet.state_dict(), os.path.join(unet_dir, UNET_WEIGHTS))
         if self.ema is not None:
-            ema = components.load_unet(unet_dir, variant="ema")
-            self.ema.shadow = {k: v.detach().clone() for k, v in ema.state_dict().items() if k in self.ema.shadow}
+            _read_into(self.ema.shadow, os.path.join(unet_dir, UNET_EMA_WEIGHTS))
         if self.args.train_text_encoder:
             self.text_encoder.set_state_dict(
                 components.load_text_encoder(os.path.join(checkpoint_dir, "text_encoder")).state_dict())
+
+
+def _read_into(tensors: Dict[str, paddle.Tensor], path: str) -> None:
+    """Copy every tensor of the safetensors file ``path`` into the tensor of the same name (and shape)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete (resume from an older one)")
+    missing = set(tensors)
+    for name, array in tensor_files.iter_tensors(path):
+        if name not in tensors or tuple(tensors[name].shape) != array.shape:
+            raise ValueError(f"{path}: {name} {array.shape} does not fit this model's "
+                             f"{tuple(tensors[name].shape) if name in tensors else 'parameters (no such name)'}")
+        tensors[name].set_value(array)
+        missing.discard(name)
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} of this model's tensors, e.g. {sorted(missing)[0]}")

@@ -30,10 +30,12 @@ from typing import Dict, Optional
 import numpy as np
 import paddle
 from paddlenlp.trainer import Trainer
+from paddlenlp.trainer.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from sd.evaluation import sampling
 from sd.evaluation.during_training import ScoreCallback
 from sd.log import logger
+from sd.runtime import tensor_files
 from sd.runtime.checkpoints import (
     CheckpointWriteError,
     describe_os_error,
@@ -109,6 +111,9 @@ class StableDiffusionTrainer(Trainer):
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0  # skipped updates (divergence guard)
         self._nonfinite_loss = False  # a micro-batch since the last optimizer step had a non-finite loss
         self.args.ignore_data_skip = True  # the dataset fast-forwards itself (see get_train_dataloader)
+        # The optimizer state (AdamW's moments: 6.9 GB at SD v1's size) is written tensor by tensor instead of
+        # through one pickle that first copies all of it to the host (read back in _load_optimizer_and_scheduler).
+        self._save_ckpt_func = tensor_files.save_state
         groups = [{"params": params, "learning_rate": lr / args.learning_rate}
                   for (name, params), lr in zip(model.trainable_groups(), self._group_lrs())]
         self.optimizer_grouped_parameters = groups  # lr in a group is a multiplier of the scheduler's lr
@@ -295,6 +300,18 @@ class StableDiffusionTrainer(Trainer):
     def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
         # Order by step number, not modification time: the newest checkpoint is never the one deleted.
         super()._rotate_checkpoints(use_mtime=False, output_dir=output_dir or self.args.output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """The optimizer state written by ``tensor_files.save_state`` (a pickled one, from an older checkpoint,
+        through the stock method), then the LR schedule; every rank reads the checkpoint itself."""
+        path = os.path.join(checkpoint, OPTIMIZER_NAME) if checkpoint else ""
+        if not (os.path.isfile(path) and tensor_files.is_safetensors(path)):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        state = tensor_files.load_state(path, memmap=True)  # copied into the moments as AdamW creates them
+        if state.get("master_weights"):  # bf16/fp16 O2: fp32 master weights, which paddle uses as tensors
+            state["master_weights"] = {k: paddle.to_tensor(v) for k, v in state["master_weights"].items()}
+        self.optimizer.set_state_dict(state)
+        self.lr_scheduler.set_state_dict(paddle.load(os.path.join(checkpoint, SCHEDULER_NAME)))
 
     def _load_from_checkpoint(self, resume_from_checkpoint=None):
         if not resume_from_checkpoint:

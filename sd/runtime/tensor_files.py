@@ -132,15 +132,30 @@ def save_state(state: Mapping, path: str) -> int:
     return save_tensors(tensors, path, {STATE_KEY: json.dumps(layout)})
 
 
-def load_state(path: str) -> dict:
-    """Inverse of :func:`save_state`: the nested dict, tensors as paddle tensors (created one at a time)."""
+def load_state(path: str, memmap: bool = False) -> dict:
+    """Inverse of :func:`save_state`: the nested dict, its tensors created one at a time.
+
+    Args:
+        memmap: give the tensors as read-only numpy views of the file instead of paddle tensors. Paddle's
+            optimizer keeps a loaded state until its accumulators exist and copies each in then; views of the
+            file cost page cache, not a second copy of AdamW's moments in process memory.
+    """
     import paddle
 
-    header, _ = read_header(path)
+    header, start = read_header(path)
     layout = json.loads(header.get("__metadata__", {}).get(STATE_KEY, "null"))
     if layout is None:
         raise ValueError(f"{path} was not written by sd.runtime.tensor_files.save_state (no {STATE_KEY} metadata)")
-    tensors = {name: paddle.to_tensor(array) for name, array in iter_tensors(path)}
+    if memmap:
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+
+        def tensor(entry):
+            begin, end = entry["data_offsets"]
+            return data[start + begin:start + end].view(NUMPY[entry["dtype"]]).reshape(entry["shape"])
+
+        tensors = {name: tensor(entry) for name, entry in header.items() if name != "__metadata__"}
+    else:
+        tensors = {name: paddle.to_tensor(array) for name, array in iter_tensors(path)}
 
     def build(node: dict, prefix: str) -> dict:
         out = {}
