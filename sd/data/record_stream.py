@@ -9,7 +9,9 @@ What a stream is (the contract with the trainer is in docs/ARCHITECTURE.md):
   same way and slot j reads entries j, j+G, ...); one with F < G is split by record within files
   (slot j reads entry j mod F of the pass's order and keeps its records i ≡ j div F (mod n), n being
   the number of slots reading that entry), which is logged once. Either way the slots are disjoint
-  and together complete, and each reads about one F-th or G-th of the data.
+  and together complete, and each gets about one F-th or G-th of the data. The slots streamed in one
+  process (a loader worker's) that split a file read it once per pass (``SharedReads``): each gets its
+  records as if it read the file alone, so nothing of a stream depends on which slots share a process.
 * **Draws.** A slot's stream is a sequence of draws: pick a ``.filelist`` (by weight, or
   uniformly), put its next record into the slot's shuffle buffer of undecoded records, take a
   random one out. Each list repeats forever, its file order reshuffled every pass. Draw ``i`` uses
@@ -174,7 +176,7 @@ class _FileShare:
     after its last record, as it would have reading the file alone.
     """
 
-    def __init__(self, path: str, source: RecordSource, sharers: int, shares: Dict[int, int], reads: "SharedReads"):
+    def __init__(self, path: str, source: RecordSource, sharers: int, shares: Dict[int, int], reads: SharedReads):
         self.path, self.source, self.sharers, self.reads = path, source, sharers, reads
         self.slot_of = shares  # share → local slot
         self.queues: Dict[int, collections.deque] = {share: collections.deque() for share in shares}
@@ -259,7 +261,7 @@ class SharedReads:
         self._files: Dict[tuple, _FileShare] = {}  # (list, pass, first slot) → the file's reading
         self._left: set = set()  # slots whose stream ended: nothing is kept for them any more
 
-    def records(self, reader: "_ListReader", pass_no: int, path: str, source: RecordSource) -> Iterator[Any]:
+    def records(self, reader: _ListReader, pass_no: int, path: str, source: RecordSource) -> Iterator[Any]:
         """``reader``'s records of ``path`` (its file of pass ``pass_no``): those of index ≡ its share
         (mod its sharers), in file order."""
         files, slots = len(reader.files), reader.num_slots
@@ -294,7 +296,7 @@ class _ListReader:
     """Records of one ``.filelist`` for one slot, pass after pass: ``(source, record)``."""
 
     def __init__(self, name: str, files: List[str], slot: int, num_slots: int, seed: int, list_index: int,
-                 skipped: collections.Counter, shared: "SharedReads"):
+                 skipped: collections.Counter, shared: SharedReads):
         self.name, self.files, self.slot, self.num_slots, self.shared = name, files, slot, num_slots, shared
         self.by_file = len(files) >= num_slots
         # Split by record: this slot reads entry slot mod F of each pass's order, with the other slots
