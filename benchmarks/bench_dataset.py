@@ -173,6 +173,8 @@ def shards_main(a) -> None:
 
 def slots_main(a) -> None:
     """The loader at several slot counts vs straightforward, on one file and on many, interleaved rounds."""
+    import gzip
+
     import paddle
     from paddle.vision import transforms
 
@@ -187,12 +189,14 @@ def slots_main(a) -> None:
     for name, groups in (("one file", [lines]), (f"{len(lines)} files", [[line] for line in lines])):
         parts = []
         for f, group in enumerate(groups):
-            parts.append(os.path.join(data_dir, f"{name.replace(' ', '-')}-part-{f:06d}"))
-            with open(parts[-1], "w", encoding="utf-8") as out:
+            parts.append(os.path.join(data_dir, f"{name.replace(' ', '-')}-part-{f:06d}" + (".gz" if a.gzip else "")))
+            with (gzip.open(parts[-1], "wt", encoding="utf-8") if a.gzip
+                  else open(parts[-1], "w", encoding="utf-8")) as out:
                 out.writelines(group)
         layouts[name] = (write_filelists(data_dir, name.replace(" ", "-"), parts)[1], parts)
     print(f"{len(jpegs)} {a.content} JPEGs 1024×768, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB, "
-          f"resolution {r}, slots {a.slots}, shuffle buffer 16, {a.rounds} rounds, 0 loader workers; "
+          f"resolution {r}, slots {a.slots}, shuffle buffer {a.shuffle_buffer}, {a.rounds} rounds, 0 loader workers, "
+          f"part files {'gzip' if a.gzip else 'plain'}; "
           f"load average {os.getloadavg()[0]:.1f}; data in {data_dir}")
     baseline_tf = transforms.Compose([transforms.Resize(int(r / 0.9), interpolation="lanczos"),
                                       transforms.RandomCrop(r), transforms.ToTensor(),
@@ -210,7 +214,7 @@ def slots_main(a) -> None:
     tokenizer = load_tokenizer(None)
 
     def ours(file_list, slots, shared):
-        ds = TextImagePairDataset(file_list, tokenizer, r, num_slots=slots, shuffle_buffer=16)
+        ds = TextImagePairDataset(file_list, tokenizer, r, num_slots=slots, shuffle_buffer=a.shuffle_buffer)
         if shared:
             steps = iter(ds)
         else:  # each slot reads its files itself
@@ -263,10 +267,12 @@ def main(argv=None) -> None:
                    help="coco: jittered, upscaled crops of a COCO photo (softer); detailed: synthetic full-detail photos")
     p.add_argument("--data_dir", default=None, help="where to write the part file (default: a temp folder)")
     p.add_argument("--shards", action="store_true", help="part file vs img2dataset tar shard of the same images")
-    p.add_argument("--gzip", action="store_true", help="--shards: gzip the part file (PaddleMIX's --save_gzip_file)")
+    p.add_argument("--gzip", action="store_true",
+                   help="--shards, --slots: gzip the part files (PaddleMIX's --save_gzip_file)")
     p.add_argument("--size", type=int, nargs=2, default=[1024, 768], metavar=("W", "H"), help="image size")
     p.add_argument("--slots", type=int, nargs="+", default=None,
                    help="compare the loader at these slot counts with straightforward, one file and many")
+    p.add_argument("--shuffle_buffer", type=int, default=16, help="--slots: each slot's shuffle buffer (training: 64)")
     a = p.parse_args(argv)
     if a.shards:
         return shards_main(a)
