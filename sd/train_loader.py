@@ -13,7 +13,7 @@ stream position and skip count, the batches handed out, and the time spent waiti
 resume it fast-forwards the slots (no image decoded). Loader workers: a micro-batch's DataLoader has
 W' = min(W, b) workers, worker w streaming the w-th of W' contiguous blocks of its slots; W'
 consecutive loader outputs are one micro-batch, joined in worker order (= slot order), so nothing
-depends on W.
+depends on W. An exception in a loader worker is raised again in the training process, as itself.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class _ReportFromWorker(paddle.io.IterableDataset):
     that raises sends a report of the exception as its next output instead (``{WORKER_ERROR: uint8 bytes}``,
     through the loader like any batch, so it arrives in order); :func:`_raise_reported` raises it in the main
     process, with the worker's traceback text in ``worker_traceback`` and the file that raised it in
-    ``raised_in`` (sd/runtime/distributed.py prints the one or one line as the main process's own).
+    ``raised_in`` (sd/runtime/distributed.py reports it as the main process's own: one line or its traceback).
     """
 
     def __init__(self, dataset):
@@ -202,7 +202,7 @@ class MicroBatchStreams:
                     return
                 batch.append(part)
                 if WORKER_ERROR in part:
-                    _raise_reported(batch[-1][WORKER_ERROR].numpy())
+                    _raise_reported(part[WORKER_ERROR].numpy())
             yield batch[0] if len(batch) == 1 else {k: paddle.concat([b[k] for b in batch]) for k in batch[0]}
 
     def __iter__(self):
