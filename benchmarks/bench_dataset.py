@@ -15,6 +15,13 @@ pipeline's median rate, then the ratios taken within each round (median over rou
   reduced size ``ours`` asks for (the same request) — nothing else. Timed with OpenCV's decoder
   (the one ``ours`` uses) and Pillow's ``draft``; the faster of the two is the reference.
 
+``--slots G1 G2 ...`` compares instead the loader at several slot counts (samples per global batch: the
+slots, ``TextImagePairDataset(num_slots=G)`` iterated in one process, as with 0 loader workers, a step's G samples
+through ``collate_fn``) with ``straightforward``, on one part file holding all the images and on one file per
+image, in interleaved rounds (straightforward, then each slot count, A B A B); ratios are taken within each round
+(median over rounds). With fewer files than slots the slots split a file by record: ``per-slot reads`` is the same
+loader with each slot reading its file itself (the read amplification the shared reading removes), for reference.
+
 ``--shards`` compares instead the two ways the same images reach the same ``TextImagePairDataset``
 (default filter, batches of 8 through ``collate_fn``): ``part file`` (lines ``caption \t NONE \t
 base64``, ``.gz`` with ``--gzip`` as PaddleMIX writes them) and ``tar shard`` (an img2dataset
@@ -24,6 +31,7 @@ images' size (img2dataset writes ``--image_size`` 256 by default).
 
     python -m benchmarks.bench_dataset --resolution 256 --num_images 48 --rounds 7 [--content detailed]  # from the root
     python -m benchmarks.bench_dataset --shards [--gzip] --size 1024 768 --resolution 256 --rounds 9
+    python -m benchmarks.bench_dataset --slots 1 2 8 16 --num_images 24 --resolution 256 --rounds 7
 """
 
 from __future__ import annotations
@@ -167,6 +175,89 @@ def shards_main(a) -> None:
           f"max {max(t / p for t, p in zip(rates['tar shard'], rates['part file'])):.2f})")
 
 
+def slots_main(a) -> None:
+    """The loader at several slot counts vs straightforward, on one file and on many, interleaved rounds."""
+    import gzip
+
+    import paddle
+    from paddle.vision import transforms
+
+    paddle.set_device("cpu")
+    cv2.setNumThreads(1)
+    r = a.resolution
+    data_dir = a.data_dir or tempfile.mkdtemp(prefix="bench-slots-")
+    os.makedirs(data_dir, exist_ok=True)
+    jpegs = photo_like_jpegs(a.num_images) if a.content == "coco" else detailed_jpegs(a.num_images)
+    lines = [encode_part_line(f"a photo number {i % 7}", data) for i, data in enumerate(jpegs)]
+    layouts = {}  # name → (file list, part files)
+    for name, groups in (("one file", [lines]), (f"{len(lines)} files", [[line] for line in lines])):
+        parts = []
+        for f, group in enumerate(groups):
+            parts.append(os.path.join(data_dir, f"{name.replace(' ', '-')}-part-{f:06d}" + (".gz" if a.gzip else "")))
+            with (gzip.open(parts[-1], "wt", encoding="utf-8") if a.gzip
+                  else open(parts[-1], "w", encoding="utf-8")) as out:
+                out.writelines(group)
+        layouts[name] = (write_filelists(data_dir, name.replace(" ", "-"), parts)[1], parts)
+    print(f"{len(jpegs)} {a.content} JPEGs 1024×768, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB, "
+          f"resolution {r}, slots {a.slots}, shuffle buffer {a.shuffle_buffer}, {a.rounds} rounds, 0 loader workers, "
+          f"part files {'gzip' if a.gzip else 'plain'}; "
+          f"load average {os.getloadavg()[0]:.1f}; data in {data_dir}")
+    baseline_tf = transforms.Compose([transforms.Resize(int(r / 0.9), interpolation="lanczos"),
+                                      transforms.RandomCrop(r), transforms.ToTensor(),
+                                      transforms.Normalize([0.5] * 3, [0.5] * 3)])
+
+    def straightforward(parts):
+        def run():
+            for path in parts:
+                for raw in iter_part_file(path):
+                    _, b64 = parse_part_line(decode_line_bytes(raw))
+                    baseline_tf(Image.open(io.BytesIO(decode_image_b64(b64))).convert("RGB"))
+            return len(jpegs)
+        return run
+
+    tokenizer = load_tokenizer(None)
+
+    def ours(file_list, slots, shared):
+        ds = TextImagePairDataset(file_list, tokenizer, r, num_slots=slots, shuffle_buffer=a.shuffle_buffer)
+        if shared:
+            steps = iter(ds)
+        else:  # each slot reads its files itself
+            steps = zip(*[ds._slot_samples(j) for j in range(slots)])
+
+        def run():
+            n = 0
+            while n < len(jpegs):
+                collate_fn(list(next(steps)))
+                n += slots
+            return n
+        return run
+
+    pipelines = {}  # (layout, name) → run
+    for layout, (file_list, parts) in layouts.items():
+        pipelines[layout, "straightforward"] = straightforward(parts)
+        for g in a.slots:
+            pipelines[layout, f"ours, {g} slots"] = ours(file_list, g, True)
+            if len(parts) < g and g > 1:
+                pipelines[layout, f"per-slot reads, {g} slots"] = ours(file_list, g, False)
+    for run in pipelines.values():  # warm-up: caches, the shuffle buffers
+        run()
+    rates = {key: [] for key in pipelines}
+    for _ in range(a.rounds):
+        for key, run in pipelines.items():
+            t = time.perf_counter()
+            n = run()
+            rates[key].append(n / (time.perf_counter() - t))
+    print(f"| data | pipeline | samples/s (median of {a.rounds} rounds) | × straightforward (per-round median, "
+          "min–max) |")
+    print("|---|---|---:|---:|")
+    for (layout, name), rs in rates.items():
+        base = rates[layout, "straightforward"]
+        x = [o / b for o, b in zip(rs, base)]
+        print(f"| {layout} | {name} | {statistics.median(rs):.1f} | {statistics.median(x):.2f} "
+              f"({min(x):.2f}–{max(x):.2f}) |")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, default=256)
@@ -180,11 +271,17 @@ def main(argv=None) -> None:
                    help="coco: jittered, upscaled crops of a COCO photo (softer); detailed: synthetic full-detail photos")
     p.add_argument("--data_dir", default=None, help="where to write the part file (default: a temp folder)")
     p.add_argument("--shards", action="store_true", help="part file vs img2dataset tar shard of the same images")
-    p.add_argument("--gzip", action="store_true", help="--shards: gzip the part file (PaddleMIX's --save_gzip_file)")
+    p.add_argument("--gzip", action="store_true",
+                   help="--shards, --slots: gzip the part files (PaddleMIX's --save_gzip_file)")
     p.add_argument("--size", type=int, nargs=2, default=[1024, 768], metavar=("W", "H"), help="image size")
+    p.add_argument("--slots", type=int, nargs="+", default=None,
+                   help="compare the loader at these slot counts with straightforward, one file and many")
+    p.add_argument("--shuffle_buffer", type=int, default=16, help="--slots: each slot's shuffle buffer (training: 64)")
     a = p.parse_args(argv)
     if a.shards:
         return shards_main(a)
+    if a.slots:
+        return slots_main(a)
     import paddle
     from paddle.vision import transforms
 

@@ -178,9 +178,9 @@ class TextImagePairDataset(IterableDataset):
         _, data = source.decode(record, self.line_format)
         self.images.check(data)
 
-    def _slot_samples(self, slot: int):
+    def _slot_samples(self, slot: int, shared=None):
         for sample, epoch, state in self.stream.samples(slot, self._resume.get(slot), self._make_sample,
-                                                        self._check_record):
+                                                        self._check_record, shared):
             if self.with_stream_state:
                 sample["stream_state"] = state.stream_state()
             if self.return_meta:
@@ -193,7 +193,8 @@ class TextImagePairDataset(IterableDataset):
         # One core per stream: OpenCV's own thread pool would compete with the other loader workers
         # (and with the training step when num_workers=0). This is process-wide for OpenCV.
         cv2.setNumThreads(1)
-        streams = [self._slot_samples(j) for j in slots]
+        shared = self.stream.shared_reads(slots)  # a file several of these slots split is read once per pass
+        streams = [self._slot_samples(j, shared) for j in slots]
         try:
             for step in zip(*streams):  # the slot streams are endless (or raise)
                 yield list(step)

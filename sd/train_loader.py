@@ -13,13 +13,15 @@ stream position and skip count, the batches handed out, and the time spent waiti
 resume it fast-forwards the slots (no image decoded). Loader workers: a micro-batch's DataLoader has
 W' = min(W, b) workers, worker w streaming the w-th of W' contiguous blocks of its slots; W'
 consecutive loader outputs are one micro-batch, joined in worker order (= slot order), so nothing
-depends on W.
+depends on W. An exception in a loader worker is raised again in the training process, as itself.
 """
 
 from __future__ import annotations
 
+import pickle
 import time
-from typing import Dict, List
+import traceback
+from typing import Dict, List, Optional
 
 import numpy as np
 import paddle
@@ -52,6 +54,61 @@ class _RaiseInMainThread(paddle.io.IterableDataset):
             yield from self.dataset
         except Exception as e:  # noqa: BLE001 - raised again in the main thread (MicroBatchStreams.__iter__)
             self.error = e
+
+
+WORKER_ERROR = "loader_worker_error"  # the key of a loader worker's report of its exception (see _ReportFromWorker)
+
+
+class LoaderWorkerError(RuntimeError):
+    """A loader worker's exception that could not be carried to the main process as itself (it does not pickle)."""
+
+
+class _ReportFromWorker(paddle.io.IterableDataset):
+    """``dataset`` for a DataLoader with workers, whose error reaches the training loop as it was raised.
+
+    Paddle re-raises a worker's exception in its loader thread, which prints it and kills its queue, and the
+    training loop then fails with "Blocking queue is killed" (two tracebacks, the reason inside). Here a worker
+    that raises sends a report of the exception as its next output instead (``{WORKER_ERROR: uint8 bytes}``,
+    through the loader like any batch, so it arrives in order); :func:`_raise_reported` raises it in the main
+    process, with the worker's traceback text in ``worker_traceback`` and the file that raised it in
+    ``raised_in`` (sd/runtime/distributed.py reports it as the main process's own: one line or its traceback).
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        try:
+            yield from self.dataset
+        except Exception as e:  # noqa: BLE001 - reported to the main process, which raises it (_raise_reported)
+            yield {WORKER_ERROR: np.frombuffer(_report(e), dtype=np.uint8)}
+
+    @staticmethod
+    def collate(collate):
+        """``collate`` for the batches, a report passed on as it is."""
+        return lambda part: part if isinstance(part, dict) and WORKER_ERROR in part else collate(part)
+
+
+def _report(e: Exception) -> bytes:
+    """Pickled ``(exception or None when it does not pickle, "Type: message", traceback text, file that raised)``."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    raised_in: Optional[str] = tb.tb_frame.f_code.co_filename if tb is not None else None
+    try:
+        exc = pickle.loads(pickle.dumps(e))
+    except (pickle.PicklingError, TypeError, AttributeError):  # unpicklable fields, or a constructor pickle cannot call
+        exc = None
+    return pickle.dumps((exc, f"{type(e).__name__}: {e}", "".join(traceback.format_exception(e)), raised_in))
+
+
+def _raise_reported(report: np.ndarray) -> None:
+    """Raise the exception a loader worker reported (see :class:`_ReportFromWorker`)."""
+    exc, summary, text, raised_in = pickle.loads(np.asarray(report).tobytes())
+    if exc is None:
+        exc = LoaderWorkerError(summary)
+    exc.worker_traceback, exc.raised_in = text, raised_in
+    raise exc
 
 
 class MicroBatchStreams:
@@ -90,20 +147,23 @@ class MicroBatchStreams:
     def _micro_batches(self, dataset):
         """Endless joined micro-batches of one dataset: W' loader outputs each (see the module docstring)."""
         workers = min(self.num_workers, len(dataset.slots))
-        source = dataset if workers else _RaiseInMainThread(dataset)
+        source = _ReportFromWorker(dataset) if workers else _RaiseInMainThread(dataset)
+        collate = getattr(dataset, "collate_fn", collate_fn)  # latents: their own
         loader = paddle.io.DataLoader(source, batch_size=None, num_workers=workers,
-                                      collate_fn=getattr(dataset, "collate_fn", collate_fn),  # latents: their own
+                                      collate_fn=_ReportFromWorker.collate(collate) if workers else collate,
                                       worker_init_fn=die_with_parent)
         parts = iter(loader)
         while True:
             batch = []
             for _ in range(max(workers, 1)):
-                try:
-                    batch.append(next(parts))
-                except StopIteration:
+                part = next(parts, None)
+                if part is None:  # raised outside an except block: no "during handling of StopIteration" traceback
                     if getattr(source, "error", None) is not None:
                         raise source.error
                     return
+                batch.append(part)
+                if WORKER_ERROR in part:
+                    _raise_reported(part[WORKER_ERROR].numpy())
             yield batch[0] if len(batch) == 1 else {k: paddle.concat([b[k] for b in batch]) for k in batch[0]}
 
     def __iter__(self):

@@ -9,7 +9,9 @@ What a stream is (the contract with the trainer is in docs/ARCHITECTURE.md):
   same way and slot j reads entries j, j+G, ...); one with F < G is split by record within files
   (slot j reads entry j mod F of the pass's order and keeps its records i ≡ j div F (mod n), n being
   the number of slots reading that entry), which is logged once. Either way the slots are disjoint
-  and together complete, and each reads about one F-th or G-th of the data.
+  and together complete, and each gets about one F-th or G-th of the data. The slots streamed in one
+  process (a loader worker's) that split a file read it once per pass (``SharedReads``): each gets its
+  records as if it read the file alone, so nothing of a stream depends on which slots share a process.
 * **Draws.** A slot's stream is a sequence of draws: pick a ``.filelist`` (by weight, or
   uniformly), put its next record into the slot's shuffle buffer of undecoded records, take a
   random one out. Each list repeats forever, its file order reshuffled every pass. Draw ``i`` uses
@@ -161,14 +163,141 @@ class _NoRecords(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading a file once for all the slots of a process that split it by record
+# ---------------------------------------------------------------------------------------------
+class _FileShare:
+    """One reading of a file in one pass, fanned out by record index to the local slots that split it.
+
+    Record ``i`` belongs to the slot whose share is ``i mod sharers``; the records of a local slot wait
+    in its queue until it takes them, those of slots streamed elsewhere are dropped. A slot whose queue
+    would pass the limit is detached: it takes what is queued, then reads the rest of the file itself,
+    from the first record it was not given (memory stays bounded however far apart the slots drift).
+    The error that ends the reading (missing, unreadable, truncated file) reaches each attached slot
+    after its last record, as it would have reading the file alone.
+    """
+
+    def __init__(self, path: str, source: RecordSource, sharers: int, shares: Dict[int, int], reads: SharedReads):
+        self.path, self.source, self.sharers, self.reads = path, source, sharers, reads
+        self.slot_of = shares  # share → local slot
+        self.queues: Dict[int, collections.deque] = {share: collections.deque() for share in shares}
+        self.attached = set(shares)  # shares still fed by this reading
+        self.resume_at: Dict[int, int] = {}  # detached share → index of its first record not queued
+        self.pending = set(shares)  # shares not done with this file yet
+        self._records: Optional[Iterator[Any]] = None  # opened on the first record asked for
+        self.index = 0  # records read so far
+        self.done = False
+        self.error: Optional[BaseException] = None  # what ended the reading, if not the end of the file
+
+    def _read_one(self) -> None:
+        """Read the next record into its owner's queue (or drop it), or end the reading."""
+        try:
+            if self._records is None:
+                self._records = iter(self.source.read(self.path))
+            record = next(self._records)
+        except StopIteration:
+            self.done = True
+            return
+        except (EOFError, OSError, zlib.error) as err:  # the file errors _ListReader counts: each slot gets it
+            self.done, self.error = True, err
+            return
+        share = self.index % self.sharers
+        if share in self.attached:
+            slot = self.slot_of[share]
+            if self.reads.queued[slot] >= self.reads.queue_limit:
+                self.attached.discard(share)
+                self.resume_at[share] = self.index
+            else:
+                self.queues[share].append(record)
+                self.reads.queued[slot] += 1
+        self.index += 1
+
+    def records(self, share: int) -> Iterator[Any]:
+        """The records of ``share`` in file order; raises what ended the file's reading, as reading it alone."""
+        queue, slot = self.queues[share], self.slot_of[share]
+        try:
+            while True:
+                if queue:
+                    self.reads.queued[slot] -= 1
+                    yield queue.popleft()
+                elif share not in self.attached or self.done:
+                    break
+                else:
+                    self._read_one()
+            if share in self.attached:
+                if self.error is not None:
+                    raise self.error
+                return
+            for index, record in enumerate(self.source.read(self.path)):  # detached: the rest, alone
+                if index >= self.resume_at[share] and index % self.sharers == share:
+                    yield record
+        finally:
+            self.leave(share)
+
+    def leave(self, share: int) -> None:
+        """``share`` is done with this file (or its stream ended): free its queue, and the file when all are."""
+        self.reads.queued[self.slot_of[share]] -= len(self.queues[share])
+        self.queues[share].clear()
+        self.attached.discard(share)
+        self.pending.discard(share)
+        if not self.pending:
+            self.reads.finished(self)
+            close = getattr(self._records, "close", None)
+            if close is not None:
+                close()
+
+
+class SharedReads:
+    """The file readings of the slots streamed in one process (a loader worker): each file a list splits by
+    record is read once per pass, whatever the number of slots sharing it (see ``_FileShare``).
+
+    Args:
+        slots: the slots streamed here (their records are kept for them; the other slots' are dropped).
+        queue_limit: records at most waiting for one slot (a slot further behind reads the file itself).
+    """
+
+    def __init__(self, slots: Sequence[int], queue_limit: int = 1024):
+        self.slots, self.queue_limit = set(slots), queue_limit
+        self.queued: collections.Counter = collections.Counter()  # slot → records waiting in its queues
+        self._files: Dict[tuple, _FileShare] = {}  # (list, pass, first slot) → the file's reading
+        self._left: set = set()  # slots whose stream ended: nothing is kept for them any more
+
+    def records(self, reader: _ListReader, pass_no: int, path: str, source: RecordSource) -> Iterator[Any]:
+        """``reader``'s records of ``path`` (its file of pass ``pass_no``): those of index ≡ its share
+        (mod its sharers), in file order."""
+        files, slots = len(reader.files), reader.num_slots
+        first = reader.slot % files  # the slots first, first + F, ... read this file in this pass
+        key = (reader.list_index, pass_no, first)
+        share = self._files.get(key)
+        if share is None:
+            local = {j // files: j for j in range(first, slots, files) if j in self.slots and j not in self._left}
+            share = self._files[key] = _FileShare(path, source, reader.sharers, local, self)
+        if reader.share not in share.pending:  # not a slot of this process, or its stream started again
+            share = _FileShare(path, source, reader.sharers, {reader.share: reader.slot}, self)
+        return share.records(reader.share)
+
+    def finished(self, share: _FileShare) -> None:
+        for key, value in list(self._files.items()):
+            if value is share:
+                del self._files[key]
+
+    def leave(self, slot: int) -> None:
+        """``slot``'s stream ended: free what waits for it and keep nothing more for it."""
+        self._left.add(slot)
+        for share in list(self._files.values()):
+            for s, j in share.slot_of.items():
+                if j == slot and s in share.pending:
+                    share.leave(s)
+
+
+# ---------------------------------------------------------------------------------------------
 # One file list as an endless, sharded record source
 # ---------------------------------------------------------------------------------------------
 class _ListReader:
     """Records of one ``.filelist`` for one slot, pass after pass: ``(source, record)``."""
 
     def __init__(self, name: str, files: List[str], slot: int, num_slots: int, seed: int, list_index: int,
-                 skipped: collections.Counter):
-        self.name, self.files, self.slot, self.num_slots = name, files, slot, num_slots
+                 skipped: collections.Counter, shared: SharedReads):
+        self.name, self.files, self.slot, self.num_slots, self.shared = name, files, slot, num_slots, shared
         self.by_file = len(files) >= num_slots
         # Split by record: this slot reads entry slot mod F of each pass's order, with the other slots
         # ≡ slot (mod F); it keeps every `sharers`-th record of it, starting at `share`.
@@ -192,11 +321,12 @@ class _ListReader:
             files = [self.files[order[self.slot % len(self.files)]]]
         for path in files:
             source, mark, kept = source_for(path), self._coverage_mark, 0
+            # Split by record, the file is read once for the slots of this process that share it (SharedReads).
+            records = source.read(path) if self.by_file else self.shared.records(self, pass_no, path, source)
             try:
-                for index, record in enumerate(source.read(path)):
-                    if self.by_file or index % self.sharers == self.share:
-                        kept += 1
-                        yield source, record
+                for record in records:
+                    kept += 1
+                    yield source, record
             except FileNotFoundError:  # listed at start-up, gone now (deleted or moved mid-run)
                 self._skip_file("missing_file", path, "is missing; skipped")
             except (PermissionError, IsADirectoryError, NotADirectoryError) as err:
@@ -280,27 +410,42 @@ class RecordStream:
                 f"{'file' if len(files) >= self.num_slots else 'record within files'} over {self.num_slots} slot(s)"
                 for path, weight, files in self.lists]
 
-    def samples(self, slot: int, resume: Optional[ResumePoint], make: MakeSample,
-                check: CheckRecord) -> Iterator[Tuple[dict, int, StreamState]]:
+    def shared_reads(self, slots: Sequence[int]) -> SharedReads:
+        """What the streams of ``slots``, iterated together in one process, share: each file read once per pass.
+
+        A slot may lag the others sharing its file by ``shuffle_buffer + 256`` records (kept undecoded,
+        like its shuffle buffer) before it reads the rest of that file itself.
+        """
+        return SharedReads(slots, queue_limit=self.shuffle_buffer + 256)
+
+    def samples(self, slot: int, resume: Optional[ResumePoint], make: MakeSample, check: CheckRecord,
+                shared: Optional[SharedReads] = None) -> Iterator[Tuple[dict, int, StreamState]]:
         """Yield ``(sample, pass, state)`` for every usable record of slot ``slot``'s stream.
 
         ``make(source, record, rng)`` turns a record into a sample (drawing its randomness from
         ``rng`` only); ``check(source, record)`` takes the same usable/skipped decision without
         decoding, for replaying a resumed stream by sample count. Both raise ``BadRecord``.
+        ``shared``: the ``shared_reads`` of the slots iterated alongside (default: this slot reads alone);
+        the stream is the same either way.
         """
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} is not in [0, num_slots={self.num_slots})")
+        if shared is None:
+            shared = self.shared_reads([slot])
+        elif slot not in shared.slots:
+            raise ValueError(f"slot {slot} is not one of the slots {sorted(shared.slots)} that share reads")
         skip_draws = resume.position if resume is not None else None
         skip_samples = resume.samples_consumed if resume is not None and skip_draws is None else 0
         state = self.states[slot] = StreamState(slot, len(self.lists), skip_draws, skip_samples)
-        readers = [_ListReader(path, files, slot, self.num_slots, self.seed, i, state.skipped)
+        readers = [_ListReader(path, files, slot, self.num_slots, self.seed, i, state.skipped, shared)
                    for i, (path, _, files) in enumerate(self.lists)]
         if slot == 0:
             for r in readers:
                 if not r.by_file:
                     logger.info(f"{r.name} has {len(r.files)} part-file entries for {self.num_slots} slots (samples "
-                                "per global batch): sharding it by record instead of by file (each slot reads one "
-                                "file per pass and keeps its share of the records)")
+                                "per global batch): sharding it by record instead of by file (each slot takes one "
+                                "file per pass and keeps its share of the records; a process reads each file once "
+                                "for all its slots)")
         where = f"slot {slot}"
         try:
             for k, epoch, source, record, rng in self._draws(state, readers, where):
@@ -324,6 +469,7 @@ class RecordStream:
                 if sample is not None:
                     yield sample, epoch, state
         finally:
+            shared.leave(slot)
             if state.skipped:
                 logger.info(f"{where}: stream ended after {state.examined} records, {state.bad} skipped: "
                             f"{dict(state.skipped)}")

@@ -9,7 +9,7 @@
   workers is removed (sd/runtime/shm.py);
 * a user mistake (a ``ValueError`` or ``FileNotFoundError`` raised by this repository's own checks,
   a failed checkpoint write, a diverged run) is one line and exit status 1; anything else is a bug and
-  prints its traceback once;
+  prints its traceback once; both alike when raised in a loader worker (sd/train_loader.py carries it here);
 * work that only rank 0 does (sample grids, writing a checkpoint) ends with :func:`after_rank_zero_work`,
   so that the other ranks do not wait for it inside a collective (gloo gives one 30 s);
 * a failing rank leaves at once with ``rank r failed: ...`` (which train.sh lists after a failed
@@ -71,12 +71,15 @@ def is_user_mistake(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError)):
         return False
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return False
-    filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    filename = getattr(exc, "raised_in", None)  # raised in a loader worker (sd/train_loader.py), raised again here
+    if filename is None:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is None:
+            return False
+        filename = tb.tb_frame.f_code.co_filename
+    filename = os.path.abspath(filename)
     folder = os.path.dirname(filename)
     return folder == ROOT or folder == os.path.join(ROOT, "sd") or folder.startswith(os.path.join(ROOT, "sd") + os.sep)
 
@@ -152,8 +155,12 @@ def run(main: Callable[[], None], user_errors=()) -> None:
         raise
     except BaseException as e:  # noqa: BLE001 - every failure ends here: reported once, then a non-zero exit
         mistake = isinstance(e, tuple(user_errors)) or is_user_mistake(e)
-        if not mistake:
-            traceback.print_exc()
+        if not mistake:  # a loader worker's bug: the traceback where it happened (sd/train_loader.py)
+            worker_traceback = getattr(e, "worker_traceback", None)
+            if worker_traceback:
+                print(worker_traceback, end="", file=sys.stderr, flush=True)
+            else:
+                traceback.print_exc()
         elif not under_launcher():  # a rank's one line is the "rank r failed" below
             print(f"error: {e}", file=sys.stderr, flush=True)
         shm.stop_children_and_clean()

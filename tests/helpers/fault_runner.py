@@ -16,6 +16,8 @@ Faults are chosen by environment variables:
                                 on resume;
   SD_FAULT_RANK_DIES="1:2:raise"  rank 1 fails at its batch index 2 with a FileNotFoundError (as for a
                                 part file missing on one node); ":kill" instead kills it with SIGKILL.
+  SD_FAULT_DATASET_BUG=1        the image dataset's per-record function raises AttributeError (a bug in the
+                                dataset code), in whichever process streams it (loader workers too);
 and one spy:
   SD_SPY_DIR=DIR                each rank appends a line per batch to DIR/rank-R.txt: per sample, its noise
                                 seed, a hash of its image and a hash of its token ids (``seed:image:ids``).
@@ -99,6 +101,14 @@ if os.environ.get("SD_FAULT_RANK_DIES"):
         return compute_loss(self, *args, **kwargs)
 
     StableDiffusionTrainer.compute_loss = dying_compute_loss
+
+if os.environ.get("SD_FAULT_DATASET_BUG"):
+    from sd.text_image_pair_dataset import TextImagePairDataset
+
+    def buggy_make_sample(self, source, record, rng):
+        return self.pixel_cache  # no such attribute
+
+    TextImagePairDataset._make_sample = buggy_make_sample
 
 if os.environ.get("SD_SPY_DIR"):
     import hashlib

@@ -200,6 +200,19 @@ def test_stopped_run_leaves_no_shared_memory(tiny_kit, demo_file_list, tmp_path,
     assert left == [], left
 
 
+@pytest.mark.parametrize("workers", [0, 1, 4])
+def test_bug_in_the_dataset_prints_its_traceback_once(tiny_kit, demo_file_list, tmp_path, workers):
+    """A bug in the dataset code (an AttributeError) is not a user's mistake: its traceback, from where it was
+    raised (a loader worker or not), is printed once, and the run fails."""
+    r = run(tiny_kit, demo_file_list, tmp_path / "out", "--dataloader_num_workers", str(workers),
+            faults={"SD_FAULT_DATASET_BUG": "1"})
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.count("Traceback (most recent call last)") == 1, r.stderr[-5000:]
+    assert "AttributeError" in r.stderr and "pixel_cache" in r.stderr and "buggy_make_sample" in r.stderr, \
+        r.stderr[-3000:]
+    assert "Blocking queue" not in r.stderr and "\nerror: " not in r.stderr, r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_all_finite(fused):
     import paddle

@@ -277,3 +277,32 @@ def test_all_bad_data_stops_with_one_line(tiny_kit, tmp_path):
     assert r.returncode == 1, r.stderr[-3000:]
     assert "error: " in r.stderr and "no usable sample in a full pass" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 4])
+def test_images_all_too_small_is_one_line_whatever_the_loader_workers(tiny_kit, tmp_path, workers):
+    """Every image smaller than --resolution (no --allow_upscale): one line saying so and what to check, with
+    or without loader workers (a worker's error is not Paddle's "Blocking queue is killed" and two tracebacks)."""
+    import io
+
+    from PIL import Image
+
+    from sd.data.formats import encode_part_line
+
+    part = tmp_path / "part-000001"
+    lines = []
+    for i in range(8):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((16, 16, 3), 30 * i, np.uint8)).save(buf, "PNG")
+        lines.append(encode_part_line(f"caption {i}", buf.getvalue()))
+    part.write_text("".join(lines))
+    (tmp_path / "small.filelist").write_text(f"{part}\n")
+    (tmp_path / "small.filelist.list").write_text(f"{tmp_path / 'small.filelist'}\n")
+    cmd = train_command(tiny_kit, str(tmp_path / "small.filelist.list"), tmp_path / "out", "--max_steps", "2",
+                        "--report_to", "none", "--image_logging_steps", "0", "--dataloader_num_workers", str(workers))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no usable sample in a full pass" in errors[0] and "too_small" in errors[0] \
+        and "allow_upscale" in errors[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Blocking queue" not in r.stderr, r.stderr[-3000:]
