@@ -73,8 +73,9 @@ def _filesystem(url: str):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
         # One retry layer, ours (it counts): s3fs's and botocore's own are switched off.
         config = {"retries": {"total_max_attempts": 1}, "connect_timeout": timeout, "read_timeout": timeout}
-        return fsspec.filesystem("s3", endpoint_url=endpoint, retries=1, config_kwargs=config,
-                                 default_block_size=BLOCK_SIZE)
+        fs = fsspec.filesystem("s3", endpoint_url=endpoint, config_kwargs=config, default_block_size=BLOCK_SIZE)
+        fs.retries = 1  # s3fs's attempts per request (a class attribute in s3fs 2024.5)
+        return fs
     import aiohttp
 
     client = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)}

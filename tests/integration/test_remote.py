@@ -315,6 +315,16 @@ def test_unreachable_and_missing_shards_are_skipped_and_counted(shards, http_url
     assert err.count(f"file {paths[3]} (listed in") == 1
 
 
+def test_http_folder_link_only_lists_the_shard_urls(http_url, tmp_path):
+    """An HTTP folder (its index page, listed by fsspec) gives the same --link_only lists as an S3 prefix."""
+    base, _ = http_url
+    r = convert("--input_path", f"{base}/laion_parquet/", "--output_path", "links", "--link_only", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "img2dataset folder: " in r.stdout and "(parquet, 3 of 3 shards)" in r.stdout
+    (entry,) = read_filelist_list(str(tmp_path / "links" / "filelist" / "custom_dataset.filelist.list"))
+    assert [e.path for e in read_filelist(entry.path)] == [f"{base}/laion_parquet/{i:05d}.parquet" for i in range(3)]
+
+
 # ---------------------------------------------------------------------------------------------
 # S3
 # ---------------------------------------------------------------------------------------------
