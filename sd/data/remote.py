@@ -12,12 +12,13 @@ the usual way:
 A remote file is read in blocks of ``BLOCK_SIZE`` bytes by range requests: a tar streams member by
 member, a parquet reads its footer and then the row groups it is asked for, a part file line by line;
 nothing is copied to local disk. A transient failure (connection refused or reset, a response cut
-short, HTTP 5xx or 429, a timeout) is retried at the same byte offset after a backoff (1 s, doubling,
-at most ``SD_REMOTE_RETRIES`` times, default 5; the first wait is ``SD_REMOTE_BACKOFF`` seconds); each
+short, HTTP 5xx or 429, ``SD_REMOTE_TIMEOUT`` = 60 s without progress) is retried at the same byte offset
+after a backoff (1 s, doubling, at most ``SD_REMOTE_RETRIES`` times, default 5; the first wait is
+``SD_REMOTE_BACKOFF`` seconds); each
 retry is counted by reason (``RETRY_REASONS``) into the counter ``counting_retries`` names, which the
 record stream reports with its skips. A file still failing after the last retry raises
-``RemoteUnreachable``; a URL the server answers with 404 (or 403) raises ``FileNotFoundError``
-(``PermissionError``) at once, as a local file would.
+``RemoteUnreachable``; a URL the server answers with 404 raises ``FileNotFoundError`` at once (S3's
+access denied ``PermissionError``), as a local file would.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import os
 import posixpath
 import random
 import time
-from typing import Dict, Iterator, Optional
+from collections.abc import Iterator
 
 SCHEMES = ("http://", "https://", "s3://")
 BLOCK_SIZE = 4 * 2**20  # bytes per range request: one block cached per open file
@@ -121,7 +122,7 @@ def _error_types():
     return tuple(timeouts), tuple(connection), tuple(timeouts + connection + other)
 
 
-def _status(err: BaseException) -> Optional[int]:
+def _status(err: BaseException) -> int | None:
     """The HTTP status an aiohttp or botocore error carries, if any."""
     status = getattr(err, "status", None)  # aiohttp.ClientResponseError
     if isinstance(status, int):
@@ -132,7 +133,7 @@ def _status(err: BaseException) -> Optional[int]:
     return None
 
 
-def retry_reason(err: BaseException) -> Optional[str]:
+def retry_reason(err: BaseException) -> str | None:
     """The ``RETRY_REASONS`` key of a transient failure, or None for one that retrying cannot mend.
 
     The exception and its causes are examined (fsspec wraps a failed connection into ``FileNotFoundError``,
@@ -190,7 +191,8 @@ def _with_retries(what: str, url: str, call):
             if counter is not None:
                 counter[reason] += 1
             pause = min(wait * 2**attempt, MAX_BACKOFF) * (0.5 + 0.5 * _jitter.random())
-            from sd.log import logger  # here: sd.log imports paddlenlp, which the data tools need not load
+            # imported here: sd.log imports paddlenlp, which the data tools need not load
+            from sd.log import logger
 
             logger.warning(f"{url}: {what} failed ({said}); retry {attempt + 1} of {retries} "
                            f"in {pause:.1f} s, counted as {reason}")
@@ -210,6 +212,10 @@ class _RetryingReader(io.RawIOBase):
         self._file = _with_retries("opening", url, lambda: _filesystem(url).open(url, "rb", block_size=BLOCK_SIZE))
         self.size = self._file.size
         self._pos = 0
+        if self.size is None:
+            self._file.close()
+            raise OSError(f"{url}: the server gives no Content-Length; remote files are read by range requests, "
+                          "which need it")
 
     def readable(self) -> bool:
         return True
@@ -234,7 +240,10 @@ class _RetryingReader(io.RawIOBase):
             self._file.seek(self._pos)
             return self._file.read(min(len(view), self.size - self._pos))
 
-        data = _with_retries(f"reading at byte {self._pos}", self.url, read)
+        try:
+            data = _with_retries(f"reading at byte {self._pos}", self.url, read)
+        except ValueError as err:  # fsspec: the server ignores Range headers
+            raise OSError(f"{self.url}: {err}") from None
         view[:len(data)] = data
         self._pos += len(data)
         return len(data)
@@ -249,7 +258,9 @@ def open_binary(url: str) -> io.BufferedReader:
     """A buffered, seekable binary stream over the remote file ``url``, read in range requests.
 
     Raises:
-        FileNotFoundError / PermissionError: the server says so (404 / 403).
+        FileNotFoundError: not there (HTTP: any 4xx answer; fsspec reports them so).
+        PermissionError: S3 denies access.
+        OSError: the server does not serve byte ranges (also later, from a read).
         RemoteUnreachable: transient failures outlasted the retries (also later, from a read).
     """
     return io.BufferedReader(_RetryingReader(url), buffer_size=min(2**16, BLOCK_SIZE))
@@ -269,7 +280,7 @@ def _with_scheme(url: str, name: str) -> str:
     return name if name.startswith(SCHEMES) else scheme + name.lstrip("/")
 
 
-def list_folder(url: str) -> Dict[str, str]:
+def list_folder(url: str) -> dict[str, str]:
     """Entries of the remote folder ``url`` (an S3 prefix, or an HTTP index page): name → ``file``/``directory``."""
     fs = _filesystem(url)
     entries = _with_retries("listing", url, lambda: fs.ls(url.rstrip("/") + "/", detail=True))

@@ -29,7 +29,6 @@ import pytest
 from sd.data import img2dataset as i2d
 from sd.data import remote
 from sd.data.formats import iter_part_file, read_filelist, read_filelist_list
-
 from tests.helpers.common import ROOT, train_command, weight_difference
 
 SCRIPT = os.path.join(ROOT, "create_pretraining_data.py")
@@ -52,7 +51,8 @@ def shards(demo_file_list, tmp_path_factory):
         (www / sub).mkdir(parents=True)
     (entry,) = read_filelist_list(demo_file_list)
     for index, part in enumerate(read_filelist(entry.path)):
-        data = open(part.path, "rb").read()
+        with open(part.path, "rb") as f:
+            data = f.read()
         name = f"part-{index + 1:06d}"
         (www / "parts" / name).write_bytes(data)
         (www / "parts" / (name + ".gz")).write_bytes(gzip.compress(data, mtime=0))
@@ -215,7 +215,7 @@ def shard_names(shards):
 
 def convert(*args, cwd, env=None):
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env=env)
+                          env=env, check=False)
 
 
 def losses(log):
@@ -368,7 +368,7 @@ def test_s3_training_equals_local_and_resumes_exactly_after_a_kill(shards, s3, t
         if faults:
             cmd = [sys.executable, RUNNER] + cmd[2:]
         return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**s3, **(faults or {})},
-                              timeout=600)
+                              timeout=600, check=False)
 
     runs = {}
     for name, listing in (("s3", far), ("local", near)):
@@ -379,7 +379,7 @@ def test_s3_training_equals_local_and_resumes_exactly_after_a_kill(shards, s3, t
     assert weight_difference(tmp_path / "s3" / "checkpoint-6", tmp_path / "local" / "checkpoint-6") == (0.0, 0.0)
     killed = train(far, tmp_path / "killed", {"SD_FAULT_RANK_DIES": "0:4:kill"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*"))[-1] == "checkpoint-4"
+    assert max(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == "checkpoint-4"
     resumed = train(far, tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert losses(resumed.stdout + resumed.stderr) == {s: l for s, l in runs["s3"].items() if s > 4}
