@@ -34,6 +34,10 @@ skipped and counted by reason with shard and key, beside img2dataset's own failu
 its parts are the very files a single run writes for those shards, and the N ``.filelist``s
 concatenated in index order are the single run's ``.filelist``. ``--link_only`` converts nothing and
 lists the ``.tar``/``.parquet`` shards themselves, which training reads in place.
+
+The img2dataset folder may be remote, ``s3://bucket/prefix`` or ``http(s)://host/folder/`` (listed and
+read through ``sd/data/remote.py``): ``--link_only`` lists the shards' URLs, and conversion streams them;
+retried reads are counted in the summary, a shard that stays unreachable is skipped as ``unreachable_file``.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sd.data import img2dataset as i2d
+from sd.data import remote
 from sd.data.formats import BadRecord, encode_part_line, write_filelists
 
 PART_DIR = "laion400m_format_data"
@@ -114,7 +119,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be at least 1, got {value}")
     if not 1 <= args.jpeg_quality <= 100:
         p.error(f"--jpeg_quality must be in 1..100, got {args.jpeg_quality}")
-    if not os.path.exists(args.input_path):
+    far = remote.is_remote(args.input_path)
+    if far:
+        if args.input_format == "jsonl":
+            p.error(f"--input_path {args.input_path}: a remote input must be an img2dataset output folder (webdataset "
+                    "or parquet shards); copy a jsonl and its images to local disk")
+        args.input_format = "img2dataset"
+    elif not os.path.exists(args.input_path):
         p.error(f"--input_path {args.input_path}: no such file")
     if args.input_format == "auto":
         args.input_format = "img2dataset" if os.path.isdir(args.input_path) else "jsonl"
@@ -131,11 +142,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         try:
             args.shard_options = i2d.ShardOptions(args.caption_key, args.min_original_size,
                                                   tuple(i2d.Where.parse(w) for w in args.where))
-            if not os.path.isdir(args.input_path):
+            if not far and not os.path.isdir(args.input_path):
                 raise ValueError(f"--input_path {args.input_path} is a file; img2dataset input is its output folder")
             args.format, args.shards = i2d.find_shards(args.input_path)
         except ValueError as err:
             p.error(str(err))
+        except (FileNotFoundError, PermissionError, remote.RemoteUnreachable) as err:  # remote: listing failed
+            p.error(f"--input_path {args.input_path}: cannot be listed ({err})")
         if args.min_original_size < 0:
             p.error(f"--min_original_size must be at least 0, got {args.min_original_size}")
         if not 0 <= args.shard_index < args.num_shards:
@@ -540,16 +553,22 @@ def prepare_split_output(args, shards: List[str]) -> None:
 
 
 def sample_chunks(shards: List[str], file_skips: List[Tuple[str, str]], counts: Counter):
-    """(shard index, CHUNK_LINES samples) in shard order; a truncated shard is noted in ``file_skips``."""
+    """(shard index, CHUNK_LINES samples) in shard order; a truncated or unreachable shard is noted in
+    ``file_skips``, the retried reads of remote shards are counted in ``counts`` (``retry_*``)."""
     for index, shard in enumerate(shards):
         chunk = []
+        samples = i2d.iter_shard(shard)
+        if remote.is_remote(shard):
+            samples = remote.counting_retries(samples, counts)
         try:
-            for sample in i2d.iter_shard(shard):
+            for sample in samples:
                 counts["samples"] += 1
                 chunk.append(sample)
                 if len(chunk) == CHUNK_LINES:
                     yield index, chunk
                     chunk = []
+        except remote.RemoteUnreachable as err:
+            file_skips.append((str(err), "unreachable_file"))
         except (EOFError, OSError) as err:
             file_skips.append((str(err), "truncated_file"))
         if chunk:
@@ -641,6 +660,9 @@ def convert_img2dataset(args) -> int:
     for reason, count in skip_count.most_common():
         more = ", ..." if count > SHOW_LINES else ""
         print(f"  {reason}: {count} ({', '.join(skip_where[reason])}{more})")
+    retries = {r: counts[r] for r in remote.RETRY_REASONS if counts[r]}
+    if retries:
+        print(f"remote reads retried: {sum(retries.values())} ({', '.join(f'{r}: {n}' for r, n in retries.items())})")
     # img2dataset's rows: webdataset/files hold its successes, parquet every URL it tried.
     expected = stats.count if args.format == "parquet" else stats.successes
     if stats.missing == 0 and counts["samples"] != expected:

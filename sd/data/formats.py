@@ -19,6 +19,10 @@ a relative path is tried, in order, against
 
 The first candidate that exists wins. Rule 2 makes a dataset written from one folder usable from any
 other folder, without rewriting its file lists.
+
+Remote files (``sd/data/remote.py``): any listed path may be an ``http(s)://`` or ``s3://`` URL, kept as
+written and not looked up when the list is read (a shard that cannot be reached is skipped and counted
+when it is read); a relative path inside a remote list is relative to that list's URL.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from __future__ import annotations
 import base64
 import binascii
 import gzip
+import io
 import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
+
+from sd.data import remote
 
 LINE_FORMATS = ("laion400m", "laion_aes")
 PLACEHOLDER = "NONE"  # what PaddleMIX's create_pretraining_data.py writes in column 2
@@ -153,6 +160,10 @@ def iter_part_file(path: str) -> Iterator[bytes]:
     A truncated or corrupt gzip raises ``EOFError``/``OSError`` (``gzip.BadGzipFile``) part-way
     through; callers count that as a bad file and move on.
     """
+    if remote.is_remote(path):
+        with remote.open_binary(path) as stream, (gzip.open(stream, "rb") if path.endswith(".gz") else stream) as f:
+            yield from f
+        return
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         for raw in f:
@@ -168,6 +179,10 @@ def resolve_path(path: str, listed_in: Optional[str] = None) -> str:
     Returns the first existing candidate; if none exists, the CWD candidate (so the caller's
     "missing file" error shows the path as written).
     """
+    if remote.is_remote(path):
+        return path
+    if listed_in is not None and remote.is_remote(listed_in):
+        return remote.join(listed_in.rsplit("/", 1)[0], path)
     path = os.path.expanduser(path)
     if os.path.isabs(path) or os.path.exists(path):
         return path
@@ -192,11 +207,21 @@ class ListEntry:
     line_no: int  # 1-based line number in the listing file
 
 
-def _read_listing(listing: str, with_weight: bool) -> List[ListEntry]:
+def _open_listing(listing: str):
+    """A ``.filelist(.list)`` opened as text: a local file, or a remote one read whole."""
+    if remote.is_remote(listing):
+        try:
+            return io.StringIO(remote.read_text(listing))
+        except (FileNotFoundError, PermissionError, remote.RemoteUnreachable) as err:
+            raise FileNotFoundError(f"{listing}: cannot be read ({err})") from None
     if not os.path.isfile(listing):
         raise FileNotFoundError(f"{listing}: no such file")
+    return open(listing, "r", encoding="utf-8")
+
+
+def _read_listing(listing: str, with_weight: bool) -> List[ListEntry]:
     entries = []
-    with open(listing, "r", encoding="utf-8") as f:
+    with _open_listing(listing) as f:
         for line_no, line in enumerate(f, 1):
             parts = line.strip().split()
             if not parts or parts[0].startswith("#"):
@@ -215,7 +240,7 @@ def _read_listing(listing: str, with_weight: bool) -> List[ListEntry]:
             elif len(parts) > 1:
                 raise ValueError(f"{listing}:{line_no}: expected one path per line, got {line.strip()!r}")
             resolved = resolve_path(parts[0], listing)
-            if not os.path.exists(resolved):
+            if not remote.is_remote(resolved) and not os.path.exists(resolved):
                 raise FileNotFoundError(
                     f"{listing}:{line_no}: {parts[0]} not found (tried relative to the current "
                     f"directory {os.getcwd()} and to {os.path.dirname(os.path.abspath(listing))} and "

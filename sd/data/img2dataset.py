@@ -27,6 +27,9 @@ A truncated or corrupt tar raises ``EOFError`` naming the shard and the key it s
 stream counts ``truncated_file`` and skips the rest of that shard); an image that does not decode is
 ``bad_image`` where it is decoded (the dataset, or the converter's full decode).
 
+A shard may be remote (an ``http(s)://`` or ``s3://`` URL, ``sd/data/remote.py``): it streams the same
+way, by range requests; an output folder may be an S3 prefix (listed through fsspec).
+
 Training reads ``.tar`` and ``.parquet`` shards listed in a ``.filelist`` through the record sources
 registered in ``sd/data/record_stream.py``; their caption source and filters are ``configure``'s (default:
 the ``.txt``, no filter).
@@ -42,6 +45,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from sd.data import remote
 from sd.data.formats import BadRecord
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # image members / parquet columns, in order of preference
@@ -214,6 +218,11 @@ def _group(shard: str, key: str, members: Dict[str, bytes]) -> Sample:
     return Sample(shard, key, image, members.get("txt"), members.get("json"))
 
 
+def _open_binary(path: str):
+    """A local file, or a remote one streamed by range requests (``sd/data/remote.py``)."""
+    return remote.open_binary(path) if remote.is_remote(path) else open(path, "rb")
+
+
 def iter_tar(path: str) -> Iterator[Sample]:
     """Samples of a webdataset ``.tar``, grouped by key, streamed (tarfile's stream mode).
 
@@ -222,7 +231,7 @@ def iter_tar(path: str) -> Iterator[Sample]:
             reading stopped (samples before it were yielded).
     """
     key, members = None, {}
-    with open(path, "rb") as f:  # FileNotFoundError / PermissionError / IsADirectoryError: the caller's
+    with _open_binary(path) as f:  # FileNotFoundError / PermissionError / IsADirectoryError: the caller's
         try:
             tar = tarfile.open(fileobj=f, mode="r|")
             for member in tar:
@@ -239,7 +248,7 @@ def iter_tar(path: str) -> Iterator[Sample]:
         except tarfile.ReadError as err:
             raise EOFError(f"{path}: truncated or corrupt tar at key {key or '(first)'} ({err})") from None
     # Stream mode ends quietly at an invalid or cut header; a whole tar ends with zero blocks there.
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         f.seek(end)
         tail = f.read(1024)
     if len(tail) < 1024 or tail.strip(b"\0"):
@@ -264,8 +273,9 @@ def iter_parquet(path: str, caption_column: str = "caption") -> Iterator[Sample]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    stream = remote.open_binary(path) if remote.is_remote(path) else None
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path if stream is None else stream)  # remote: the footer, then row group by row group
         names = pf.schema_arrow.names
         column = image_column(names)
         if column is None:
@@ -273,13 +283,19 @@ def iter_parquet(path: str, caption_column: str = "caption") -> Iterator[Sample]
                              "img2dataset parquet shard (a webdataset folder's .parquet holds only metadata; "
                              "list its .tar shards instead)")
         index = 0
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH):
-            for row in batch.to_pylist():
-                image = row.pop(column)
-                yield Sample(path, str(row.get("key") or f"row {index}"), image, row.get(caption_column), row)
-                index += 1
+        # remote: one row group at a time (pyarrow would fetch every row group it is given at once)
+        groups = [None] if stream is None else [[g] for g in range(pf.num_row_groups)]
+        for group in groups:
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=group):
+                for row in batch.to_pylist():
+                    image = row.pop(column)
+                    yield Sample(path, str(row.get("key") or f"row {index}"), image, row.get(caption_column), row)
+                    index += 1
     except pa.ArrowInvalid as err:
         raise OSError(f"{path}: not a readable parquet file ({err})") from None
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 def iter_files(folder: str) -> Iterator[Sample]:
@@ -321,27 +337,39 @@ def find_shards(folder: str) -> Tuple[str, List[str]]:
     Raises:
         ValueError: the folder holds none of these.
     """
-    names = sorted(os.listdir(folder))
-    tars = [os.path.join(folder, n) for n in names if n.endswith(".tar")]
+    if remote.is_remote(folder):  # an S3 prefix or an HTTP index page: shards are URLs, no 'files' folders
+        kinds = remote.list_folder(folder)
+        names, join, isdir = sorted(kinds), remote.join, lambda path: kinds[path.rsplit("/", 1)[1]] == "directory"
+    else:
+        names, join, isdir = sorted(os.listdir(folder)), os.path.join, os.path.isdir
+    tars = [join(folder, n) for n in names if n.endswith(".tar")]
     if tars:
         return "webdataset", tars
-    dirs = [os.path.join(folder, n) for n in names if _SHARD_NAME.match(n) and os.path.isdir(os.path.join(folder, n))]
+    dirs = [join(folder, n) for n in names if _SHARD_NAME.match(n) and isdir(join(folder, n))]
     if dirs:
+        if remote.is_remote(folder):
+            raise ValueError(f"{folder}: an img2dataset 'files' folder cannot be read remotely; copy it, or "
+                             "write the shards as webdataset or parquet")
         return "files", dirs
-    parquets = [os.path.join(folder, n) for n in names if n.endswith(".parquet")]
+    parquets = [join(folder, n) for n in names if n.endswith(".parquet")]
     if parquets:
-        import pyarrow.parquet as pq
-
-        if image_column(pq.ParquetFile(parquets[0]).schema_arrow.names) is None:
+        if image_column(_parquet_columns(parquets[0])) is None:
             raise ValueError(f"{folder}: its .parquet files hold no image column and there are no .tar shards "
                              "or shard folders: not an img2dataset output folder with images")
         return "parquet", parquets
     raise ValueError(f"{folder}: no img2dataset shards (*.tar, numbered folders or *.parquet with images)")
 
 
+def _parquet_columns(path: str) -> List[str]:
+    import pyarrow.parquet as pq
+
+    with _open_binary(path) as f:
+        return pq.ParquetFile(f).schema_arrow.names
+
+
 def looks_like_output(folder: str) -> bool:
     """True when ``folder`` is an img2dataset output folder (it has ``*_stats.json`` or shards)."""
-    if not os.path.isdir(folder):
+    if not (remote.isdir(folder) if remote.is_remote(folder) else os.path.isdir(folder)):
         return False
     try:
         find_shards(folder)
@@ -352,7 +380,8 @@ def looks_like_output(folder: str) -> bool:
 
 def stats_path(shard: str) -> str:
     """``.../00000.tar`` (or ``.parquet``, or the folder ``00000``) → ``.../00000_stats.json``."""
-    stem = shard.rstrip("/").rsplit(".", 1)[0] if not os.path.isdir(shard) else shard.rstrip("/")
+    stem = shard.rstrip("/").rsplit(".", 1)[0] if remote.is_remote(shard) or not os.path.isdir(shard) \
+        else shard.rstrip("/")
     return stem + "_stats.json"
 
 
@@ -369,8 +398,8 @@ class Stats:
     def add(self, shard: str) -> None:
         path = stats_path(shard)
         try:
-            with open(path, "r", encoding="utf-8") as f:
-                data = json.load(f)
+            with _open_binary(path) as f:
+                data = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             self.missing += 1
             return

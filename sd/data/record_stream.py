@@ -23,7 +23,9 @@ What a stream is (the contract with the trainer is in docs/ARCHITECTURE.md):
   cheap check per record.
 * **Bad data** is skipped and counted by reason (``SKIP_REASONS``): records the decoder rejects
   (``BadRecord(reason)``), part files missing, unreadable or truncated (also when they vanish
-  mid-run: counted once per pass, logged once). A summary is logged every ``report_every`` skips,
+  mid-run: counted once per pass, logged once; a remote one that stays unreachable after its retries
+  likewise, as ``unreachable_file``; the retries of remote reads are counted as ``retry_*``). A summary
+  is logged every ``report_every`` skips,
   at the end of each pass of a list and when the stream ends; ``max_bad_fraction`` turns too much
   bad data into an error; every file of every list read through (and two of a slot's longest
   passes) without one usable record is an error, never an endless loop. A pass may give a slot
@@ -54,7 +56,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from sd.data import img2dataset
+from sd.data import img2dataset, remote
 from sd.data.formats import BadRecord, decode_part_record, iter_part_file
 from sd.log import logger
 
@@ -65,8 +67,11 @@ from sd.log import logger
 SKIP_REASONS = ("empty_line", "not_text", "too_few_fields", "bad_json", "no_caption", "empty_image", "bad_base64",
                 "bad_image", "too_small", "missing_file", "truncated_file", "unreadable_file",
                 "bad_latent",  # bad_latent: a record of precomputed latents (sd/latent_dataset.py) that does not parse
-                "filtered", "not_downloaded")  # img2dataset shards (sd/data/img2dataset.py): metadata filters, failed URLs
-FILE_REASONS = ("missing_file", "unreadable_file", "truncated_file")
+                "filtered", "not_downloaded",  # img2dataset shards (sd/data/img2dataset.py): metadata filters, failed URLs
+                # remote files (sd/data/remote.py): one that stayed unreachable (counted as a file), and the
+                # retries of transient failures (each retried read, not a record lost)
+                "unreachable_file", *remote.RETRY_REASONS)
+FILE_REASONS = ("missing_file", "unreadable_file", "truncated_file", "unreachable_file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,10 +328,14 @@ class _ListReader:
             source, mark, kept = source_for(path), self._coverage_mark, 0
             # Split by record, the file is read once for the slots of this process that share it (SharedReads).
             records = source.read(path) if self.by_file else self.shared.records(self, pass_no, path, source)
+            if remote.is_remote(path):  # retries of its reads are counted for this slot (whichever slot reads)
+                records = remote.counting_retries(records, self.skipped)
             try:
                 for record in records:
                     kept += 1
                     yield source, record
+            except remote.RemoteUnreachable as err:  # a remote file still failing after its retries
+                self._skip_file("unreachable_file", path, f"cannot be reached ({err}); skipped")
             except FileNotFoundError:  # listed at start-up, gone now (deleted or moved mid-run)
                 self._skip_file("missing_file", path, "is missing; skipped")
             except (PermissionError, IsADirectoryError, NotADirectoryError) as err:

@@ -31,10 +31,14 @@ def _gib(n: float) -> str:
 
 
 def check_file_list(file_list: str, flag: str = "--file_list") -> List[Finding]:
-    """The ``*.filelist.list``, each ``.filelist`` it names and each part file those name."""
+    """The ``*.filelist.list``, each ``.filelist`` it names and each part file those name.
+
+    Remote part files (URLs) are not looked up here: one that cannot be reached is skipped and counted when read.
+    """
+    from sd.data import remote
     from sd.data.formats import read_filelist, read_filelist_list
 
-    if not os.path.isfile(file_list):
+    if not remote.is_remote(file_list) and not os.path.isfile(file_list):
         return [("stop", f"{flag} {file_list}: no such file; give the *.filelist.list that create_pretraining_data.py "
                          f"wrote (its --output_path/filelist/)")]
     try:
@@ -45,11 +49,13 @@ def check_file_list(file_list: str, flag: str = "--file_list") -> List[Finding]:
                          f"create_pretraining_data.py wrote")]
     except (ValueError, FileNotFoundError, OSError) as e:
         return [("stop", f"{flag}: {e}")]
-    unreadable = [p.path for p in parts if not os.access(p.path, os.R_OK)]
+    unreadable = [p.path for p in parts if not remote.is_remote(p.path) and not os.access(p.path, os.R_OK)]
     if unreadable:
         return [("stop", f"{flag}: {len(unreadable)} part file(s) not readable, first {unreadable[0]}: fix their "
                          f"permissions")]
-    return [("ok", f"{flag} {file_list}: {len(lists)} file list(s), {len(parts)} part file(s)")]
+    far = sum(remote.is_remote(p.path) for p in parts)
+    return [("ok", f"{flag} {file_list}: {len(lists)} file list(s), {len(parts)} part file(s)"
+                   + (f", {far} of them remote" if far else ""))]
 
 
 MODEL_FLAGS = ("pretrained_model_name_or_path", "vae_name_or_path", "text_encoder_name_or_path", "unet_name_or_path",
