@@ -70,10 +70,12 @@ NODE_NAME=${NODE_NAME:-$(hostname)}                      # with ELASTIC: this no
 #   SEED (23), MODEL_MAX_LENGTH (77), MAX_GRAD_NORM (-1 = no clipping), DISABLE_TQDM (True | False).
 
 if [ -z "$GPU_COUNT" ]; then
-  GPU_COUNT=$(python -c "import paddle; print(paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0)" \
-    2>/dev/null || echo 0)
+  GPU_COUNT=$(python -c "import paddle
+print(paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0)" 2>/dev/null || echo 0)
 fi
-case "$GPU_COUNT" in ''|*[!0-9]*) echo "error: GPU_COUNT=$GPU_COUNT: give a number of GPUs (0 for none)" >&2; exit 2 ;; esac
+case "$GPU_COUNT" in
+  ''|*[!0-9]*) echo "error: GPU_COUNT=$GPU_COUNT: give a number of GPUs (0 for none)" >&2; exit 2 ;;
+esac
 case "$RECIPE" in
   auto) if [ "$GPU_COUNT" -gt 0 ]; then RECIPE=sd-v1; else RECIPE=demo; fi ;;
   demo|sd-v1) ;;
@@ -113,7 +115,9 @@ if [ "$RECIPE" = sd-v1 ]; then
   if [ "$GPU_COUNT" -eq 0 ]; then
     # The trainer would switch these off too (sd_args.finalize), one warning each: one line here instead.
     off=""
-    case "${FLAG_XFORMERS,,}" in 1|true|yes|on) off+=", FLAG_XFORMERS (memory-efficient attention)"; FLAG_XFORMERS=0 ;; esac
+    case "${FLAG_XFORMERS,,}" in
+      1|true|yes|on) off+=", FLAG_XFORMERS (memory-efficient attention)"; FLAG_XFORMERS=0 ;;
+    esac
     case "${FLAG_FUSED_LINEAR,,}" in 1|true|yes|on) off+=", FLAG_FUSED_LINEAR"; FLAG_FUSED_LINEAR=0 ;; esac
     case "${BF16:-False}" in [Tt]rue|1) off+=", BF16 (training in fp32)"; BF16=False ;; esac
     if [ -n "$off" ]; then echo "== RECIPE=sd-v1 without a GPU: GPU-only settings forced off: ${off#, }" >&2; fi
@@ -205,8 +209,8 @@ COMMAND=($LAUNCH train_txt2img_laion400m_trainer.py
   "$@")
 
 if [ "$DRY_RUN" = 1 ]; then
-  echo "environment:$(for v in FLAG_USE_EMA FLAG_RECOMPUTE FLAG_XFORMERS FLAG_FUSED_LINEAR FLAGS_conv_workspace_size_limit; do
-    if [ -n "${!v+x}" ]; then printf ' %s=%q' "$v" "${!v}"; fi; done)"
+  switches="FLAG_USE_EMA FLAG_RECOMPUTE FLAG_XFORMERS FLAG_FUSED_LINEAR FLAGS_conv_workspace_size_limit"
+  echo "environment:$(for v in $switches; do if [ -n "${!v+x}" ]; then printf ' %s=%q' "$v" "${!v}"; fi; done)"
   echo "command:$(printf ' %q' "${COMMAND[@]}")"
   exit 0
 fi

@@ -186,7 +186,8 @@ def test_bad_arguments_raise_early():
 
 def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path):
     """train.sh's CPU branch: settings from the environment, extra arguments passed through."""
-    env = {**os.environ, "RECIPE": "demo", "KIT_DIR": tiny_kit, "FILE_LIST": demo_file_list, "OUTPUT_DIR": str(tmp_path / "out"),
+    env = {**os.environ, "RECIPE": "demo", "KIT_DIR": tiny_kit, "FILE_LIST": demo_file_list,
+           "OUTPUT_DIR": str(tmp_path / "out"),
            "MAX_STEPS": "2", "BATCH_SIZE": "2", "SAVE_STEPS": "2", "LOGGING_STEPS": "1", "IMAGE_LOGGING_STEPS": "0",
            "MODEL_MAX_LENGTH": "16", "NUM_WORKERS": "0", "FLAG_USE_EMA": "0"}
     r = subprocess.run(["sh", os.path.join(ROOT, "train.sh"), "--report_to", "none", "--prediction_type", "v_prediction"],
