@@ -97,7 +97,7 @@ def train_row(name: str, row: Row, a, row_dir: str) -> dict:
     """Run train.sh for one row; returns steps, wall and CPU seconds and the trainer's own figures."""
     steps = a.steps * BASE_BATCH // row.batch
     fill = {"random_text_encoder": os.path.join(a.output_dir, RANDOM_TEXT_ENCODER), "warmup": str(steps // 20)}
-    env = {**os.environ, "KIT_DIR": a.kit, "FILE_LIST": a.file_list, "OUTPUT_DIR": row_dir, "MODE": "cpu",
+    env = {**os.environ, "KIT_DIR": a.kit, "FILE_LIST": a.file_list, "OUTPUT_DIR": row_dir, "RECIPE": "demo",
            "MAX_STEPS": str(steps), "BATCH_SIZE": str(BASE_BATCH), "SAVE_STEPS": str(steps), "IMAGE_LOGGING_STEPS": "0",
            "DISABLE_TQDM": "True",
            "NPROC": str(a.nproc),  # unless the row says otherwise

@@ -154,6 +154,8 @@ class StableDiffusionModel(nn.Layer):
         if args.enable_xformers_memory_efficient_attention:
             self.unet.enable_xformers_memory_efficient_attention()
         self.ema = EMA(self.unet, args.ema_decay) if args.use_ema else None
+        if self.ema is not None and args.ema_init_from:
+            self.load_ema(args.ema_init_from)
 
     # ---------------------------------------------------------------------------------------------
     def train(self):  # the frozen parts stay in eval mode whatever the trainer asks
@@ -320,6 +322,22 @@ class StableDiffusionModel(nn.Layer):
         pipe = build_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler)
         pipe.save_pretrained(output_dir)
         self.save_trained(output_dir)  # the EMA variant (and the same unet/, text_encoder/ again)
+
+    def load_ema(self, checkpoint_dir: str) -> None:
+        """Start the EMA from a checkpoint's EMA weights (``unet/*.ema.*``) and its update count, so that the decay
+        goes on at the checkpoint's warm-up stage (``--ema_init_from``: a warm start at another resolution)."""
+        import json
+
+        from sd.runtime.checkpoints import STATE_FILE
+
+        ema = components.load_unet(os.path.join(checkpoint_dir, "unet"), variant="ema").state_dict()
+        missing = sorted(set(self.ema.shadow) - set(ema))
+        if missing:
+            raise ValueError(f"--ema_init_from {checkpoint_dir}: its EMA UNet lacks {len(missing)} of this UNet's "
+                             f"tensors (e.g. {missing[0]}): give a checkpoint of the same UNet config")
+        self.ema.shadow = {k: ema[k].detach().clone() for k in self.ema.shadow}
+        with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
+            self.ema.num_updates = int(json.load(f).get("ema_updates", 0))
 
     def load_trained(self, checkpoint_dir: str) -> None:
         """Inverse of ``save_trained`` (used on resume): the weights are read into the existing UNet and EMA

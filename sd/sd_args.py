@@ -7,11 +7,14 @@ The dataclass fields are the single source of truth (flag names, defaults, help)
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from paddlenlp.trainer import TrainingArguments
+
+from sd.runtime.checkpoints import STATE_FILE
 
 # switch field → legacy environment variable (PaddleMIX's train.sh exports these)
 ENV_SWITCHES = {
@@ -54,6 +57,11 @@ class ModelArguments:
                                      "samples, before the first multiple of --image_logging_steps"})
     use_ema: bool = field(default=False, metadata={"help": "keep an EMA of the UNet (env FLAG_USE_EMA)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step"})
+    ema_init_from: Optional[str] = field(
+        default=None, metadata={"help": "a checkpoint folder (checkpoint-N) of a run with EMA: its EMA weights "
+                                        "(unet/*.ema.*) and EMA update count start this run's EMA (e.g. a 512 px run "
+                                        "warm-started with --unet_name_or_path checkpoint-N/unet); needs --use_ema. "
+                                        "Unset: the EMA starts from the UNet as loaded, with a fresh warm-up"})
     enable_xformers_memory_efficient_attention: bool = field(
         default=False, metadata={"help": "memory-efficient attention (GPU only; env FLAG_XFORMERS)"})
     fused_linear: bool = field(default=False, metadata={"help": "fused linear layers (GPU only; env FLAG_FUSED_LINEAR)"})
@@ -78,6 +86,12 @@ class ModelArguments:
         for name in ("unet_learning_rate", "text_encoder_learning_rate"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.ema_init_from is not None and not (
+                glob.glob(os.path.join(self.ema_init_from, "unet", "*.ema.*"))
+                and os.path.isfile(os.path.join(self.ema_init_from, STATE_FILE))):
+            raise ValueError(f"--ema_init_from {self.ema_init_from}: not a complete checkpoint with EMA weights (it "
+                             f"needs unet/*.ema.safetensors and {STATE_FILE}); give a checkpoint-N folder of a run "
+                             "trained with the EMA on (FLAG_USE_EMA=1)")
         if self.num_inference_steps < 1 or self.image_logging_steps < 0 or self.first_image_logging_step < 0:
             raise ValueError("--num_inference_steps must be ≥ 1, --image_logging_steps and --first_image_logging_step "
                              "≥ 0 (0 = never)")
@@ -214,6 +228,9 @@ def finalize(model_args: ModelArguments, data_args: DataArguments, training_args
     argv = sys.argv[1:] if argv is None else argv
     for name, (value, source) in resolve_switches((model_args, training_args), argv).items():
         log(f"switch {name} = {value} ({source})", changed=False)
+    if model_args.ema_init_from and not model_args.use_ema:
+        raise ValueError(f"--ema_init_from {model_args.ema_init_from} starts the EMA, which is off: add --use_ema True "
+                         "(or FLAG_USE_EMA=1)")
     if model_args.image_logging_steps > 0:
         step = training_args.logging_steps
         rounded = max(step, round(model_args.image_logging_steps / step) * step)

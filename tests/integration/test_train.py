@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from sd.runtime.run_state import RunState
 from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize, resolve_switches
-from tests.helpers.common import ROOT, train_command
+from tests.helpers.common import ROOT, WEIGHT_FILES, train_command
 
 
 def train(tiny_kit, file_list, output_dir, *extra, env=None):
@@ -188,7 +188,7 @@ def test_bad_arguments_raise_early():
 
 def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path):
     """train.sh's CPU branch: settings from the environment, extra arguments passed through."""
-    env = {**os.environ, "MODE": "cpu", "KIT_DIR": tiny_kit, "FILE_LIST": demo_file_list,
+    env = {**os.environ, "RECIPE": "demo", "KIT_DIR": tiny_kit, "FILE_LIST": demo_file_list,
            "OUTPUT_DIR": str(tmp_path / "out"),
            "MAX_STEPS": "2", "BATCH_SIZE": "2", "SAVE_STEPS": "2", "LOGGING_STEPS": "1", "IMAGE_LOGGING_STEPS": "0",
            "MODEL_MAX_LENGTH": "16", "NUM_WORKERS": "0", "FLAG_USE_EMA": "0"}
@@ -211,6 +211,47 @@ def test_train_sh_cpu_default_with_overrides(tiny_kit, demo_file_list, tmp_path)
     state = RunState.read(str(ckpt))
     assert state.layout.ranks == ranks and sorted(state.slots, key=int) == [str(j) for j in range(2 * ranks)]
     assert (tmp_path / "out" / "launch_logs" / f"workerlog.{ranks - 1}").is_file() == (ranks == 2)
+
+
+def test_stage_2_starts_from_a_checkpoints_unet_and_ema(tiny_kit, demo_file_list, tmp_path):
+    """A 64 px run warm-started from a 32 px checkpoint (docs/training.md, stage 2): --unet_name_or_path
+    <checkpoint>/unet loads its UNet, --ema_init_from <checkpoint> its EMA weights and EMA update count."""
+    from sd.model import StableDiffusionModel
+
+    train(tiny_kit, demo_file_list, tmp_path / "stage1", "--max_steps", "2", "--save_steps", "2", "--use_ema", "True",
+          "--image_logging_steps", "0", "--report_to", "none")
+    ckpt = tmp_path / "stage1" / "checkpoint-2"
+    unet0, ema0 = (load_file(ckpt / name) for name in WEIGHT_FILES)
+    assert any(not np.array_equal(unet0[k], ema0[k]) for k in unet0)  # two different sets of weights to tell apart
+    model = StableDiffusionModel(ModelArguments(pretrained_model_name_or_path=tiny_kit, model_max_length=16,
+                                                unet_name_or_path=str(ckpt / "unet"), use_ema=True,
+                                                ema_init_from=str(ckpt)))
+    assert model.ema.num_updates == 2
+    assert all(np.array_equal(v.numpy(), unet0[k]) for k, v in model.unet.state_dict().items())
+    assert all(np.array_equal(v.numpy(), ema0[k]) for k, v in model.ema.shadow.items())
+    # The run itself, one step at 64 px: its EMA goes on from the checkpoint's (update 3: decay min(0.9999, 4/13)).
+    train(tiny_kit, demo_file_list, tmp_path / "stage2", "--max_steps", "1", "--save_steps", "1", "--use_ema", "True",
+          "--image_logging_steps", "0", "--report_to", "none", "--resolution", "64", "--allow_upscale", "True",
+          "--unet_name_or_path", str(ckpt / "unet"), "--ema_init_from", str(ckpt))
+    ckpt2 = tmp_path / "stage2" / "checkpoint-1"
+    unet1, ema1 = (load_file(ckpt2 / name) for name in WEIGHT_FILES)
+    decay = 4 / 13
+    for k in unet1:
+        np.testing.assert_allclose(ema1[k], decay * ema0[k] + (1 - decay) * unet1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    state = json.load(open(ckpt2 / "sd_state.json"))
+    assert state["ema_updates"] == 3 and state["resolution"] == 64
+
+
+def test_ema_init_from_needs_a_checkpoint_with_ema_and_the_ema_on(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--ema_init_from .*: not a complete checkpoint with EMA weights"):
+        ModelArguments(ema_init_from=str(tmp_path))
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_paddle_model.ema.safetensors").write_bytes(b"")
+    (tmp_path / "sd_state.json").write_text("{}")
+    m = ModelArguments(ema_init_from=str(tmp_path))
+    monkeypatch.delenv("FLAG_USE_EMA", raising=False)
+    with pytest.raises(ValueError, match="starts the EMA, which is off: add --use_ema True"):
+        finalize(m, DataArguments(), SDTrainingArguments(output_dir="x"), lambda msg, changed=True: None, argv=[])
 
 
 def test_resuming_toward_another_step_count_warns_when_the_schedule_decays(tmp_path, warnings_logged):
