@@ -54,6 +54,10 @@ HOST_BASELINE = int(0.6 * GiB)
 # 64 px: the tree's peak PSS rose 0.354 → 0.399 GiB from 0 to 2 workers (≈ 23 MiB each); PLACEHOLDER of 64 MiB
 # until measured with real images (bench_memory.py --workers 0 and --workers 4 at 256 px).
 WORKER_BASELINE = 64 * 2 ** 20
+# A checkpoint save writes the UNet, its EMA and AdamW's moments tensor by tensor (sd/runtime/tensor_files.py): it
+# holds one tensor's host copy at a time, at most SD v1's largest (an up block's 3×3 conv, 2560 → 1280 channels:
+# 29.5 M values, 118 MB in fp32).
+STREAMED_SAVE = 128 * 2 ** 20
 # Bytes of one undecoded record a slot's shuffle buffer holds (a base64 JPEG of a LAION image, ~60 KB). Assumed.
 RECORD_BYTES = 80_000
 # A GPU card: what the CUDA context, cuDNN/cuBLAS workspaces and allocator fragmentation take (assumed, not
@@ -290,7 +294,7 @@ class MemoryConfig:
     shuffle_buffer: int = 64  # --shuffle_buffer
     precomputed_latents: bool = False  # no VAE / text encoder forward in the step (they are loaded all the same)
     train_text_encoder: bool = False
-    save_copy: Optional[int] = None  # bytes a checkpoint save holds beside the model; None: paddlenlp's whole copies
+    save_copy: Optional[int] = None  # bytes a checkpoint save holds beside the model; None: STREAMED_SAVE
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -391,9 +395,7 @@ def estimate(arch: Architecture, config: MemoryConfig) -> MemoryPlan:
     if not c.precomputed_latents:
         d["encoders forward"] = encoders_forward_bytes(arch, c.batch, c.resolution, c.context_len, c.precision,
                                                        c.attention)
-    if c.ema:  # save_trained: the live weights are backed up while the EMA weights are written
-        plan.device_save_terms["EMA swap backup"] = w * arch.unet_params
-    # Host: the process, the loader, and what the save copies (paddlenlp: each file's tensors as numpy at once).
+    # Host: the process, the loader, and what the save copies (one tensor at a time: sd/runtime/tensor_files.py).
     h = plan.host_terms
     h["process baseline"] = HOST_BASELINE
     loaders = c.loaders
@@ -403,8 +405,7 @@ def estimate(arch: Architecture, config: MemoryConfig) -> MemoryPlan:
         h["batches in flight (shm)"] = PREFETCH * c.batch * 3 * c.resolution ** 2 * 4 * loaders
     if not c.precomputed_latents:
         h["shuffle buffers"] = c.batch * loaders * c.shuffle_buffer * RECORD_BYTES
-    optimizer_file = trained * (8 + (4 if o2 else 0))
-    copies = max(w * trained, optimizer_file) if c.save_copy is None else c.save_copy
+    copies = STREAMED_SAVE if c.save_copy is None else c.save_copy
     plan.host_save_terms["save copies"] = copies
     if c.processes > 1:  # every rank of this machine holds its own
         for k in list(h):
