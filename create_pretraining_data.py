@@ -1,4 +1,5 @@
-"""Pack a coco_karpathy-style jsonl + images, or an img2dataset output folder, into the part files that training streams.
+"""Pack a coco_karpathy-style jsonl + images, or an img2dataset output folder, into the part files that
+training streams.
 
     python create_pretraining_data.py --input_path ./coco_data/coco_data.jsonl \\
         --output_path ./processed_data --per_part_file_num 1000 --num_repeat 100 --save_gzip_file
@@ -108,7 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep samples whose numeric metadata passes, e.g. --where 'pwatermark < 0.5' --where "
                         "'aesthetic >= 5' (OP: < <= > >= == !=; others counted as filtered); repeatable")
     g.add_argument("--link_only", action="store_true",
-                   help="write only the .filelist/.filelist.list naming the .tar/.parquet shards (train on them in place)")
+                   help="write only the .filelist/.filelist.list naming the .tar/.parquet shards "
+                        "(train on them in place)")
     g.add_argument("--num_shards", type=int, default=1, help="split the input shards over N machines (runs)")
     g.add_argument("--shard_index", type=int, default=0, help="which of the --num_shards runs this is, 0..N-1")
     args = p.parse_args(argv)

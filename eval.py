@@ -71,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="./eval_output", help="where images, grid and manifest go")
     p.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N")
     p.add_argument("--evaluate", choices=["shapes", "coco"], default=None,
-                   help="shapes: the demo prompt-adherence benchmark (36 prompts × --num_seeds seeds per guidance scale); "
-                        "coco: FID and CLIP score over a caption set (sd/evaluation/coco.py)")
+                   help="shapes: the demo prompt-adherence benchmark (36 prompts × --num_seeds seeds per guidance "
+                        "scale); coco: FID and CLIP score over a caption set (sd/evaluation/coco.py)")
     p.add_argument("--num_seeds", type=int, default=4, help="seeds per prompt for --evaluate shapes")
     coco.add_arguments(p)
     args = p.parse_args(argv)
@@ -181,13 +181,17 @@ def write_outputs(rows: List[dict], prompts: List[str], models: Dict, args) -> N
 
     from sd.evaluation.sampling import make_grid
 
-    by_prompt = sorted(rows, key=lambda r: (r["prompt_index"], args.guidance_scale.index(r["guidance_scale"]), r["seed"]))
+    by_prompt = sorted(rows, key=lambda r: (r["prompt_index"], args.guidance_scale.index(r["guidance_scale"]),
+                                            r["seed"]))
     images = [Image.open(os.path.join(args.output_dir, r["file"])) for r in by_prompt]
     cols = len(args.guidance_scale) * args.num_images_per_prompt
     labels = [f"{i}: {p}" for i, p in enumerate(prompts)]
-    make_grid(images, rows=len(prompts), cols=cols, labels=labels, tile=max(64, args.height)).save(os.path.join(args.output_dir, "grid.png"))
+    make_grid(images, rows=len(prompts), cols=cols, labels=labels, tile=max(64, args.height)).save(
+        os.path.join(args.output_dir, "grid.png"))
     meta = {"unet": components.source_name(models["unet"]), "variant": args.variant,
-            "text_encoder": components.source_name(models["text_encoder"]), "vae": components.source_name(models["vae"]), "scheduler": args.scheduler, "num_inference_steps": args.num_inference_steps,
+            "text_encoder": components.source_name(models["text_encoder"]),
+            "vae": components.source_name(models["vae"]), "scheduler": args.scheduler,
+            "num_inference_steps": args.num_inference_steps,
             "height": args.height, "width": args.width, "negative_prompt": args.negative_prompt,
             "grid": "grid.png (rows: prompts; columns: guidance scales in the order given, seeds ascending)"}
     with open(os.path.join(args.output_dir, "manifest.json"), "w", encoding="utf-8") as f:
@@ -212,8 +216,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.makedirs(args.output_dir, exist_ok=True)
-    print(f"UNet {components.source_name(models['unet'])}{' (' + args.variant + ')' if args.variant else ''}, {args.width}×{args.height}, "
-          f"{args.scheduler} {args.num_inference_steps} steps, guidance {' '.join(f'{g:g}' for g in args.guidance_scale)}")
+    print(f"UNet {components.source_name(models['unet'])}{' (' + args.variant + ')' if args.variant else ''}, "
+          f"{args.width}×{args.height}, {args.scheduler} {args.num_inference_steps} steps, "
+          f"guidance {' '.join(f'{g:g}' for g in args.guidance_scale)}")
     if args.evaluate == "coco":
         from sd.evaluation import coco
 

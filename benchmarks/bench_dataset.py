@@ -136,14 +136,16 @@ def shards_main(a) -> None:
     jpegs = photo_like_jpegs(a.num_images, size) if a.content == "coco" else detailed_jpegs(a.num_images, size)
     captions = [f"a photo number {i % 7}" for i in range(len(jpegs))]
     part = os.path.join(data_dir, "part-000000" + (".gz" if a.gzip else ""))
-    with (gzip.open(part, "wt", compresslevel=9, encoding="utf-8") if a.gzip else open(part, "w", encoding="utf-8")) as f:
+    with (gzip.open(part, "wt", compresslevel=9, encoding="utf-8") if a.gzip
+          else open(part, "w", encoding="utf-8")) as f:
         for caption, data in zip(captions, jpegs):
             f.write(encode_part_line(caption, data))
     shard = os.path.join(data_dir, "00000.tar")
     write_tar_shard(shard, captions, jpegs)
     lists = {"part file": write_filelists(data_dir, "parts", [part])[1],
              "tar shard": write_filelists(data_dir, "shards", [shard])[1]}
-    print(f"{len(jpegs)} {a.content} JPEGs {size[0]}×{size[1]}, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB; "
+    print(f"{len(jpegs)} {a.content} JPEGs {size[0]}×{size[1]}, "
+          f"mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB; "
           f"part file {'gzip' if a.gzip else 'plain'} {os.path.getsize(part) / 2 ** 20:.1f} MiB, tar "
           f"{os.path.getsize(shard) / 2 ** 20:.1f} MiB; resolution {a.resolution}, batch {a.batch_size}, "
           f"{a.rounds} rounds; load average {os.getloadavg()[0]:.1f}")
@@ -171,7 +173,8 @@ def shards_main(a) -> None:
     for name, rs in rates.items():
         print(f"| {name} | {statistics.median(rs):.1f} |")
     ratio = statistics.median(t / p for t, p in zip(rates["tar shard"], rates["part file"]))
-    print(f"tar shard / part file: per-round median {ratio:.2f}× (min {min(t / p for t, p in zip(rates['tar shard'], rates['part file'])):.2f}, "
+    print(f"tar shard / part file: per-round median {ratio:.2f}× "
+          f"(min {min(t / p for t, p in zip(rates['tar shard'], rates['part file'])):.2f}, "
           f"max {max(t / p for t, p in zip(rates['tar shard'], rates['part file'])):.2f})")
 
 
@@ -268,7 +271,8 @@ def main(argv=None) -> None:
                    help="filters to time for 'ours' (each is one more pipeline)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--content", choices=["coco", "detailed"], default="coco",
-                   help="coco: jittered, upscaled crops of a COCO photo (softer); detailed: synthetic full-detail photos")
+                   help="coco: jittered, upscaled crops of a COCO photo (softer); "
+                        "detailed: synthetic full-detail photos")
     p.add_argument("--data_dir", default=None, help="where to write the part file (default: a temp folder)")
     p.add_argument("--shards", action="store_true", help="part file vs img2dataset tar shard of the same images")
     p.add_argument("--gzip", action="store_true",
@@ -299,7 +303,8 @@ def main(argv=None) -> None:
             f.write(encode_part_line(f"a photo number {i % 7}", data))
     file_list = write_filelists(data_dir, "bench", [part])[1]
     sizes = [Image.open(io.BytesIO(j)).size for j in jpegs]
-    print(f"{len(jpegs)} {a.content} JPEGs {sizes[0][0]}×{sizes[0][1]}, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB, "
+    print(f"{len(jpegs)} {a.content} JPEGs {sizes[0][0]}×{sizes[0][1]}, "
+          f"mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB, "
           f"resolution {r}, batch {a.batch_size}, {a.rounds} rounds; data in {data_dir}")
 
     baseline_tf = transforms.Compose([transforms.Resize(int(r / 0.9), interpolation="lanczos"),
@@ -356,7 +361,8 @@ def main(argv=None) -> None:
             n = run()
             rates[name].append(n / (time.perf_counter() - t))
     # decode_only: the faster of the two reduced-size decoders (by median rate), the stricter bar.
-    rates["decode_only"] = max(rates["decode_only (OpenCV)"], rates["decode_only (Pillow draft)"], key=statistics.median)
+    rates["decode_only"] = max(rates["decode_only (OpenCV)"], rates["decode_only (Pillow draft)"],
+                               key=statistics.median)
     base, ceiling = statistics.median(rates["straightforward"]), statistics.median(rates["decode_only"])
     print(f"| pipeline | samples/s (median of {a.rounds} rounds) | × straightforward | % of decode_only |")
     print("|---|---:|---:|---:|")

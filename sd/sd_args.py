@@ -29,13 +29,16 @@ _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 @dataclass
 class ModelArguments:
     pretrained_model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "SD folder or hub name (e.g. CompVis/stable-diffusion-v1-4) holding vae/, text_encoder/, "
-                                        "tokenizer/, unet/, scheduler/; the four *_name_or_path flags below take precedence over it"})
+        default=None, metadata={"help": "SD folder or hub name (e.g. CompVis/stable-diffusion-v1-4) holding vae/, "
+                                        "text_encoder/, tokenizer/, unet/, scheduler/; the four *_name_or_path flags "
+                                        "below take precedence over it"})
     from_hf_hub: bool = field(
-        default=False, metadata={"help": "hub names (anything not a local folder) come from the Hugging Face Hub (HF_ENDPOINT) "
-                                         "instead of ppdiffusers' download server (PPNLP_ENDPOINT)"})
-    vae_name_or_path: Optional[str] = field(default=None, metadata={"help": "pretrained VAE folder or hub name (frozen)"})
-    text_encoder_name_or_path: Optional[str] = field(default=None, metadata={"help": "pretrained CLIPTextModel folder or hub name"})
+        default=False, metadata={"help": "hub names (anything not a local folder) come from the Hugging Face Hub "
+                                         "(HF_ENDPOINT) instead of ppdiffusers' download server (PPNLP_ENDPOINT)"})
+    vae_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "pretrained VAE folder or hub name (frozen)"})
+    text_encoder_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "pretrained CLIPTextModel folder or hub name"})
     unet_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "UNet folder to start from, or a UNet config .json to initialise randomly"})
     tokenizer_name: Optional[str] = field(default=None, metadata={"help": "tokenizer folder or hub name"})
@@ -46,9 +49,12 @@ class ModelArguments:
     unet_learning_rate: Optional[float] = field(default=None, metadata={"help": "UNet LR (default: --learning_rate)"})
     text_encoder_learning_rate: Optional[float] = field(
         default=None, metadata={"help": "text encoder LR when --train_text_encoder (default: --learning_rate)"})
-    noise_offset: float = field(default=0.0, metadata={"help": "scale of per-channel offset noise (0 = off; ~0.05-0.1)"})
-    snr_gamma: Optional[float] = field(default=None, metadata={"help": "Min-SNR-γ loss weighting (5.0 recommended); off if unset"})
-    input_perturbation: float = field(default=0.0, metadata={"help": "input perturbation scale (0.1 recommended; 0 = off)"})
+    noise_offset: float = field(
+        default=0.0, metadata={"help": "scale of per-channel offset noise (0 = off; ~0.05-0.1)"})
+    snr_gamma: Optional[float] = field(
+        default=None, metadata={"help": "Min-SNR-γ loss weighting (5.0 recommended); off if unset"})
+    input_perturbation: float = field(
+        default=0.0, metadata={"help": "input perturbation scale (0.1 recommended; 0 = off)"})
     image_logging_steps: int = field(
         default=1000, metadata={"help": "log reconstructions and samples every N steps (rounded to a multiple of "
                                         "--logging_steps; 0 = never)"})
@@ -64,11 +70,12 @@ class ModelArguments:
                                         "Unset: the EMA starts from the UNet as loaded, with a fresh warm-up"})
     enable_xformers_memory_efficient_attention: bool = field(
         default=False, metadata={"help": "memory-efficient attention (GPU only; env FLAG_XFORMERS)"})
-    fused_linear: bool = field(default=False, metadata={"help": "fused linear layers (GPU only; env FLAG_FUSED_LINEAR)"})
+    fused_linear: bool = field(
+        default=False, metadata={"help": "fused linear layers (GPU only; env FLAG_FUSED_LINEAR)"})
     frozen_inference: bool = field(
-        default=False, metadata={"help": "CPU: run the frozen VAE encoder and text encoder through Paddle Inference (fused "
-                                         "kernels, ≈ 2.5× faster each); their outputs then differ from eager by float "
-                                         "rounding (≈ 1e-6 relative)"})
+        default=False, metadata={"help": "CPU: run the frozen VAE encoder and text encoder through Paddle Inference "
+                                         "(fused kernels, ≈ 2.5× faster each); their outputs then differ from eager by "
+                                         "float rounding (≈ 1e-6 relative)"})
     only_save_updated_model: bool = field(
         default=True, metadata={"help": "checkpoints hold only trained modules (unet, EMA unet, text encoder)"})
 
@@ -103,29 +110,35 @@ class ModelArguments:
         def pick(own, sub):
             return own if own else (os.path.join(base, sub) if base else None)
 
-        return {"vae": pick(self.vae_name_or_path, "vae"), "text_encoder": pick(self.text_encoder_name_or_path, "text_encoder"),
+        return {"vae": pick(self.vae_name_or_path, "vae"),
+                "text_encoder": pick(self.text_encoder_name_or_path, "text_encoder"),
                 "tokenizer": pick(self.tokenizer_name, "tokenizer"), "unet": pick(self.unet_name_or_path, "unet"),
                 "scheduler": os.path.join(base, "scheduler") if base else None}
 
 
 @dataclass
 class DataArguments:
-    file_list: str = field(default="./data/filelist/train.filelist.list", metadata={"help": "the *.filelist.list to train on"})
+    file_list: str = field(
+        default="./data/filelist/train.filelist.list", metadata={"help": "the *.filelist.list to train on"})
     resolution: int = field(default=512, metadata={"help": "training image side in pixels"})
     line_format: str = field(default="laion400m", metadata={"help": "part-file line format: laion400m | laion_aes"})
-    interpolation: str = field(default="lanczos", metadata={"help": "resize filter: lanczos (Lanczos-3, fast) | lanczos_exact "
-                                                                                 "(Pillow's) | bicubic | bilinear | box | nearest"})
+    interpolation: str = field(
+        default="lanczos", metadata={"help": "resize filter: lanczos (Lanczos-3, fast) | lanczos_exact "
+                                             "(Pillow's) | bicubic | bilinear | box | nearest"})
     center_crop: bool = field(default=False, metadata={"help": "centre crop instead of random crop"})
     drop_caption_prob: float = field(default=0.1, metadata={"help": "probability of an empty caption (for guidance)"})
-    allow_upscale: bool = field(default=False, metadata={"help": "upscale images smaller than --resolution instead of skipping"})
-    max_bad_fraction: Optional[float] = field(default=None, metadata={"help": "stop if more than this fraction of records is bad"})
+    allow_upscale: bool = field(
+        default=False, metadata={"help": "upscale images smaller than --resolution instead of skipping"})
+    max_bad_fraction: Optional[float] = field(
+        default=None, metadata={"help": "stop if more than this fraction of records is bad"})
     shuffle_buffer: int = field(
         default=64, metadata={"help": "undecoded records each sample slot of the global batch holds to shuffle within "
                                       "part files (1 = file order); a rank holds per-device batch × accumulation × "
                                       "this many"})
     precomputed_latents: bool = field(
         default=False, metadata={"help": "--file_list holds latents and text hidden states written by "
-                                         "`python -m sd.tools.precompute_latents` (no VAE/text encoder per step; fixed crop)"})
+                                         "`python -m sd.tools.precompute_latents` (no VAE/text encoder per step; "
+                                         "fixed crop)"})
     # img2dataset shards (.tar / .parquet) listed in a .filelist: where the caption is, and metadata filters
     caption_key: Optional[str] = field(
         default=None, metadata={"help": "img2dataset shards: caption from this field of the .json (parquet: this "
@@ -174,8 +187,8 @@ class ScoreArguments:
         if not self.eval_steps or self.eval_steps < 1:
             raise ValueError("--eval_captions needs --eval_steps K (score every K steps)")
         if str(self.evaluation_strategy).split(".")[-1].lower() != "no":
-            raise ValueError("--eval_steps with --eval_captions scores generated images; leave --evaluation_strategy at "
-                             "'no' (there is no evaluation dataset)")
+            raise ValueError("--eval_steps with --eval_captions scores generated images; leave "
+                             "--evaluation_strategy at 'no' (there is no evaluation dataset)")
         if not os.path.isfile(self.eval_captions):
             raise ValueError(f"--eval_captions {self.eval_captions} does not exist")
         if self.eval_num_images < 2 or self.eval_num_inference_steps < 1:
@@ -188,7 +201,8 @@ class ScoreArguments:
 class SDTrainingArguments(ScoreArguments, TrainingArguments):  # ScoreArguments: --eval_captions ...
     output_dir: str = field(default="./laion400m_pretrain_output_trainer", metadata={"help": "checkpoints and logs"})
     logging_steps: int = field(default=50, metadata={"help": "log every N steps"})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule (constant, linear, cosine, ...)"})
+    lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "learning-rate schedule (constant, linear, cosine, ...)"})
     max_nonfinite_steps: int = field(
         default=5, metadata={"help": "stop after this many consecutive updates with a non-finite loss or gradient "
                                      "(each one is skipped, not applied)"})
@@ -235,7 +249,8 @@ def finalize(model_args: ModelArguments, data_args: DataArguments, training_args
         step = training_args.logging_steps
         rounded = max(step, round(model_args.image_logging_steps / step) * step)
         if rounded != model_args.image_logging_steps:
-            log(f"image_logging_steps {model_args.image_logging_steps} rounded to {rounded}, a multiple of logging_steps")
+            log(f"image_logging_steps {model_args.image_logging_steps} rounded to {rounded}, "
+                "a multiple of logging_steps")
             model_args.image_logging_steps = rounded
     import paddle
 

@@ -70,7 +70,8 @@ class TextImagePairDataset(IterableDataset):
         resolution: output side R; images are resized so their shorter side is ``R / 0.9``, then cropped.
         line_format: ``laion400m`` or ``laion_aes`` (see ``sd/data/formats.py``); never guessed.
         interpolation: resize filter, one of ``INTERPOLATIONS``: ``lanczos`` (default; PaddleMIX's filter,
-            computed fast, see ``sd/data/image_codec.py``), ``lanczos_exact`` (Pillow's), bicubic, bilinear, box, nearest.
+            computed fast, see ``sd/data/image_codec.py``), ``lanczos_exact`` (Pillow's), bicubic, bilinear, box,
+            nearest.
         center_crop: crop the centre instead of a random window.
         drop_caption_prob: probability of replacing the caption by "" (classifier-free guidance).
         allow_upscale: keep images smaller than R (upscaled); by default they are skipped, as in PaddleMIX.
@@ -99,7 +100,8 @@ class TextImagePairDataset(IterableDataset):
         if not 0.0 <= drop_caption_prob <= 1.0:
             raise ValueError(f"drop_caption_prob must be in [0, 1], got {drop_caption_prob}")
         self.images = ImageCodec(resolution, interpolation, center_crop, allow_upscale)
-        entries = [e for e in read_filelist_list(file_list) if e.weight is None or e.weight > 0]  # weight 0: never drawn
+        # weight 0: never drawn
+        entries = [e for e in read_filelist_list(file_list) if e.weight is None or e.weight > 0]
         lists = [(e.path, e.weight, [p.path for p in read_filelist(e.path)]) for e in entries]
         self.stream = RecordStream(lists, seed, num_slots, shuffle_buffer, report_every, max_bad_fraction,
                                    hint=self._no_usable_hint(line_format, resolution))
@@ -136,7 +138,8 @@ class TextImagePairDataset(IterableDataset):
                 of a skipped sample is decoded.
         """
         if positions is not None and set(self.slots) - {int(j) for j in positions}:
-            raise ValueError(f"fast_forward: no position for slots {sorted(set(self.slots) - set(map(int, positions)))}")
+            raise ValueError(f"fast_forward: no position for slots "
+                             f"{sorted(set(self.slots) - set(map(int, positions)))}")
         self._resume = {j: ResumePoint(samples_consumed, None if positions is None else int(positions[j]))
                         for j in self.slots}
 
@@ -207,7 +210,8 @@ class TextImagePairDataset(IterableDataset):
 # Collation
 # ---------------------------------------------------------------------------------------------
 def add_stream_fields(batch: dict, samples: List[dict]) -> dict:
-    """Add the samples' ``stream_state`` (B, 3) and ``skip_counts`` (B, len(SKIP_REASONS)), when present, to ``batch``."""
+    """Add the samples' ``stream_state`` (B, 3) and ``skip_counts`` (B, len(SKIP_REASONS)), when present, to
+    ``batch``."""
     if "stream_state" in samples[0]:
         batch["stream_state"] = np.stack([s["stream_state"] for s in samples])
     if "skipped" in samples[0]:

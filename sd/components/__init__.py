@@ -94,7 +94,8 @@ def saved_by_pytorch(folder: str) -> bool:
     names = os.listdir(folder)
     paddle_files = [n for n in names if n.startswith("diffusion_paddle_model") or n.endswith(".pdparams")]
     torch_bins = [n for n in names if n.endswith(".bin") and n.startswith(("diffusion_pytorch_model", "pytorch_model"))]
-    torch_safetensors = [n for n in names if n.endswith(".safetensors") and safetensors_format(os.path.join(folder, n)) == "pt"]
+    torch_safetensors = [n for n in names
+                         if n.endswith(".safetensors") and safetensors_format(os.path.join(folder, n)) == "pt"]
     return bool(torch_safetensors) or (bool(torch_bins) and not paddle_files)
 
 
@@ -110,7 +111,8 @@ def from_pretrained_kwargs(path: str) -> dict:
     if not any(n.endswith(".safetensors") for n in os.listdir(path)):
         raise ComponentError(f"{path} holds PyTorch .bin weights only, which ppdiffusers 0.29 / paddlenlp 2.8.1 cannot "
                              "read under numpy 2; re-save it as safetensors with PyTorch (diffusers' save_pretrained "
-                             "writes safetensors by default), e.g. StableDiffusionPipeline.from_pretrained(SRC).save_pretrained(DST)")
+                             "writes safetensors by default), e.g. "
+                             "StableDiffusionPipeline.from_pretrained(SRC).save_pretrained(DST)")
     return {"from_diffusers": True}
 
 
@@ -223,8 +225,8 @@ class HubSource:
             else:
                 import requests
 
-                url = "/".join([endpoint(False), "models", "community", self.repo, *([self.subfolder] if self.subfolder else []),
-                                filename])
+                url = "/".join([endpoint(False), "models", "community", self.repo,
+                                *([self.subfolder] if self.subfolder else []), filename])
                 requests.head(url, timeout=10, allow_redirects=True).raise_for_status()
         except (OSError, ValueError) as e:  # requests' and huggingface_hub's errors are OSErrors
             raise self.fail(e) from None
@@ -310,7 +312,8 @@ def locate(name_or_path: str, what: str, kind: str, from_hf_hub: bool = False, f
     if is_hub_name(name_or_path):
         return probe_hub(name_or_path, what, kind, from_hf_hub)
     raise ComponentError(f"{flag + ' ' if flag else ''}{what} {name_or_path} does not exist: pass a local folder "
-                         f"(e.g. the offline kit's, built by `{KIT_HINT}`) or a hub name such as CompVis/stable-diffusion-v1-4")
+                         f"(e.g. the offline kit's, built by `{KIT_HINT}`) or a hub name such as "
+                         "CompVis/stable-diffusion-v1-4")
 
 
 def _args(source, local_kwargs=True) -> Tuple[str, dict]:
@@ -485,7 +488,8 @@ def resolve_for_sampling(unet: Optional[str] = None, pretrained: Optional[str] =
     """
     unet = find_unet(unet, pretrained, from_hf_hub)
     if pretrained is not None and is_hub_name(pretrained):
-        paths = {k: locate(f"{pretrained}/{k}", f"{k.replace('_', ' ')} of --pretrained_model_name_or_path", k, from_hf_hub)
+        paths = {k: locate(f"{pretrained}/{k}", f"{k.replace('_', ' ')} of --pretrained_model_name_or_path", k,
+                           from_hf_hub)
                  for k in PARTS}
         unet = unet or locate(f"{pretrained}/unet", "UNet of --pretrained_model_name_or_path", "unet", from_hf_hub)
         ckpt, state = None, None
@@ -515,9 +519,12 @@ def resolve_for_sampling(unet: Optional[str] = None, pretrained: Optional[str] =
             also = " or --text_encoder_model_name_or_path" if k == "text_encoder" else ""
             raise ComponentError(f"{k} folder {paths[k]} does not exist; pass --pretrained_model_name_or_path{also}")
     variant = _variant(unet, variant)
-    configs = {"unet": config_of(unet), "text_encoder": config_of(paths["text_encoder"]), "vae": config_of(paths["vae"])}
-    if configs["unet"] is not None and configs["unet"].get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise ComponentError(f"{source_name(unet)} holds a {configs['unet']['_class_name']}, not a UNet2DConditionModel")
+    configs = {"unet": config_of(unet), "text_encoder": config_of(paths["text_encoder"]),
+               "vae": config_of(paths["vae"])}
+    if (configs["unet"] is not None
+            and configs["unet"].get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel"):
+        raise ComponentError(f"{source_name(unet)} holds a {configs['unet']['_class_name']}, "
+                             "not a UNet2DConditionModel")
     size = state.resolution if state else None
     if size is None and ckpt and os.path.isfile(os.path.join(ckpt, "run_config.json")):
         size = read_json(os.path.join(ckpt, "run_config.json")).get("data", {}).get("resolution")
@@ -530,7 +537,8 @@ def resolve_for_sampling(unet: Optional[str] = None, pretrained: Optional[str] =
     return {**paths, "unet": unet, "checkpoint": ckpt, "prediction_type": state.prediction_type if state else None,
             "scheduler_config": config_of(paths["scheduler"]) if paths["scheduler"] is not None else None,
             "variant": variant, "height": height, "width": width,
-            "is_kit": any(isinstance(v, str) and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(v)), "kit_report.json"))
+            "is_kit": any(isinstance(v, str)
+                          and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(v)), "kit_report.json"))
                           for v in (paths["vae"], recorded_vae))}  # → demo prompts
 
 
@@ -561,8 +569,8 @@ def _parts_for(pretrained, ckpt, state: Optional[RunState], unet, from_hf_hub) -
             elif os.path.isdir(recorded):
                 paths[k] = recorded
             else:
-                raise ComponentError(f"the {k} this checkpoint was trained with ({recorded}) is missing: rebuild the kit "
-                                     f"with `{KIT_HINT}` or pass --pretrained_model_name_or_path")
+                raise ComponentError(f"the {k} this checkpoint was trained with ({recorded}) is missing: "
+                                     f"rebuild the kit with `{KIT_HINT}` or pass --pretrained_model_name_or_path")
         return paths
     if os.path.isdir(os.path.join(DEFAULT_KIT, "vae")):
         return {k: os.path.join(DEFAULT_KIT, k) for k in PARTS}
@@ -587,12 +595,13 @@ def check_configs(configs: Dict[str, Optional[dict]], height: Optional[int], wid
     """Cross-checks of the UNet, text encoder and VAE configs (any may be None = not known yet)."""
     unet, te, vae = configs.get("unet"), configs.get("text_encoder"), configs.get("vae")
     if unet and te and unet.get("cross_attention_dim") != te.get("hidden_size"):
-        raise ComponentError(f"the UNet's cross_attention_dim {unet.get('cross_attention_dim')} does not match the text "
-                             f"encoder's hidden_size {te.get('hidden_size')}: use the text encoder the UNet was trained "
-                             "with (--pretrained_model_name_or_path / --text_encoder_model_name_or_path)")
+        raise ComponentError(f"the UNet's cross_attention_dim {unet.get('cross_attention_dim')} does not match "
+                             f"the text encoder's hidden_size {te.get('hidden_size')}: use the text encoder the UNet "
+                             "was trained with (--pretrained_model_name_or_path / --text_encoder_model_name_or_path)")
     if unet and vae and unet.get("in_channels") != vae.get("latent_channels"):
-        raise ComponentError(f"the UNet's in_channels {unet.get('in_channels')} does not match the VAE's latent_channels "
-                             f"{vae.get('latent_channels')}: use the VAE the UNet was trained with (--pretrained_model_name_or_path)")
+        raise ComponentError(f"the UNet's in_channels {unet.get('in_channels')} does not match the VAE's "
+                             f"latent_channels {vae.get('latent_channels')}: use the VAE the UNet was trained with "
+                             "(--pretrained_model_name_or_path)")
     if vae and height is not None and width is not None:
         f = latent_factor(vae)
         if height % f or width % f or height < f or width < f:
@@ -639,7 +648,8 @@ def load_pipeline(pretrained_model_name_or_path: str, unet=None, text_encoder=No
     if text_encoder is not None:
         kwargs["text_encoder"] = load_text_encoder(text_encoder) if isinstance(text_encoder, str) else text_encoder
     # a diffusers-layout pipeline folder (PyTorch weights): ppdiffusers converts every component on load
-    if any(from_pretrained_kwargs(os.path.join(pretrained_model_name_or_path, c)) for c in ("unet", "vae", "text_encoder")):
+    if any(from_pretrained_kwargs(os.path.join(pretrained_model_name_or_path, c))
+           for c in ("unet", "vae", "text_encoder")):
         kwargs["from_diffusers"] = True
     pipe = pipeline.pipeline_from_folder(pretrained_model_name_or_path, **kwargs)
     pipe.scheduler = schedulers.make_scheduler(scheduler, {**dict(pipe.scheduler.config), **(scheduler_config or {})})

@@ -67,7 +67,8 @@ from sd.log import logger
 SKIP_REASONS = ("empty_line", "not_text", "too_few_fields", "bad_json", "no_caption", "empty_image", "bad_base64",
                 "bad_image", "too_small", "missing_file", "truncated_file", "unreadable_file",
                 "bad_latent",  # bad_latent: a record of precomputed latents (sd/latent_dataset.py) that does not parse
-                "filtered", "not_downloaded",  # img2dataset shards (sd/data/img2dataset.py): metadata filters, failed URLs
+                # img2dataset shards (sd/data/img2dataset.py): metadata filters, failed URLs
+                "filtered", "not_downloaded",
                 # remote files (sd/data/remote.py): one that stayed unreachable (counted as a file), and the
                 # retries of transient failures (each retried read, not a record lost)
                 "unreachable_file", *remote.RETRY_REASONS)

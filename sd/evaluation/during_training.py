@@ -40,7 +40,8 @@ class ScoreCallback(TrainerCallback):
         from sd.evaluation import metrics
 
         m = self.trainer.sd_model
-        clip_path = args.eval_clip_model or os.path.join(os.path.dirname(os.path.normpath(m.paths["text_encoder"])), "clip")
+        clip_path = args.eval_clip_model or os.path.join(os.path.dirname(os.path.normpath(m.paths["text_encoder"])),
+                                                         "clip")
         if not os.path.isdir(clip_path) and args.eval_clip_model is None:
             raise ValueError(f"no CLIP model for the in-training scores at {clip_path}: pass --eval_clip_model")
         clip = metrics.load_clip(clip_path)

@@ -12,7 +12,8 @@ from sd.kit.real_size import build_real_size_kit
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sd.kit", description="Build the offline tiny Stable Diffusion kit (see the module docstring).")
+    p = argparse.ArgumentParser(prog="python -m sd.kit",
+                                description="Build the offline tiny Stable Diffusion kit (see the module docstring).")
     p.add_argument("--output_dir", default=None,
                    help="kit folder (built beside it, then moved into place); "
                         "default ./tiny-sd, ./sd-v1-random for --preset sd-v1")
@@ -20,9 +21,11 @@ def main(argv=None) -> None:
     p.add_argument("--preset", choices=["default", "test", "sd-v1"], default="default",
                    help="test: seconds, for the test suite; sd-v1: SD v1-4's real sizes and configs with random "
                         "weights, no training (sd/kit/real_size.py)")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels the kit is built for (default 32)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels the kit is built for (default 32)")
     p.add_argument("--max_length", type=int, default=None,
-                   help="tokenizer model_max_length = text positions (default 77, SD's); the trainer's --model_max_length must not exceed it")
+                   help="tokenizer model_max_length = text positions (default 77, SD's); "
+                        "the trainer's --model_max_length must not exceed it")
     p.add_argument("--captions", default=None, help="extra captions (.jsonl or one per line) for the tokenizer merges")
     p.add_argument("--clip_steps", type=int, default=None, help="contrastive text-encoder steps")
     p.add_argument("--vae_steps", type=int, default=None, help="VAE training steps")

@@ -187,7 +187,8 @@ def build_text_encoder(cfg: KitConfig, tokenizer, seed: int, log=print):
     text = CLIPTextModel(text_encoder_config(cfg, tokenizer))
     image = _image_tower(2 * cfg.text_hidden)
     proj = paddle.nn.Linear(cfg.text_hidden, cfg.text_hidden)
-    log_scale = paddle.create_parameter([1], "float32", default_initializer=paddle.nn.initializer.Constant(math.log(10.0)))
+    log_scale = paddle.create_parameter([1], "float32",
+                                        default_initializer=paddle.nn.initializer.Constant(math.log(10.0)))
     params = text.parameters() + image.parameters() + proj.parameters() + [log_scale]
     opt = paddle.optimizer.AdamW(learning_rate=cfg.clip_lr, parameters=params, weight_decay=0.0)
     prompts = demo_data.all_prompts()
@@ -195,7 +196,8 @@ def build_text_encoder(cfg: KitConfig, tokenizer, seed: int, log=print):
     ids = paddle.to_tensor(tokenizer(captions, padding="max_length", max_length=cfg.max_length,
                                      truncation=True, return_attention_mask=False)["input_ids"], dtype="int64")
     mask = (ids != tokenizer.pad_token_id).astype("float32")
-    mask[:, :] = paddle.maximum(mask, F.one_hot(paddle.argmax((ids == tokenizer.eos_token_id).astype("int32"), -1), ids.shape[1]))
+    mask[:, :] = paddle.maximum(mask, F.one_hot(paddle.argmax((ids == tokenizer.eos_token_id).astype("int32"), -1),
+                                                ids.shape[1]))
     rng = np.random.default_rng(seed)
 
     def text_features(input_ids, token_mask):
@@ -238,12 +240,14 @@ def build_text_encoder(cfg: KitConfig, tokenizer, seed: int, log=print):
             hits_i2t += int((sim.argmax(1) == np.arange(len(prompts))).sum())
             hits_t2i += int((sim.argmax(0) == np.arange(len(prompts))).sum())
     n = reps * len(prompts)
-    figures = {"retrieval_accuracy": hits_i2t / n, "retrieval_caption_to_image": hits_t2i / n, "retrieval_eval_images": n,
+    figures = {"retrieval_accuracy": hits_i2t / n, "retrieval_caption_to_image": hits_t2i / n,
+               "retrieval_eval_images": n,
                "token_separation_random": separation_random,
                "token_separation": token_separation(text, tokenizer, cfg.max_length)}
     log(f"kit: retrieval on {n} held-out images: image→caption {figures['retrieval_accuracy']:.1%} (top-1 of 36 "
         f"captions), caption→image {figures['retrieval_caption_to_image']:.1%} (top-1 of 36 images); one-word change "
-        f"moves the word's final hidden state by {figures['token_separation']:.2f} (random init: {separation_random:.2f})")
+        f"moves the word's final hidden state by {figures['token_separation']:.2f} "
+        f"(random init: {separation_random:.2f})")
     return text, figures
 
 
@@ -401,9 +405,9 @@ def build_clip(cfg: KitConfig, text_encoder, tokenizer, output_dir: str, seed: i
     from tqdm import tqdm
 
     _seed_everything(seed + 17)
-    vision = dict(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
-                  num_attention_heads=cfg.text_heads, image_size=cfg.resolution, patch_size=max(1, cfg.resolution // 8),
-                  projection_dim=cfg.text_hidden)
+    vision = dict(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+                  num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads, image_size=cfg.resolution,
+                  patch_size=max(1, cfg.resolution // 8), projection_dim=cfg.text_hidden)
     text = text_encoder.config.to_dict()
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.text_hidden)
     clip = CLIPModel(config)
@@ -471,7 +475,8 @@ def build_clip(cfg: KitConfig, text_encoder, tokenizer, output_dir: str, seed: i
     nlp.set_state_dict(state)
     nlp.save_pretrained(output_dir)
     processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": cfg.resolution},
-                                                 crop_size={"height": cfg.resolution, "width": cfg.resolution}), tokenizer)
+                                                 crop_size={"height": cfg.resolution, "width": cfg.resolution}),
+                              tokenizer)
     processor.save_pretrained(output_dir)
     tok_config = os.path.join(output_dir, "tokenizer_config.json")
     with open(tok_config, encoding="utf-8") as f:
@@ -536,7 +541,8 @@ def manifest_problems(folder: str) -> List[str]:
     actual = file_digests(folder)
     return ([f"{rel}: missing" for rel in listed if rel not in actual]
             + [f"{rel}: not in {MANIFEST}" for rel in actual if rel not in listed]
-            + [f"{rel}: SHA-256 differs from {MANIFEST}" for rel in actual if rel in listed and listed[rel] != actual[rel]])
+            + [f"{rel}: SHA-256 differs from {MANIFEST}" for rel in actual
+               if rel in listed and listed[rel] != actual[rel]])
 
 
 def write_unet_init(kit_dir: str, log=print) -> str:
@@ -548,14 +554,16 @@ def write_unet_init(kit_dir: str, log=print) -> str:
     another Paddle draws other numbers). Returns the file's path.
     """
     target = os.path.join(kit_dir, UNET_INIT)
-    unet = new_unet(read_json(os.path.join(kit_dir, "unet", "config.json")), read_json(os.path.join(kit_dir, "kit_report.json"))["seed"])
+    unet = new_unet(read_json(os.path.join(kit_dir, "unet", "config.json")),
+                    read_json(os.path.join(kit_dir, "kit_report.json"))["seed"])
     with tempfile.TemporaryDirectory(dir=os.path.dirname(target), prefix=".init-") as tmp:
         unet.save_pretrained(tmp)
         made = os.path.join(tmp, os.path.basename(UNET_INIT))
         digest = _sha256(made)
         listed = _manifest(kit_dir).get(UNET_INIT) if os.path.isfile(os.path.join(kit_dir, MANIFEST)) else None
         if listed is not None and digest != listed:
-            raise ValueError(f"{target}: the UNet init made here has SHA-256 {digest[:12]}…, {MANIFEST} lists {listed[:12]}… "
+            raise ValueError(f"{target}: the UNet init made here has SHA-256 {digest[:12]}…, "
+                             f"{MANIFEST} lists {listed[:12]}… "
                              f"(another Paddle build?); rebuild the kit with `python -m sd.kit --output_dir {kit_dir}`")
         os.replace(made, target)
     checked = f"the SHA-256 {MANIFEST} lists" if listed else f"not checked: no {UNET_INIT} in a {MANIFEST}"
@@ -579,7 +587,8 @@ def _json_close(a, b, rtol: float, atol: float) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_json_close(x, y, rtol, atol) for x, y in zip(a, b))
     if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
+        return (isinstance(a, (int, float)) and isinstance(b, (int, float))
+                and math.isclose(a, b, rel_tol=rtol, abs_tol=atol))
     return a == b
 
 
@@ -596,7 +605,8 @@ def compare_kits(ours: str, rebuilt: str, rtol: float, atol: float) -> Tuple[Lis
     (``kit_report.json`` without its build time and size); other files: the same bytes.
     """
     a, b = file_digests(ours), file_digests(rebuilt)
-    problems = [f"{rel}: only in {ours}" for rel in a if rel not in b] + [f"{rel}: only in {rebuilt}" for rel in b if rel not in a]
+    problems = ([f"{rel}: only in {ours}" for rel in a if rel not in b]
+                + [f"{rel}: only in {rebuilt}" for rel in b if rel not in a])
     not_identical = []
     for rel in sorted(set(a) & set(b)):
         if a[rel] == b[rel]:
@@ -678,10 +688,13 @@ def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0
 
     cfg = config or KitConfig()
     output_dir = os.path.normpath(output_dir)
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(os.path.join(output_dir, "kit_report.json")):
-        raise ValueError(f"{output_dir} is not empty and holds no kit (no kit_report.json); choose another --output_dir")
+    if (os.path.isdir(output_dir) and os.listdir(output_dir)
+            and not os.path.isfile(os.path.join(output_dir, "kit_report.json"))):
+        raise ValueError(f"{output_dir} is not empty and holds no kit (no kit_report.json); "
+                         "choose another --output_dir")
     if cfg.resolution % 2 ** (len(cfg.vae_channels) - 1):
-        raise ValueError(f"resolution {cfg.resolution} is not a multiple of the VAE's factor {2 ** (len(cfg.vae_channels) - 1)}")
+        raise ValueError(f"resolution {cfg.resolution} is not a multiple of the VAE's factor "
+                         f"{2 ** (len(cfg.vae_channels) - 1)}")
     start = time.time()
     work = output_dir + ".partial"
     shutil.rmtree(work, ignore_errors=True)
@@ -716,8 +729,10 @@ def build_kit(output_dir: str, config: Optional[KitConfig] = None, seed: int = 0
     _update_json(os.path.join(work, "text_encoder", "config.json"), {"dropout": 0.0, "torch_dtype": "float32"})
     # and no more: a field SD v1 leaves to each class's default (timestep spacing: leading for DDIM/PNDM,
     # linspace for Euler/LMS/DPM-solver) would otherwise reach every scheduler built with from_config
-    _update_json(os.path.join(work, "scheduler", "scheduler_config.json"), {}, drop=("timestep_spacing", "prediction_type"))
-    clip_figures = build_clip(cfg, text_encoder, tokenizer, os.path.join(work, "clip"), seed, log)  # last: changes nothing else
+    _update_json(os.path.join(work, "scheduler", "scheduler_config.json"), {},
+                 drop=("timestep_spacing", "prediction_type"))
+    # last: changes nothing else
+    clip_figures = build_clip(cfg, text_encoder, tokenizer, os.path.join(work, "clip"), seed, log)
     report = {"seed": seed, "config": asdict(cfg), "captions_file": captions_file, "vocab_size": vocab_size,
               "num_merges": len(merges), **text_figures, **vae_figures, **clip_figures,
               "unet_parameters": int(sum(int(np.prod(p.shape)) for p in unet.parameters())),

@@ -68,7 +68,8 @@ def check_model_paths(model_args) -> List[Finding]:
     found = []
     for flag in MODEL_FLAGS:
         value = getattr(model_args, flag, None)
-        if value and (os.path.isabs(value) or value.startswith((".", "~"))) and not os.path.exists(os.path.expanduser(value)):
+        if (value and (os.path.isabs(value) or value.startswith((".", "~")))
+                and not os.path.exists(os.path.expanduser(value))):
             found.append(("stop", f"--{flag} {value}: no such file or folder; pass a model folder "
                                   f"(`python -m sd.kit --output_dir ./tiny-sd` builds the offline kit)"))
     return found
@@ -135,8 +136,8 @@ def check_shm(needed: int, shm_dir: str = "/dev/shm") -> List[Finding]:
     free = st.f_bavail * st.f_frsize
     what = (f"the loader workers keep about {_gib(needed)} of batches in flight, {shm_dir} has {_gib(free)} free")
     if needed > free:
-        return [("stop", f"{what}: enlarge it (docker: --shm-size), lower "
-                         f"--per_device_train_batch_size, or load in the training process (--dataloader_num_workers 0)")]
+        return [("stop", f"{what}: enlarge it (docker: --shm-size), lower --per_device_train_batch_size, "
+                         f"or load in the training process (--dataloader_num_workers 0)")]
     if needed > free / 2:
         return [("warn", f"{what}: little room left for anything else")]
     return [("ok", what)]

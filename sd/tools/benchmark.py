@@ -1,11 +1,12 @@
 """Training throughput through the real trainer path: samples/s, where each step's time goes, FLOPs.
 
-    python -m sd.tools.benchmark --kit reference --resolution 64 --batch_size 4 --num_workers 1   # the PaddleMIX example's config
+    python -m sd.tools.benchmark --kit reference --resolution 64 --batch_size 4 --num_workers 1
+                                                                              # the PaddleMIX example's config
     python -m sd.tools.benchmark --kit ./tiny-sd --resolution 64 --batch_size 16 --num_workers 2
     python -m sd.tools.benchmark --kit ./tiny-sd --table                       # batch 4/16 × workers 0/1/2
     python -m sd.tools.benchmark --kit reference --latents ./latents/filelist/train.filelist.list   # precomputed mode
     python -m sd.tools.benchmark --flops_only --unet_config ./unet_config.json --resolution 256      # SD v1 arithmetic
-    python -m sd.tools.benchmark --versus ../shared/reference/paddlemix_stable_diffusion           # side by side, A B A B
+    python -m sd.tools.benchmark --versus ../shared/reference/paddlemix_stable_diffusion         # side by side, A B A B
 
 Method: the model, datasets and ``StableDiffusionTrainer`` are built by ``sd.build.build_run``, which
 ``train_txt2img_laion400m_trainer.py`` builds its run with, and the trainer runs ``warmup + steps``
@@ -82,8 +83,9 @@ def build_reference_kit(output_dir: str, seed: int = 0) -> str:
     tok_dir = os.path.join(work, "tokenizer")
     save_tokenizer(tok_dir, learn_bpe(p[3] for p in demo_data.all_prompts()), model_max_length=77)
     tok = CLIPTokenizer.from_pretrained(tok_dir)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok.get_vocab()), projection_dim=32, pad_token_id=tok.pad_token_id,
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **REFERENCE_TEXT))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok.get_vocab()), projection_dim=32,
+                                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                        eos_token_id=tok.eos_token_id, **REFERENCE_TEXT))
     vae = AutoencoderKL(**REFERENCE_VAE)
     unet = UNet2DConditionModel(**REFERENCE_UNET)
     build_pipeline(vae, text, tok, unet, make_scheduler("pndm")).save_pretrained(work)
@@ -99,7 +101,8 @@ def build_kit_architecture(output_dir: str, seed: int = 0) -> str:
     from sd.kit.build import KitConfig, build_kit
 
     if not os.path.isfile(os.path.join(output_dir, "model_index.json")):
-        build_kit(output_dir, replace(KitConfig(), clip_steps=1, vae_steps=1, eval_images=36), seed=seed, log=lambda *a: None)
+        build_kit(output_dir, replace(KitConfig(), clip_steps=1, vae_steps=1, eval_images=36), seed=seed,
+                  log=lambda *a: None)
     return output_dir
 
 
@@ -275,7 +278,7 @@ def _children() -> Dict[str, float]:
                 if f.read().rsplit(")", 1)[1].split()[1] != me:
                     continue
             with open(f"/proc/{pid}/status") as f:
-                out[pid] = next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+                out[pid] = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
         except (OSError, StopIteration, IndexError):
             continue  # the process ended meanwhile
     return out
@@ -315,15 +318,17 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     from sd.sd_args import DataArguments, ModelArguments, SDTrainingArguments, finalize
 
     if warmup < 1 or steps < 1:
-        raise ValueError(f"need warmup ≥ 1 (the first step has no interval before it) and steps ≥ 1, got {warmup}, {steps}")
+        raise ValueError(f"need warmup ≥ 1 (the first step has no interval before it) and steps ≥ 1, "
+                         f"got {warmup}, {steps}")
     extra = dict(extra_args or {})
     extra.setdefault("max_grad_norm", -1.0)  # PaddleMIX's command: no gradient clipping
     pick = lambda cls: {k: extra.pop(k) for k in list(extra) if k in cls.__dataclass_fields__}  # noqa: E731
     out_dir = tempfile.mkdtemp(prefix="sd-bench-run-")
-    model_args = ModelArguments(pretrained_model_name_or_path=kit, unet_name_or_path=os.path.join(kit, "unet", "config.json"),
+    model_args = ModelArguments(pretrained_model_name_or_path=kit,
+                                unet_name_or_path=os.path.join(kit, "unet", "config.json"),
                                 model_max_length=model_max_length, image_logging_steps=0, **pick(ModelArguments))
-    data_args = DataArguments(file_list=file_list, resolution=resolution, **({"precomputed_latents": True} if latents else {}),
-                              **pick(DataArguments))
+    data_args = DataArguments(file_list=file_list, resolution=resolution,
+                              **({"precomputed_latents": True} if latents else {}), **pick(DataArguments))
     training_args = SDTrainingArguments(output_dir=out_dir, do_train=True, max_steps=warmup + steps,
                                         per_device_train_batch_size=batch_size, dataloader_num_workers=num_workers,
                                         logging_steps=logging_steps, save_strategy="no", report_to=["none"],
@@ -358,9 +363,11 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
               "world_size": world, "latents": latents, "steps": len(measured), "warmup": warmup,
               "samples_per_s": batch_size * world / interval,
               "samples_per_s_mean": batch_size * world * len(measured) / sum(s["interval"] for s in measured),
-              "step_s": interval, "cpu_s": med("cpu"), "samples_per_cpu_s": batch_size / med("cpu"), "data_s": med("data"), "forward_backward_s": med("forward_backward"),
+              "step_s": interval, "cpu_s": med("cpu"), "samples_per_cpu_s": batch_size / med("cpu"),
+              "data_s": med("data"), "forward_backward_s": med("forward_backward"),
               "optimizer_s": med("optimizer"), "vae_encode_s": med("vae_encode"), "text_encode_s": med("text_encode"),
-              "latent_sample_s": med("latent_sample"), "unet_forward_s": med("unet_forward"), "backward_s": med("backward"),
+              "latent_sample_s": med("latent_sample"), "unet_forward_s": med("unet_forward"),
+              "backward_s": med("backward"),
               "unet_fwd_bwd_s": med("unet_fwd_bwd"), "wall_s": wall, **memory}
     for k in ("data", "forward_backward", "optimizer", "vae_encode", "text_encode", "unet_fwd_bwd"):
         result[f"{k}_share"] = result[f"{k}_s"] / interval
@@ -372,7 +379,8 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
         peak = cpu_peak_gflops()
         if peak and not on_gpu:
             result["cpu_core_peak_gflops"] = peak["gflops"]
-            result["cpu_peak_source"] = f"{peak['isa']} {peak['lanes']} lanes × 2 FMA units × 2 FLOP × {peak['ghz']:.2f} GHz"
+            result["cpu_peak_source"] = (f"{peak['isa']} {peak['lanes']} lanes × 2 FMA units × 2 FLOP × "
+                                         f"{peak['ghz']:.2f} GHz")
         if on_gpu:
             achieved = result["model_flops_per_step"] / interval / 1e12
             peak = peak_tflops or _known_peak()
@@ -386,14 +394,15 @@ def model_flops(model, resolution: int, batch_size: int, text_len: int, latents:
     import paddle
 
     h = resolution // model.latent_factor
-    unet = count_forward_flops(model.unet, paddle.zeros([1, model.unet.config.in_channels, h, h]), paddle.to_tensor([10]),
+    unet = count_forward_flops(model.unet, paddle.zeros([1, model.unet.config.in_channels, h, h]),
+                               paddle.to_tensor([10]),
                                encoder_hidden_states=paddle.zeros([1, text_len, model.unet.config.cross_attention_dim]))
     vae = count_forward_flops(model.vae.encoder, paddle.zeros([1, 3, resolution, resolution]))
     vae += count_forward_flops(model.vae.quant_conv, paddle.zeros([1, 2 * model.vae.config.latent_channels, h, h]))
     text = count_forward_flops(model.text_encoder, paddle.zeros([1, text_len], dtype="int64"))
     per_image = 3 * unet + (0 if latents else vae + text)
-    return {"unet_forward_flops_per_image": unet, "vae_encode_flops_per_image": vae, "text_encode_flops_per_image": text,
-            "model_flops_per_step": per_image * batch_size}
+    return {"unet_forward_flops_per_image": unet, "vae_encode_flops_per_image": vae,
+            "text_encode_flops_per_image": text, "model_flops_per_step": per_image * batch_size}
 
 
 def cpu_peak_gflops(cpuinfo: str = "/proc/cpuinfo") -> Optional[dict]:
@@ -413,7 +422,8 @@ def cpu_peak_gflops(cpuinfo: str = "/proc/cpuinfo") -> Optional[dict]:
         return None
     isa, lanes = {"avx512": ("AVX-512", 16), "avx2": ("AVX2", 8), "sse": ("SSE", 4)}[widest_vector_isa(flags)]
     family = fields.get("cpu family", ["0"])[0]
-    if isa == "AVX-512" and fields.get("vendor_id", [""])[0] == "AuthenticAMD" and family.isdigit() and int(family) < 26:
+    if (isa == "AVX-512" and fields.get("vendor_id", [""])[0] == "AuthenticAMD" and family.isdigit()
+            and int(family) < 26):
         lanes, isa = 8, "AVX-512 on 256-bit units (Zen 4)"
     ghz = max(mhz) / 1000
     return {"gflops": lanes * 2 * 2 * ghz, "lanes": lanes, "ghz": ghz, "isa": isa}
@@ -439,33 +449,44 @@ def format_row(r: dict) -> str:
     mem = f"{r['peak_rss_mb']:.0f}" + (f" + {r['workers_peak_rss_mb']:.0f}" if r["workers_peak_rss_mb"] else "")
     flops = f"{r['model_flops_per_step'] / 1e9:.2f}" if "model_flops_per_step" in r else "–"
     return (f"| {r['batch_size']} | {r['num_workers']} | {'latents' if r['latents'] else 'images'} | "
-            f"**{r['samples_per_s']:.1f}** | {r['samples_per_cpu_s']:.1f} | {ms('step_s')} | {ms('cpu_s')} | {ms('data_s')} | {ms('forward_backward_s')} | "
-            f"{ms('optimizer_s')} | {pct('vae_encode_share')} | {pct('text_encode_share')} | {pct('unet_fwd_bwd_share')} | "
+            f"**{r['samples_per_s']:.1f}** | {r['samples_per_cpu_s']:.1f} | {ms('step_s')} | {ms('cpu_s')} | "
+            f"{ms('data_s')} | {ms('forward_backward_s')} | "
+            f"{ms('optimizer_s')} | {pct('vae_encode_share')} | {pct('text_encode_share')} | "
+            f"{pct('unet_fwd_bwd_share')} | "
             f"{mem} | {flops} |")
 
 
-TABLE_HEADER = ("| batch | workers | inputs | samples/s | samples per CPU-s | step ms | CPU ms | data wait ms | fwd+bwd ms | optimizer ms | "
+TABLE_HEADER = ("| batch | workers | inputs | samples/s | samples per CPU-s | step ms | CPU ms | data wait ms | "
+                "fwd+bwd ms | optimizer ms | "
                 "VAE enc | text enc | UNet fwd+bwd | peak RSS MB (main + workers) | model GFLOP/step |\n"
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def describe(r: dict) -> str:
-    lines = [f"samples/s {r['samples_per_s']:.2f}, {r['samples_per_cpu_s']:.1f} per main-process CPU second (median step {1000 * r['step_s']:.1f} ms over {r['steps']} steps after "
-             f"{r['warmup']} warm-up; mean {r['samples_per_s_mean']:.2f}/s), batch {r['batch_size']} × {r['world_size']} "
+    lines = [f"samples/s {r['samples_per_s']:.2f}, {r['samples_per_cpu_s']:.1f} per main-process CPU second "
+             f"(median step {1000 * r['step_s']:.1f} ms over {r['steps']} steps after "
+             f"{r['warmup']} warm-up; mean {r['samples_per_s_mean']:.2f}/s), "
+             f"batch {r['batch_size']} × {r['world_size']} "
              f"rank(s), {r['num_workers']} loader worker(s), {'precomputed latents' if r['latents'] else 'images'}",
-             f"step: main-process CPU {1000 * r['cpu_s']:.1f} ms | data wait {1000 * r['data_s']:.1f} ms | forward+backward {1000 * r['forward_backward_s']:.1f} ms | "
+             f"step: main-process CPU {1000 * r['cpu_s']:.1f} ms | data wait {1000 * r['data_s']:.1f} ms | "
+             f"forward+backward {1000 * r['forward_backward_s']:.1f} ms | "
              f"optimizer {1000 * r['optimizer_s']:.1f} ms",
-             f"components: VAE encode {100 * r['vae_encode_share']:.1f} % | text encode {100 * r['text_encode_share']:.1f} % | "
-             f"UNet forward+backward {100 * r['unet_fwd_bwd_share']:.1f} % (forward {1000 * r['unet_forward_s']:.1f} ms, "
+             f"components: VAE encode {100 * r['vae_encode_share']:.1f} % | "
+             f"text encode {100 * r['text_encode_share']:.1f} % | "
+             f"UNet forward+backward {100 * r['unet_fwd_bwd_share']:.1f} % "
+             f"(forward {1000 * r['unet_forward_s']:.1f} ms, "
              f"backward {1000 * r['backward_s']:.1f} ms)",
              f"peak memory: RSS {r['peak_rss_mb']:.0f} MB (main) + {r['workers_peak_rss_mb']:.0f} MB (loader workers)"
              + (f", GPU {r['gpu_peak_allocated_mb']:.0f} MB" if "gpu_peak_allocated_mb" in r else "")]
     if "model_flops_per_step" in r:
-        line = (f"model FLOPs/step {r['model_flops_per_step'] / 1e9:.3f} GFLOP (UNet fwd {r['unet_forward_flops_per_image'] / 1e9:.3f}"
-                f" ×3, VAE enc {r['vae_encode_flops_per_image'] / 1e9:.3f}, text {r['text_encode_flops_per_image'] / 1e9:.4f} "
+        line = (f"model FLOPs/step {r['model_flops_per_step'] / 1e9:.3f} GFLOP "
+                f"(UNet fwd {r['unet_forward_flops_per_image'] / 1e9:.3f}"
+                f" ×3, VAE enc {r['vae_encode_flops_per_image'] / 1e9:.3f}, "
+                f"text {r['text_encode_flops_per_image'] / 1e9:.4f} "
                 f"GFLOP per image)")
         if "achieved_tflops" in r:
-            line += f"; achieved {r['achieved_tflops']:.1f} TFLOP/s, MFU " + (f"{100 * r['mfu']:.1f} %" if r["mfu"] else "n/a")
+            line += (f"; achieved {r['achieved_tflops']:.1f} TFLOP/s, MFU "
+                     + (f"{100 * r['mfu']:.1f} %" if r["mfu"] else "n/a"))
         else:
             line += f"; {r['gflops_per_cpu_s']:.1f} GFLOP per main-process CPU second"
             if "cpu_core_peak_gflops" in r:
@@ -489,11 +510,13 @@ def resolve_inputs(a) -> tuple:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kit", default="reference", help="'reference' (the PaddleMIX example's benchmark config, random weights), 'tiny' (the default "
-                                               "kit's architecture, barely trained: its speed) or a kit folder")
+    p.add_argument("--kit", default="reference",
+                   help="'reference' (the PaddleMIX example's benchmark config, random weights), 'tiny' (the default "
+                        "kit's architecture, barely trained: its speed) or a kit folder")
     p.add_argument("--file_list", default=None, help="*.filelist.list of images (default: 512 demo images, built once)")
-    p.add_argument("--latents", default=None, help="*.filelist.list of precomputed latents (sd.tools.precompute_latents): "
-                                                   "benchmark the precomputed mode")
+    p.add_argument("--latents", default=None,
+                   help="*.filelist.list of precomputed latents (sd.tools.precompute_latents): "
+                        "benchmark the precomputed mode")
     p.add_argument("--image_size", type=int, default=64, help="side of the demo images built when no --file_list")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=4)
@@ -527,7 +550,8 @@ def main(argv=None) -> None:
     for i in range(0, len(rest), 2):  # more trainer/model/data arguments: --name value
         if not rest[i].startswith("--") or i + 1 >= len(rest):
             p.error(f"unexpected argument {rest[i]!r}")
-        extra[rest[i][2:]] = json.loads(rest[i + 1]) if rest[i + 1][:1] in "0123456789[{-" or rest[i + 1] in ("true", "false") else rest[i + 1]
+        extra[rest[i][2:]] = (json.loads(rest[i + 1]) if rest[i + 1][:1] in "0123456789[{-"
+                              or rest[i + 1] in ("true", "false") else rest[i + 1])
 
     if a.flops_only:
         with open(a.unet_config) as f:
@@ -563,7 +587,8 @@ def _main_versus(a, rest) -> None:
     from sd.tools import benchmark_versus
 
     if rest:
-        raise SystemExit(f"--versus: unexpected arguments {rest}; flags for one side go in --ours_args / --example_args")
+        raise SystemExit(f"--versus: unexpected arguments {rest}; "
+                         "flags for one side go in --ours_args / --example_args")
     try:
         benchmark_versus.check_example_folder(a.versus)
         example_envs = [benchmark_versus.parse_env(e) for e in a.example_env]

@@ -382,6 +382,6 @@ def test_s3_training_equals_local_and_resumes_exactly_after_a_kill(shards, s3, t
     assert max(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == "checkpoint-4"
     resumed = train(far, tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert losses(resumed.stdout + resumed.stderr) == {s: l for s, l in runs["s3"].items() if s > 4}
+    assert losses(resumed.stdout + resumed.stderr) == {s: loss for s, loss in runs["s3"].items() if s > 4}
     assert weight_difference(tmp_path / "s3" / "checkpoint-6", tmp_path / "killed" / "checkpoint-6") == (0.0, 0.0)
     shutil.rmtree(tmp_path / "local")

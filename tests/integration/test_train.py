@@ -150,7 +150,8 @@ def test_resuming_keeps_the_checkpoints_global_batch(tmp_path, warnings_logged):
     RunState(global_batch=8, slots={str(j): {"position": 3, "skipped": 0} for j in range(8)}, steps=3,
              layout=Layout(ranks=2, accumulation=1, per_device_batch=4),
              data_order=DataOrder(seed=5, file_list=str(tmp_path / "a.filelist.list"), shuffle_buffer=64),
-             ema_updates=0, resolution=32, model_paths={"vae": "kit/vae"}, prediction_type="epsilon").write(str(tmp_path))
+             ema_updates=0, resolution=32, model_paths={"vae": "kit/vae"},
+             prediction_type="epsilon").write(str(tmp_path))
     data = SimpleNamespace(file_list=str(tmp_path / "a.filelist.list"), shuffle_buffer=64)
 
     def fit(ranks, accumulation, batch, seed=5):

@@ -11,7 +11,8 @@ from tests.helpers.common import ROOT
 
 # train.sh's settings: cleared from the test's environment so that only what a test sets counts
 SETTINGS = ("RECIPE", "GPU_COUNT", "DRY_RUN", "KIT_DIR", "KIT_BUILD", "PRESET", "FILE_LIST", "DEMO_IMAGES",
-            "OUTPUT_DIR", "GPUS", "IPS", "NPROC", "ELASTIC", "NNODES", "JOB_ID", "MAX_RESTART", "ELASTIC_TIMEOUT", "NODE_NAME",
+            "OUTPUT_DIR", "GPUS", "IPS", "NPROC", "ELASTIC", "NNODES", "JOB_ID", "MAX_RESTART", "ELASTIC_TIMEOUT",
+            "NODE_NAME",
             "PRETRAINED", "UNET_CONFIG", "RESOLUTION", "BATCH_SIZE", "MAX_STEPS", "LR", "LR_SCHEDULER", "WARMUP_STEPS",
             "SAVE_STEPS", "IMAGE_LOGGING_STEPS", "FIRST_IMAGE_LOGGING_STEP", "LOGGING_STEPS", "NUM_WORKERS",
             "SNR_GAMMA", "NOISE_OFFSET", "NUM_INFERENCE_STEPS", "EMA_DECAY", "BF16", "FROZEN_INFERENCE", "GRAD_ACCUM",
