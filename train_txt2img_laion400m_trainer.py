@@ -62,7 +62,7 @@ def parse_arguments():
 
 def main():
     model_args, data_args, training_args, resume = parse_arguments()
-    built = build_run(model_args, data_args, training_args)  # sd/build.py: model, datasets, trainer
+    built = build_run(model_args, data_args, training_args, resume)  # sd/build.py: data, model, trainer
     if not training_args.do_train:
         return
     trainer = built.trainer

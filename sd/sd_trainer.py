@@ -85,7 +85,7 @@ class _UpdateStep:
 
 class StableDiffusionTrainer(Trainer):
     def __init__(self, model, args, train_dataset, resolution: int, run_config: Optional[dict] = None,
-                 micro_datasets: Optional[list] = None, **kwargs):
+                 micro_datasets: Optional[list] = None, streams: Optional[MicroBatchStreams] = None, **kwargs):
         """``micro_datasets``: one dataset per accumulation micro-batch k, each streaming the slots of data
         rank ``d = dataset_rank · A + k``, [d·b, (d+1)·b) of the global batch (default: ``[train_dataset]``, A = 1)."""
         # --to_static: the model compiles its UNet and VAE encoder itself (StableDiffusionModel.compile_static)
@@ -102,7 +102,8 @@ class StableDiffusionTrainer(Trainer):
         self.run_config = run_config or {}
         self.sd_model = model
         self.resolution = resolution
-        self.streams = MicroBatchStreams(self.micro_datasets, args.seed, args.dataloader_num_workers)
+        # (sd/build.py passes them started, fast-forwarded to the checkpoint it resumes)
+        self.streams = streams or MicroBatchStreams(self.micro_datasets, args.seed, args.dataloader_num_workers)
         self._resume_state: Optional[RunState] = None
         self._image_batch = None
         self._images_logged_at = 0  # the step of the last image log
@@ -139,7 +140,11 @@ class StableDiffusionTrainer(Trainer):
             state = self._resume_state
             if state.global_batch != self.global_batch:  # fit_global_batch makes them agree before the data is built
                 raise ValueError(f"the checkpoint's global batch is {state.global_batch}, this run's {self.global_batch}")
-            self.streams.fast_forward(state.steps, state.slots)
+            if not self.streams.started:
+                self.streams.fast_forward(state.steps, state.slots)
+            elif self.streams.steps != state.steps:
+                raise ValueError(f"the data streams were started at step {self.streams.steps}, the checkpoint "
+                                 f"resumed is at step {state.steps}: build the run with its resume checkpoint")
             self._reader_logged = (self.streams.seconds, self.streams.batches)
             slots, positions = sorted(self.streams.positions), self.streams.positions
             logger.info(f"data streams of slots {slots[0]}-{slots[-1]} fast-forwarded past {state.steps} samples "

@@ -124,6 +124,7 @@ class MicroBatchStreams:
         self.skipped: Dict[int, int] = {}  # slot → records skipped so far
         self.batches = 0  # micro-batches handed out (this process, since the start of the run)
         self.seconds = 0.0  # spent waiting for them
+        self._parts = None  # per dataset, the iterator of its loader's outputs (its workers run from start())
 
     @property
     def steps(self) -> int:
@@ -135,8 +136,21 @@ class MicroBatchStreams:
         return {str(j): {"position": self.positions.get(j, 0), "skipped": self.skipped.get(j, 0)}
                 for dataset in self.datasets for j in dataset.slots}
 
+    def start(self) -> None:
+        """Create the loaders and start their workers (forked now: see sd/build.py for why before the model).
+        Iterating starts them otherwise."""
+        if self._parts is None:
+            self._parts = [self._loader_outputs(dataset) for dataset in self.datasets]
+
+    @property
+    def started(self) -> bool:
+        return self._parts is not None
+
     def fast_forward(self, steps: int, slots_state: Dict[str, dict]) -> None:
-        """Continue after ``steps`` optimizer steps, at the positions a checkpoint stored."""
+        """Continue after ``steps`` optimizer steps, at the positions a checkpoint stored (before :meth:`start`:
+        the loader workers stream from where the datasets are when they start)."""
+        if self.started:
+            raise RuntimeError("fast_forward after the loader workers started: they would not see it")
         self.batches = steps * len(self.datasets)
         for dataset in self.datasets:
             positions = {j: slots_state[str(j)]["position"] for j in dataset.slots}
@@ -144,15 +158,18 @@ class MicroBatchStreams:
             self.positions.update(positions)
             self.skipped.update({j: slots_state[str(j)]["skipped"] for j in dataset.slots})
 
-    def _micro_batches(self, dataset):
-        """Endless joined micro-batches of one dataset: W' loader outputs each (see the module docstring)."""
+    def _loader_outputs(self, dataset):
+        """(the loader's output iterator, its source, its number of workers) for ``dataset``."""
         workers = min(self.num_workers, len(dataset.slots))
         source = _ReportFromWorker(dataset) if workers else _RaiseInMainThread(dataset)
         collate = getattr(dataset, "collate_fn", collate_fn)  # latents: their own
         loader = paddle.io.DataLoader(source, batch_size=None, num_workers=workers,
                                       collate_fn=_ReportFromWorker.collate(collate) if workers else collate,
                                       worker_init_fn=die_with_parent)
-        parts = iter(loader)
+        return iter(loader), source, workers
+
+    def _micro_batches(self, parts, source, workers):
+        """Endless joined micro-batches of one dataset: W' loader outputs each (see the module docstring)."""
         while True:
             batch = []
             for _ in range(max(workers, 1)):
@@ -167,7 +184,8 @@ class MicroBatchStreams:
             yield batch[0] if len(batch) == 1 else {k: paddle.concat([b[k] for b in batch]) for k in batch[0]}
 
     def __iter__(self):
-        streams = [self._micro_batches(dataset) for dataset in self.datasets]
+        self.start()
+        streams = [self._micro_batches(*parts) for parts in self._parts]
         accumulation = len(streams)
         while True:
             k = self.batches % accumulation

@@ -162,6 +162,10 @@ def run(main: Callable[[], None], user_errors=()) -> None:
             else:
                 traceback.print_exc()
         elif not under_launcher():  # a rank's one line is the "rank r failed" below
+            from tqdm import tqdm
+
+            if tqdm._instances:  # the trainer's progress bar is open: the line it is on ends first
+                print(file=sys.stderr)
             print(f"error: {e}", file=sys.stderr, flush=True)
         shm.stop_children_and_clean()
         fail(str(e) if mistake else f"{type(e).__name__}: {e}")
