@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 from sd.components import latent_factor
 from sd.data import demo_data
 from sd.data.demo_data import COLOURS, SHAPES, all_prompts
+from sd.kit.__main__ import main
 from sd.kit.build import (
     MANIFEST,
     UNET_INIT,
@@ -24,7 +25,6 @@ from sd.kit.build import (
     build_kit,
     compare_kits,
     file_digests,
-    main,
     manifest_problems,
     new_vae,
     read_captions,

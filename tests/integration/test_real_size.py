@@ -1,0 +1,169 @@
+"""PaddleMIX's recipe at SD v1's real size on one host: the 860 M-parameter UNet of unet_config.json at 256 px
+(batch 1, recompute on, one loader worker) beside the real-size random kit's VAE and CLIP text encoder trains,
+saves, is killed while saving, resumes exactly and saves again, EMA on and off; sampling and export from its
+checkpoint. Most of a 24 GB host's memory: `long` tests, which CI runs one at a time."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from sd.runtime import tensor_files
+from sd.runtime.run_state import RunState
+from tests.helpers.common import ROOT, env_with_root
+
+pytestmark = pytest.mark.long
+
+STEPS, SAVE = 4, 2
+RECIPE = ("--resolution", "256", "--per_device_train_batch_size", "1", "--learning_rate", "1e-4",
+          "--max_steps", str(STEPS), "--save_steps", str(SAVE), "--save_total_limit", "1", "--recompute", "True",
+          "--dataloader_num_workers", "1", "--logging_steps", "1", "--image_logging_steps", "0", "--seed", "7",
+          "--report_to", "none", "--max_grad_norm", "-1")
+
+
+@pytest.fixture(scope="module")
+def sd_v1(tmp_path_factory):
+    """(the real-size random kit, a file list of 16 demo images at 256 px)."""
+    from sd.data.demo_data import write_demo_jsonl
+
+    folder = tmp_path_factory.mktemp("real")
+    subprocess.run([sys.executable, "-m", "sd.kit", "--preset", "sd-v1", "--output_dir", str(folder / "kit")],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    write_demo_jsonl(str(folder / "raw"), num_images=16, size=256, seed=3)
+    subprocess.run([sys.executable, os.path.join(ROOT, "create_pretraining_data.py"), "--input_path", "raw/demo.jsonl",
+                    "--output_path", "data", "--per_part_file_num", "8", "--num_workers", "1"],
+                   cwd=folder, check=True, capture_output=True, timeout=600)
+    return str(folder / "kit"), str(folder / "data" / "filelist" / "custom_dataset.filelist.list")
+
+
+def _tree(pid):
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _pss(pid) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+    except OSError:
+        return 0
+
+
+def run_measured(cmd, env):
+    """Run ``cmd``; (return code, its output, the peak over time of its process tree's proportional set size)."""
+    peak = [0]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], sum(_pss(p) for p in _tree(proc.pid)))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate(timeout=3000)
+    sampler.join()
+    return proc.returncode, out, peak[0]
+
+
+def losses(log: str) -> dict:
+    found = {}
+    for line in log.splitlines():
+        if " - loss: " in line and "global_step: " in line:
+            found[int(line.split("global_step: ")[1].split(",")[0])] = line.split(" - loss: ")[1].split(",")[0]
+    return found
+
+
+def digests(checkpoint: str) -> dict:
+    """sha256 of every weights file's tensors, read one tensor at a time (a 3.4 GB UNet is never held whole)."""
+    out = {}
+    for root, _, files in os.walk(checkpoint):
+        for name in sorted(files):
+            if name.endswith(".safetensors") or name == "optimizer.pdopt":  # AdamW's moments: safetensors too
+                h = hashlib.sha256()
+                for key, array in sorted(tensor_files.iter_tensors(os.path.join(root, name)), key=lambda kv: kv[0]):
+                    h.update(f"{key}:{array.dtype}:{array.shape};".encode())
+                    h.update(np.ascontiguousarray(array).tobytes())
+                out[os.path.relpath(os.path.join(root, name), checkpoint)] = h.hexdigest()
+    return out
+
+
+def command(kit, file_list, out, ema, entry="train_txt2img_laion400m_trainer.py"):
+    return [sys.executable, os.path.join(ROOT, entry), "--do_train", "--output_dir", str(out),
+            "--pretrained_model_name_or_path", kit, "--unet_name_or_path", os.path.join(ROOT, "unet_config.json"),
+            "--file_list", file_list, "--use_ema", str(ema), *RECIPE]
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_trains_saves_is_killed_resumes_exactly_and_saves_again(sd_v1, tmp_path, ema):
+    kit, file_list = sd_v1
+    env = env_with_root()
+    code, straight, peak_straight = run_measured(command(kit, file_list, tmp_path / "straight", ema), env)
+    assert code == 0, straight[-4000:]
+    expected_losses = losses(straight)
+    assert sorted(expected_losses) == list(range(1, STEPS + 1)), straight[-4000:]
+    expected = digests(str(tmp_path / "straight" / f"checkpoint-{STEPS}"))
+    assert ("unet/diffusion_paddle_model.ema.safetensors" in expected) == ema
+    state = RunState.read(str(tmp_path / "straight" / f"checkpoint-{STEPS}"))
+    assert (state.steps, state.resolution, state.ema_updates) == (STEPS, 256, STEPS if ema else 0)
+    import shutil
+
+    shutil.rmtree(tmp_path / "straight")  # one real-size run's checkpoints on disk at a time (≈ 14 GB each)
+
+    out = tmp_path / "killed"
+    killed_env = env_with_root(SD_FAULT_KILL_SAVE_STEP=str(STEPS))
+    code, killed, peak_killed = run_measured(
+        command(kit, file_list, out, ema, entry=os.path.join("tests", "helpers", "fault_runner.py")), killed_env)
+    assert code == -9, killed[-4000:]  # SIGKILL while writing checkpoint-4
+    assert (out / f"checkpoint-{SAVE}").is_dir() and not (out / f"checkpoint-{STEPS}").exists()
+    code, resumed, peak_resumed = run_measured(command(kit, file_list, out, ema), env)
+    assert code == 0, resumed[-4000:]
+    assert f"found {out / f'checkpoint-{SAVE}'}, the newest complete checkpoint" in resumed
+    assert losses(resumed) == {s: v for s, v in expected_losses.items() if s > SAVE}
+    assert "optimizer.pdopt" in expected
+    assert digests(str(out / f"checkpoint-{STEPS}")) == expected  # the weights, their EMA, AdamW's moments alike
+    peaks = {"uninterrupted": peak_straight, "killed while saving": peak_killed, "resumed": peak_resumed}
+    print(json.dumps({"ema": ema, "peak_pss_gib": {k: round(v / 2 ** 30, 2) for k, v in peaks.items()}}))
+
+
+def test_samples_and_exports_from_a_real_size_checkpoint(sd_v1, tmp_path):
+    """eval.py at 256 px (2 DDIM steps) from a real-size checkpoint's EMA weights, and the diffusers export of it
+    (loaded by diffusers where the interop extra is installed)."""
+    kit, file_list = sd_v1
+    out = tmp_path / "run"
+    recipe = list(RECIPE)
+    recipe[recipe.index("--max_steps") + 1] = recipe[recipe.index("--save_steps") + 1] = "1"
+    code, log, _ = run_measured([*command(kit, file_list, out, True)[:-len(RECIPE)], *recipe], env_with_root())
+    assert code == 0, log[-4000:]
+    r = subprocess.run([sys.executable, "eval.py", "--unet_model_name_or_path", str(out / "checkpoint-1"),
+                        "--prompt", "a red circle on a white background", "--num_inference_steps", "2",
+                        "--guidance_scale", "7.5", "--output_dir", str(tmp_path / "eval")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    manifest = json.load(open(tmp_path / "eval" / "manifest.json"))
+    from PIL import Image
+
+    image = Image.open(tmp_path / "eval" / manifest["images"][0]["file"])
+    assert image.size == (256, 256) and manifest["variant"] == "ema"
+    r = subprocess.run([sys.executable, "-m", "sd.tools.export", "--checkpoint", str(out / "checkpoint-1"),
+                        "--output_dir", str(tmp_path / "diffusers")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    index = json.load(open(tmp_path / "diffusers" / "model_index.json"))
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    unet = tmp_path / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert sum(int(np.prod(a.shape)) for _, a in tensor_files.iter_tensors(str(unet))) == 859_520_964
