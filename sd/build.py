@@ -63,9 +63,6 @@ def build_dataset(tokenizer, sources, model_args, data_args, training_args, slot
     every step) or precomputed latents. Needs the tokenizer and the components' configs, not the model."""
     from sd.data import img2dataset
 
-    img2dataset.configure(img2dataset.ShardOptions(  # .tar/.parquet shards in the lists (inherited by loader workers)
-        caption_key=data_args.caption_key, min_original_size=data_args.min_original_size,
-        where=tuple(img2dataset.Where.parse(w) for w in data_args.where or ())))
     if data_args.precomputed_latents:  # by sd/tools/precompute_latents.py for this VAE, text encoder, resolution
         from sd.latent_dataset import LatentDataset
 
@@ -84,7 +81,10 @@ def build_dataset(tokenizer, sources, model_args, data_args, training_args, slot
         drop_caption_prob=data_args.drop_caption_prob, allow_upscale=data_args.allow_upscale,
         max_bad_fraction=data_args.max_bad_fraction, seed=training_args.seed,
         slots=slots, num_slots=num_slots,
-        model_max_length=model_args.model_max_length, shuffle_buffer=data_args.shuffle_buffer)
+        model_max_length=model_args.model_max_length, shuffle_buffer=data_args.shuffle_buffer,
+        shard_options=img2dataset.ShardOptions(  # .tar/.parquet shards in the lists: caption field, filters
+            caption_key=data_args.caption_key, min_original_size=data_args.min_original_size,
+            where=tuple(img2dataset.Where.parse(w) for w in data_args.where or ())))
 
 
 def build_data(tokenizer, sources, model_args, data_args, training_args) -> list:

@@ -31,6 +31,7 @@ from paddle.io import IterableDataset, get_worker_info
 from sd.data.formats import LINE_FORMATS, read_filelist, read_filelist_list
 from sd.data.image_codec import INTERPOLATIONS, ImageCodec, resample_window  # noqa: F401 (resample_window: re-exported)
 from sd.data.record_stream import SKIP_REASONS, RecordSource, RecordStream, ResumePoint
+from sd.data.sources import SOURCES
 
 __all__ = ["TextImagePairDataset", "collate_fn", "add_stream_fields", "load_tokenizer", "INTERPOLATIONS",
            "SKIP_REASONS", "resample_window"]
@@ -87,6 +88,9 @@ class TextImagePairDataset(IterableDataset):
             ``fast_forward(positions=...)``. False gives exactly the two contract keys.
         return_meta: also put ``caption``, ``epoch`` (the pass) and ``skipped`` (counts by reason) into
             each sample (tests and the CLI; ``collate_fn`` turns ``skipped`` into ``skip_counts``).
+        shard_options: img2dataset shards' caption field and metadata filters (``sd.data.img2dataset.ShardOptions``;
+            default: the ``.txt`` caption, no filter), handed to their decoder with every record.
+        sources: the kinds of listed files, chosen by file name (default ``sd.data.sources.SOURCES``).
     """
 
     def __init__(self, file_list: str, tokenizer, resolution: int = 256, line_format: str = "laion400m",
@@ -94,7 +98,8 @@ class TextImagePairDataset(IterableDataset):
                  allow_upscale: bool = False, max_bad_fraction: Optional[float] = None, seed: int = 0,
                  slots: Optional[Sequence[int]] = None, num_slots: int = 1,
                  model_max_length: Optional[int] = None, report_every: int = 1000, shuffle_buffer: int = 64,
-                 with_stream_state: bool = True, return_meta: bool = False):
+                 with_stream_state: bool = True, return_meta: bool = False, shard_options=None,
+                 sources: Sequence[RecordSource] = SOURCES):
         if line_format not in LINE_FORMATS:
             raise ValueError(f"line_format must be one of {LINE_FORMATS}, got {line_format!r}")
         if not 0.0 <= drop_caption_prob <= 1.0:
@@ -104,7 +109,7 @@ class TextImagePairDataset(IterableDataset):
         entries = [e for e in read_filelist_list(file_list) if e.weight is None or e.weight > 0]
         lists = [(e.path, e.weight, [p.path for p in read_filelist(e.path)]) for e in entries]
         self.stream = RecordStream(lists, seed, num_slots, shuffle_buffer, report_every, max_bad_fraction,
-                                   hint=self._no_usable_hint(line_format, resolution))
+                                   hint=self._no_usable_hint(line_format, resolution), sources=sources)
         self.slots = list(range(num_slots) if slots is None else slots)
         if not self.slots or not all(0 <= j < num_slots for j in self.slots):
             raise ValueError(f"slots {self.slots} are not a non-empty subset of range({num_slots})")
@@ -113,6 +118,7 @@ class TextImagePairDataset(IterableDataset):
         self.max_length = self.tokenize.max_length
         self.resolution, self.line_format, self.drop_caption_prob = resolution, line_format, drop_caption_prob
         self.with_stream_state, self.return_meta = with_stream_state, return_meta
+        self.shard_options = shard_options  # data, as the loader workers receive it with the dataset
         self._resume: Dict[int, ResumePoint] = {}  # slot → where it continues
 
     @staticmethod
@@ -167,7 +173,7 @@ class TextImagePairDataset(IterableDataset):
 
     def _make_sample(self, source: RecordSource, record, rng: np.random.Generator) -> dict:
         """One record → sample. Raises BadRecord."""
-        caption, data = source.decode(record, self.line_format)
+        caption, data = source.decode(record, self.line_format, self.shard_options)
         pixels = self.load_image(data, rng)  # draws the crop window first
         if rng.random() < self.drop_caption_prob:
             caption = ""
@@ -178,7 +184,7 @@ class TextImagePairDataset(IterableDataset):
 
     def _check_record(self, source: RecordSource, record) -> None:
         """Would ``_make_sample`` use this record? The same decisions, reading only the image header."""
-        _, data = source.decode(record, self.line_format)
+        _, data = source.decode(record, self.line_format, self.shard_options)
         self.images.check(data)
 
     def _slot_samples(self, slot: int, shared=None):

@@ -31,8 +31,8 @@ A shard may be remote (an ``http(s)://`` or ``s3://`` URL, ``sd/data/remote.py``
 way, by range requests; an output folder may be an S3 prefix (listed through fsspec).
 
 Training reads ``.tar`` and ``.parquet`` shards listed in a ``.filelist`` through the record sources
-registered in ``sd/data/record_stream.py``; their caption source and filters are ``configure``'s (default:
-the ``.txt``, no filter).
+registered in ``sd/data/record_stream.py``; their caption source and filters are the dataset's ``ShardOptions``
+(default: the ``.txt``, no filter), handed to ``decode_sample`` with every record.
 """
 
 from __future__ import annotations
@@ -125,18 +125,6 @@ class ShardOptions:
         return ", ".join(parts + [str(w) for w in self.where]) or "none"
 
 
-_options = ShardOptions()
-
-
-def configure(options: ShardOptions) -> None:
-    """Set the options ``decode_sample`` uses when called without any (the dataset's registered decoder).
-
-    Call it before the DataLoader starts its workers (they inherit it).
-    """
-    global _options
-    _options = options
-
-
 # ---------------------------------------------------------------------------------------------
 # Decoding one sample
 # ---------------------------------------------------------------------------------------------
@@ -167,12 +155,12 @@ def decode_sample(sample: Sample, line_format: Optional[str] = None,
                   options: Optional[ShardOptions] = None) -> Tuple[str, bytes]:
     """A ``Sample`` → ``(caption, image bytes)``; the image is not decoded here.
 
-    ``line_format`` is ignored (the dataset's decoder signature); ``options`` default to ``configure``'s.
+    ``line_format`` is ignored (the dataset's decoder signature); ``options`` default to ``ShardOptions()``.
 
     Raises:
         BadRecord("not_downloaded" | "no_caption" | "not_text" | "empty_image" | "bad_json" | "filtered")
     """
-    options = _options if options is None else options
+    options = ShardOptions() if options is None else options
     meta = None
     if isinstance(sample.meta, dict):  # a parquet row: img2dataset's own failures are in the file
         meta = sample.meta

@@ -40,11 +40,13 @@ or ``.gz`` text, one record a line). A source has
   record count them). It raises ``FileNotFoundError``, ``PermissionError``/``IsADirectoryError``, or
   ``EOFError``/``OSError``/``zlib.error`` (truncated or corrupt: the rest of the file is skipped) as
   the file demands; records read before an error count.
-* ``decode(record, line_format) → (caption, image bytes)``, raising ``sd.data.formats.BadRecord(reason)``
+* ``decode(record, line_format, options) → (caption, image bytes)``, raising
+  ``sd.data.formats.BadRecord(reason)``
   for a record that cannot be used (a reason of ``SKIP_REASONS``; new reasons go at its end).
 
-Register one with ``register_source(RecordSource(name, suffixes, read, decode))``. The stream itself
-never decodes: the dataset's per-record function receives ``(source, record)`` and calls the decoder.
+A stream reads the sources it is given, chosen by file name (``RecordStream(..., sources=...)``; the kinds
+training reads are in ``sd/data/sources.py``). The stream itself never decodes: the dataset's per-record
+function receives ``(source, record)`` and calls the decoder.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from sd.data import img2dataset, remote
+from sd.data import remote
 from sd.data.formats import BadRecord, decode_part_record, iter_part_file
 from sd.log import logger
 
@@ -85,28 +87,19 @@ class RecordSource:
     name: str
     suffixes: Tuple[str, ...]  # file names ending so are read by this source
     read: Callable[[str], Iterator[Any]]  # path → records, one at a time
-    decode: Callable[[Any, str], Tuple[str, bytes]]  # (record, line_format) → (caption, image bytes)
+    # (record, line_format, the dataset's options for this kind of file, e.g. img2dataset's ShardOptions)
+    decode: Callable[[Any, str, Any], Tuple[str, bytes]]  # → (caption, image bytes)
 
 
-PART_FILES = RecordSource("part file", (".gz",), iter_part_file, decode_part_record)  # also every unmatched name
-_SOURCES: List[RecordSource] = [PART_FILES]
+def _decode_part(record: bytes, line_format: str, options=None):
+    return decode_part_record(record, line_format)  # part files take no options
 
 
-def register_source(source: RecordSource) -> None:
-    """Make files whose name ends with one of ``source.suffixes`` be read by ``source``."""
-    _SOURCES.append(source)
-
-
-# img2dataset shards (sd/data/img2dataset.py): a webdataset .tar, a parquet with the image bytes in a column.
-register_source(RecordSource("img2dataset tar shard", (".tar",), img2dataset.iter_tar, img2dataset.decode_sample))
-register_source(RecordSource("img2dataset parquet shard", (".parquet",), img2dataset.iter_parquet,
-                             img2dataset.decode_sample))
-
-
-def source_for(path: str) -> RecordSource:
-    """The source that reads ``path``: the longest matching registered suffix, else part files."""
+PART_FILES = RecordSource("part file", (".gz",), iter_part_file, _decode_part)  # also every unmatched name
+def choose_source(path: str, sources: Sequence[RecordSource]) -> RecordSource:
+    """The source of ``sources`` that reads ``path``: the longest matching suffix, else part files."""
     best, length = PART_FILES, 0
-    for source in _SOURCES:
+    for source in sources:
         for suffix in source.suffixes:
             if len(suffix) > length and path.endswith(suffix):
                 best, length = source, len(suffix)
@@ -302,8 +295,9 @@ class _ListReader:
     """Records of one ``.filelist`` for one slot, pass after pass: ``(source, record)``."""
 
     def __init__(self, name: str, files: List[str], slot: int, num_slots: int, seed: int, list_index: int,
-                 skipped: collections.Counter, shared: SharedReads):
+                 skipped: collections.Counter, shared: SharedReads, sources: Sequence[RecordSource] = (PART_FILES,)):
         self.name, self.files, self.slot, self.num_slots, self.shared = name, files, slot, num_slots, shared
+        self.sources = sources
         self.by_file = len(files) >= num_slots
         # Split by record: this slot reads entry slot mod F of each pass's order, with the other slots
         # ≡ slot (mod F); it keeps every `sharers`-th record of it, starting at `share`.
@@ -326,7 +320,7 @@ class _ListReader:
         else:
             files = [self.files[order[self.slot % len(self.files)]]]
         for path in files:
-            source, mark, kept = source_for(path), self._coverage_mark, 0
+            source, mark, kept = choose_source(path, self.sources), self._coverage_mark, 0
             # Split by record, the file is read once for the slots of this process that share it (SharedReads).
             records = source.read(path) if self.by_file else self.shared.records(self, pass_no, path, source)
             if remote.is_remote(path):  # retries of its reads are counted for this slot (whichever slot reads)
@@ -399,11 +393,12 @@ class RecordStream:
         report_every: log a skip summary every this many skipped records.
         max_bad_fraction: raise once more than this fraction of records (after 1000) were bad.
         hint: what to check when nothing is usable (appended to that error).
+        sources: the kinds of files the lists may name, chosen by file name (any other name: part files).
     """
 
     def __init__(self, lists: Sequence[Tuple[str, Optional[float], List[str]]], seed: int, num_slots: int,
                  shuffle_buffer: int = 64, report_every: int = 1000, max_bad_fraction: Optional[float] = None,
-                 hint: str = ""):
+                 hint: str = "", sources: Sequence[RecordSource] = (PART_FILES,)):
         if num_slots < 1:
             raise ValueError(f"num_slots must be ≥ 1, got {num_slots}")
         self.lists = list(lists)
@@ -413,6 +408,7 @@ class RecordStream:
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.report_every, self.max_bad_fraction, self.hint = report_every, max_bad_fraction, hint
         self.states: Dict[int, StreamState] = {}  # slot → state, for slots iterated in this process
+        self.sources = tuple(sources)
 
     def layout(self) -> List[str]:
         """Human-readable description of how each list is split over the slots."""
@@ -447,7 +443,7 @@ class RecordStream:
         skip_draws = resume.position if resume is not None else None
         skip_samples = resume.samples_consumed if resume is not None and skip_draws is None else 0
         state = self.states[slot] = StreamState(slot, len(self.lists), skip_draws, skip_samples)
-        readers = [_ListReader(path, files, slot, self.num_slots, self.seed, i, state.skipped, shared)
+        readers = [_ListReader(path, files, slot, self.num_slots, self.seed, i, state.skipped, shared, self.sources)
                    for i, (path, _, files) in enumerate(self.lists)]
         if slot == 0:
             for r in readers:

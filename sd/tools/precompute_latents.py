@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from sd.data.formats import LINE_FORMATS, BadRecord, encode_latent_line, read_filelist, read_filelist_list
-from sd.data.record_stream import source_for
+from sd.data.sources import source_for
 
 
 def load_encoders(pretrained: str, vae: Optional[str] = None, text_encoder: Optional[str] = None,
@@ -96,7 +96,7 @@ def _write_part(part: str, out_path: str, encoder: Encoder, images, line_format:
                 counters) -> int:
     """Encode the usable records of input file ``part`` into ``out_path`` (atomically); returns lines written.
 
-    ``part`` is read and its records decoded as the training stream does (``sd.data.record_stream.source_for``);
+    ``part`` is read and its records decoded as the training stream does (``sd.data.sources.source_for``);
     ``images`` is the ``sd.data.image_codec.ImageCodec`` of training, with a centre crop.
     """
     source = source_for(part)
@@ -119,7 +119,7 @@ def _write_part(part: str, out_path: str, encoder: Encoder, images, line_format:
 
         for record in source.read(part):
             try:
-                caption, data = source.decode(record, line_format)
+                caption, data = source.decode(record, line_format, None)
                 pixels = images.decode(data, rng=None)  # centre crop: no randomness
             except BadRecord as err:
                 counters[err.reason] += 1

@@ -444,11 +444,8 @@ def test_weights_caption_dropout_and_filters_on_shards(outputs, tokenizer, tmp_p
     assert 2 <= failed_rows[1] <= 6 and 12 <= failed_rows[3] <= 16, failed_rows
     dropped = take(dataset(listing, tokenizer, drop_caption_prob=1.0), 10)
     assert all(s["caption"] == "" for s in dropped)
-    i2d.configure(i2d.ShardOptions(where=(i2d.Where.parse("aesthetic >= 5"),)))
-    try:
-        kept = take(dataset(file_list(str(tmp_path), "tars", [tars]), tokenizer), 60)
-    finally:
-        i2d.configure(i2d.ShardOptions())
+    filters = i2d.ShardOptions(where=(i2d.Where.parse("aesthetic >= 5"),))
+    kept = take(dataset(file_list(str(tmp_path), "tars", [tars]), tokenizer, shard_options=filters), 60)
     metas = [json.loads(s.meta) for t in tars for s in i2d.iter_tar(t)]
     assert collections.Counter(s["caption"] for s in kept[:sum(m["aesthetic"] >= 5 for m in metas)]) == \
         collections.Counter(m["caption"] for m in metas if m["aesthetic"] >= 5)

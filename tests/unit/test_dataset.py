@@ -645,20 +645,22 @@ def test_record_sources_are_chosen_by_name_and_plug_in(tmp_path, tokenizer, monk
         with open(path) as f:
             yield from (line.rstrip("\n") for line in f)
 
-    def decode_pair(record, line_format):
+    def decode_pair(record, line_format, options):
         caption, _, hexdata = record.partition("|")
         if not hexdata:
             raise BadRecord("too_few_fields")
         return caption, bytes.fromhex(hexdata)
 
-    monkeypatch.setattr(rs, "_SOURCES", list(rs._SOURCES))
-    rs.register_source(rs.RecordSource("pairs", (".pairs",), read_pairs, decode_pair))
-    assert rs.source_for("x/part-1.pairs").name == "pairs"
-    assert rs.source_for("x/part-1.gz") is rs.PART_FILES and rs.source_for("x/part-1") is rs.PART_FILES
+    from sd.data.sources import SOURCES
+
+    pairs = rs.RecordSource("pairs", (".pairs",), read_pairs, decode_pair)
+    assert rs.choose_source("x/part-1.pairs", (*SOURCES, pairs)) is pairs
+    assert rs.choose_source("x/part-1.gz", (*SOURCES, pairs)) is rs.PART_FILES
+    assert rs.choose_source("x/part-1", (*SOURCES, pairs)) is rs.PART_FILES
     (tmp_path / "a.pairs").write_text("".join(f"pair {i}|{png(i).hex()}\n" for i in range(4)) + "broken\n")
     (tmp_path / "b").write_text(encode_part_line("part line", png(9)))
     fl = write_filelists(str(tmp_path), "x", [str(tmp_path / "a.pairs"), str(tmp_path / "b")])[1]
-    samples = take(ds(fl, tokenizer, shuffle_buffer=1), 10)
+    samples = take(ds(fl, tokenizer, shuffle_buffer=1, sources=(*SOURCES, pairs)), 10)
     assert {s["caption"] for s in samples} == {f"pair {i}" for i in range(4)} | {"part line"}
     assert samples[-1]["skipped"]["too_few_fields"] >= 1
 

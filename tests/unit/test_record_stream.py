@@ -10,7 +10,7 @@ import pytest
 
 import sd.data.record_stream as rs
 from sd.data.formats import BadRecord
-from sd.data.record_stream import RecordSource, RecordStream, ResumePoint, source_for
+from sd.data.record_stream import RecordSource, RecordStream, ResumePoint, choose_source
 
 
 def alone_pass_records(self, pass_no):
@@ -21,7 +21,7 @@ def alone_pass_records(self, pass_no):
     else:
         files = [self.files[order[self.slot % len(self.files)]]]
     for path in files:
-        source, mark, kept = source_for(path), self._coverage_mark, 0
+        source, mark, kept = choose_source(path, self.sources), self._coverage_mark, 0
         try:
             for index, record in enumerate(source.read(path)):
                 if self.by_file or index % self.sharers == self.share:
@@ -138,7 +138,7 @@ def test_resumed_shared_slots_equal_reading_alone(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def counting_source(monkeypatch):
+def counting_source():
     """A ``.rec`` source (one record a line) that counts the openings and the records read of each file."""
     opens, reads = collections.Counter(), collections.Counter()
 
@@ -149,8 +149,7 @@ def counting_source(monkeypatch):
                 reads[path] += 1
                 yield line
 
-    monkeypatch.setattr(rs, "_SOURCES", rs._SOURCES + [RecordSource("counting", (".rec",), read, None)])
-    return opens, reads
+    return opens, reads, RecordSource("counting", (".rec",), read, None)
 
 
 @pytest.mark.parametrize("n_files,num_slots,workers", [(1, 8, 1), (3, 8, 2), (1, 16, 2), (5, 8, 1), (2, 3, 1)])
@@ -158,7 +157,7 @@ def test_each_file_read_once_per_pass_per_process(tmp_path, counting_source, mon
                                                    workers):
     """Fewer files than slots: a process opens and reads each file once per pass whatever the slot count (the
     slots split it by record), where each slot reading alone opened it once per slot."""
-    opens, reads = counting_source
+    opens, reads, source = counting_source
     per_file = 24
     files = []
     for f in range(n_files):
@@ -173,7 +172,7 @@ def test_each_file_read_once_per_pass_per_process(tmp_path, counting_source, mon
         return pass_records(self, pass_no)
 
     monkeypatch.setattr(rs._ListReader, "_pass_records", spy)
-    stream = RecordStream([("list", None, files)], seed=0, num_slots=num_slots, shuffle_buffer=4)
+    stream = RecordStream([("list", None, files)], seed=0, num_slots=num_slots, shuffle_buffer=4, sources=(source,))
     processes = [list(range(num_slots))[w * num_slots // workers:(w + 1) * num_slots // workers]
                  for w in range(workers)]
     for alone in (False, True):
@@ -196,10 +195,10 @@ def test_each_file_read_once_per_pass_per_process(tmp_path, counting_source, mon
 
 def test_a_detached_slot_reads_only_the_rest_and_memory_stays_bounded(tmp_path, counting_source):
     """A slot that never takes its records does not make the others keep them beyond the queue limit."""
-    opens, _ = counting_source
+    opens, _, source = counting_source
     path = tmp_path / "part.rec"
     path.write_bytes(b"".join(b"r%d\n" % i for i in range(400)))
-    stream = RecordStream([("list", None, [str(path)])], seed=0, num_slots=4, shuffle_buffer=1)
+    stream = RecordStream([("list", None, [str(path)])], seed=0, num_slots=4, shuffle_buffer=1, sources=(source,))
     reads = rs.SharedReads(range(4), queue_limit=10)
     gens = [stream.samples(j, None, make, check, reads) for j in range(4)]
     most = 0
