@@ -42,7 +42,8 @@ def parse_arguments():
         model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     except ValueError as e:  # an impossible flag value or combination (paddlenlp's checks among them)
         raise UserError(str(e)) from None
-    finalize(model_args, data_args, training_args, lambda msg, changed=True: (logger.warning if changed else logger.info)(msg))
+    finalize(model_args, data_args, training_args,
+             lambda msg, changed=True: (logger.warning if changed else logger.info)(msg))
     if training_args.should_save:
         check_output_dir(training_args.output_dir)
     resume = find_resume_checkpoint(training_args) if training_args.do_train else None

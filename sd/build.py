@@ -54,7 +54,8 @@ def build_model(model_args, data_args, training_args) -> StableDiffusionModel:
         raise UserError(f"--resolution {data_args.resolution} is not a multiple of the VAE's downsampling factor "
                         f"{model.latent_factor}")
     if training_args.should_save:
-        preflight.report(preflight.check_disk(training_args.output_dir, checkpoint_bytes(model, memory.precision_of(training_args)), free_bytes))
+        size = checkpoint_bytes(model, memory.precision_of(training_args))
+        preflight.report(preflight.check_disk(training_args.output_dir, size, free_bytes))
     return model
 
 

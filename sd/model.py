@@ -125,7 +125,8 @@ class StableDiffusionModel(nn.Layer):
         self.tokenizer = components.load_tokenizer(sources["tokenizer"])
         self.vae = components.load_vae(sources["vae"])
         self.text_encoder = components.load_text_encoder(sources["text_encoder"])
-        if isinstance(sources["unet"], str) and os.path.isfile(sources["unet"]):  # a config file: random init (pretraining)
+        # a config file: random init (pretraining)
+        if isinstance(sources["unet"], str) and os.path.isfile(sources["unet"]):
             self.unet = init_unet_from_config(sources["unet"])
         else:
             self.unet = components.load_unet(sources["unet"])
@@ -133,8 +134,8 @@ class StableDiffusionModel(nn.Layer):
             raise ValueError(f"UNet cross_attention_dim {self.unet.config.cross_attention_dim} ≠ text encoder width "
                              f"{self.text_encoder.config.hidden_size}: use a UNet config that matches the text encoder")
         self.noise_scheduler = components.load_noise_scheduler(sources["scheduler"], args.prediction_type)
-        self.register_buffer("alphas_cumprod", paddle.to_tensor(np.asarray(self.noise_scheduler.alphas_cumprod, np.float32)),
-                             persistable=False)
+        alphas_cumprod = np.asarray(self.noise_scheduler.alphas_cumprod, np.float32)
+        self.register_buffer("alphas_cumprod", paddle.to_tensor(alphas_cumprod), persistable=False)
         self.latent_factor = components.latent_factor(self.vae.config)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         if "gpu" not in paddle.device.get_device():  # CPU: same numbers, faster conv bias (see use_dense_conv_bias)

@@ -98,7 +98,8 @@ class StableDiffusionTrainer(Trainer):
         self.micro_datasets = micro_datasets or [train_dataset]
         if len(self.micro_datasets) != args.gradient_accumulation_steps:
             raise ValueError(f"{len(self.micro_datasets)} micro-batch datasets for gradient_accumulation_steps="
-                             f"{args.gradient_accumulation_steps}: build one per accumulation step (as the training script does)")
+                             f"{args.gradient_accumulation_steps}: build one per accumulation step "
+                             f"(as the training script does)")
         self.run_config = run_config or {}
         self.sd_model = model
         self.resolution = resolution
@@ -139,7 +140,8 @@ class StableDiffusionTrainer(Trainer):
         if self._resume_state is not None:
             state = self._resume_state
             if state.global_batch != self.global_batch:  # fit_global_batch makes them agree before the data is built
-                raise ValueError(f"the checkpoint's global batch is {state.global_batch}, this run's {self.global_batch}")
+                raise ValueError(f"the checkpoint's global batch is {state.global_batch}, "
+                                 f"this run's {self.global_batch}")
             if not self.streams.started:
                 self.streams.fast_forward(state.steps, state.slots)
             elif self.streams.steps != state.steps:
@@ -237,7 +239,8 @@ class StableDiffusionTrainer(Trainer):
             if self.nonfinite_total:
                 logs["nonfinite_steps_skipped"] = self.nonfinite_total
             # mean seconds per batch spent waiting for the loader since the last log
-            seconds, batches = self.streams.seconds - self._reader_logged[0], self.streams.batches - self._reader_logged[1]
+            seconds = self.streams.seconds - self._reader_logged[0]
+            batches = self.streams.batches - self._reader_logged[1]
             logs["reader_seconds_per_step"] = round(seconds / max(batches, 1), 5)
             self._reader_logged = (self.streams.seconds, self.streams.batches)
             if self.optimizer is not None and len(self.optimizer._param_groups) > 1:  # one LR per trained module
