@@ -79,7 +79,14 @@ class Fit(NamedTuple):
 # paste the rows it prints:
 #   (859520964, "cpu", "fp32", "math", False/True)                          — CPU, measured peak RSS
 #   (859520964, "gpu", "bf16-O1"/"bf16-O2"/"fp32", "flash", False/True)     — GPU, paddle max_memory_allocated
-CALIBRATION: Dict[Tuple[int, str, str, str, bool], Fit] = {}
+CALIBRATION: Dict[Tuple[int, str, str, str, bool], Fit] = {
+    # AMD EPYC Zen 4, 2026-12-05: peak RSS of the training process, 256 px, the real-size random kit, 0 workers;
+    # a and c fitted on B = 1, 2 (q stays the analytic attention term: one resolution measured)
+    (859520964, "cpu", "fp32", "math", False): Fit(
+        a=524956, q=234.633, c=8.13979e08, source="peaks B=1 R=256: 15.666 GiB; B=2 R=256: 16.396 GiB"),
+    (859520964, "cpu", "fp32", "math", True): Fit(
+        a=229948, q=96, c=7.06115e08, source="peaks B=1 R=256: 15.149 GiB; B=2 R=256: 15.462 GiB"),
+}
 
 
 # ------------------------------------------------------------------------------------------------------------
