@@ -24,8 +24,7 @@ import sys
 import numpy as np
 import pytest
 
-from sd.runtime.run_state import RunState
-from tests.helpers.common import ROOT
+from tests.helpers.common import ROOT, env_with_root
 
 MISSING = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
 pytestmark = [pytest.mark.long,
@@ -41,7 +40,8 @@ TORCH_LIBS = {"torch", "diffusers", "transformers"}
 # ---------------------------------------------------------------------------------------------
 def torch_side(*args):
     """Run this file's PyTorch half in a clean subprocess (no USE_TORCH from ``sd``)."""
-    env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
+    # run by file: the repository on PYTHONPATH for tests.helpers (the PyTorch half imports nothing of sd)
+    env = env_with_root({k: v for k, v in os.environ.items() if k != "USE_TORCH"})
     r = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -198,6 +198,8 @@ def test_train_and_eval_run_on_a_diffusers_folder(diffusers_folder, demo_file_li
     run_paddle(train_args(diffusers_folder["safetensors"], demo_file_list, out, "--max_steps", "1", "--save_steps",
                           "1"),
                "training")
+    from sd.runtime.run_state import RunState  # (not at the top: this file's PyTorch half runs without sd)
+
     state = RunState.read(str(out / "checkpoint-1"))
     assert state.model_paths["vae"] == os.path.join(diffusers_folder["safetensors"], "vae")
     for name, source in (("ckpt", ["--unet_model_name_or_path", str(out / "checkpoint-1")]),

@@ -29,7 +29,7 @@ import pytest
 from sd.data import img2dataset as i2d
 from sd.data import remote
 from sd.data.formats import iter_part_file, read_filelist, read_filelist_list
-from tests.helpers.common import ROOT, train_command, weight_difference
+from tests.helpers.common import ROOT, env_with_root, train_command, weight_difference
 
 SCRIPT = os.path.join(ROOT, "create_pretraining_data.py")
 RUNNER = os.path.join(ROOT, "tests", "helpers", "fault_runner.py")
@@ -367,7 +367,8 @@ def test_s3_training_equals_local_and_resumes_exactly_after_a_kill(shards, s3, t
         cmd = train_command(tiny_kit, listing, out, *common)
         if faults:
             cmd = [sys.executable, RUNNER] + cmd[2:]
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**s3, **(faults or {})},
+        env = env_with_root(s3, **(faults or {}))  # the fault runner is started by file: sd on PYTHONPATH
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env,
                               timeout=600, check=False)
 
     runs = {}
