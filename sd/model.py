@@ -17,7 +17,7 @@ import paddle
 from paddle import nn
 
 from sd import components, diffusion
-from sd.components import init_unet_from_config  # noqa: F401 - part of this module's interface (tests, benchmark)
+from sd.components import init_unet_from_config
 from sd.components.pipeline import build_pipeline
 from sd.runtime import tensor_files
 from sd.sd_args import ModelArguments
