@@ -221,6 +221,7 @@ def _open_listing(listing: str):
 
 def _read_listing(listing: str, with_weight: bool) -> List[ListEntry]:
     entries = []
+    listing = os.fspath(listing)
     with _open_listing(listing) as f:
         for line_no, line in enumerate(f, 1):
             parts = line.strip().split()

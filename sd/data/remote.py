@@ -47,9 +47,9 @@ class RemoteUnreachable(OSError):
     """A remote file that kept failing with transient errors after every retry."""
 
 
-def is_remote(path: str) -> bool:
-    """True for an ``http://``, ``https://`` or ``s3://`` URL."""
-    return path.startswith(SCHEMES)
+def is_remote(path) -> bool:
+    """True for an ``http://``, ``https://`` or ``s3://`` URL (a ``pathlib`` path is always local)."""
+    return isinstance(path, str) and path.startswith(SCHEMES)
 
 
 def _setting(name: str, default: float, kind=float):

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import pathlib
 import re
 import shutil
 import threading
@@ -20,7 +21,7 @@ from PIL import Image
 
 import sd.data.image_codec as codec
 import sd.text_image_pair_dataset as tipd
-from sd.data.formats import BadRecord, encode_part_line, write_filelists
+from sd.data.formats import BadRecord, encode_part_line, read_filelist, read_filelist_list, write_filelists
 from sd.log import logger
 from sd.text_image_pair_dataset import TextImagePairDataset, collate_fn
 from tests.helpers.common import ROOT
@@ -398,6 +399,14 @@ def test_weighted_file_lists(tmp_path, tokenizer):
     (tmp_path / "u.filelist.list").write_text(f"{a}\n{b}\n")
     samples = take(ds(str(tmp_path / "u.filelist.list"), tokenizer), 2000)
     assert abs(sum(s["caption"].startswith("a") for s in samples) / len(samples) - 0.5) < 0.04
+
+
+def test_listings_read_as_pathlib_paths(tmp_path):
+    a = open(make_dataset(str(tmp_path), 3, 2, name="a", prefix="a")).read().strip()
+    (tmp_path / "p.filelist.list").write_text(f"{a} 2\n")
+    (entry,) = read_filelist_list(tmp_path / "p.filelist.list")
+    assert (entry.path, entry.weight) == (a, 2.0)
+    assert len(read_filelist(pathlib.Path(entry.path))) == 2
 
 
 def test_drop_caption_probability(tmp_path, tokenizer):
