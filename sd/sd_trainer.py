@@ -52,19 +52,29 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient; the message names the last good checkpoint."""
 
 
-def all_finite(tensors, fused: bool = True) -> bool:
-    """True when every value of every tensor is finite; one host sync.
+def all_finite(tensors, how: str = "auto") -> bool:
+    """True when every value of every tensor is finite; one host sync (two when a sum overflows).
 
-    ``fused``: Paddle's one-kernel check over all tensors (the AMP loss scaler's, here with scale 1, which
-    leaves finite values as they are), when this build has it: 206 UNet gradients of the test kit take
-    3-6 ms that way on CPU, 12-18 ms with one ``isfinite`` per tensor (the fallback).
+    ``how``:
+      - ``"fused"``: Paddle's one-kernel check over all tensors (the AMP loss scaler's, here with scale 1, which
+        leaves finite values as they are): one launch on a GPU, but on a CPU it reads and rewrites every value;
+      - ``"sums"``: one sum per tensor, read only. A sum is finite exactly when no value is NaN or infinite,
+        unless finite values overflow it; a non-finite sum is therefore re-checked value by value;
+      - ``"each"``: one ``isfinite`` per tensor;
+      - ``"auto"``: ``"fused"`` on a GPU, ``"sums"`` elsewhere. The SD v1 UNet's 860 M fp32 gradients on one
+        Zen 4 core: sums 0.12 s, each 0.43-0.55 s, fused 0.53-0.66 s per check (docs/performance.md).
     """
     if not tensors:
         return True
-    check = getattr(paddle._C_ops, "check_finite_and_unscale_", None) if fused else None
-    if check is not None:
-        _, found_inf = check(list(tensors), paddle.ones([1]), paddle.zeros([1], dtype="bool"))
+    if how == "auto":
+        on_gpu = paddle.is_compiled_with_cuda() and tensors[0].place.is_gpu_place()
+        how = "fused" if on_gpu and hasattr(paddle._C_ops, "check_finite_and_unscale_") else "sums"
+    if how == "fused":
+        _, found_inf = paddle._C_ops.check_finite_and_unscale_(
+            list(tensors), paddle.ones([1]), paddle.zeros([1], dtype="bool"))
         return not bool(found_inf)
+    if how == "sums" and bool(paddle.isfinite(paddle.stack([paddle.sum(t) for t in tensors])).all()):
+        return True
     return bool(paddle.stack([paddle.isfinite(t).all() for t in tensors]).all())
 
 

@@ -213,16 +213,20 @@ def test_bug_in_the_dataset_prints_its_traceback_once(tiny_kit, demo_file_list, 
     assert "Blocking queue" not in r.stderr and "\nerror: " not in r.stderr, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_all_finite(fused):
+@pytest.mark.parametrize("how", ["auto", "fused", "sums", "each"])
+def test_all_finite(how):
     import paddle
 
     from sd.sd_trainer import all_finite
 
-    good = [paddle.ones([3, 2]), paddle.full([4], 1e30)]
-    assert all_finite(good, fused=fused) and all_finite([], fused=fused)
+    good = [paddle.ones([3, 2]), paddle.full([4], 1e30), paddle.full([3], 3e38)]  # the last one's sum overflows
+    assert all_finite(good, how) and all_finite([], how)
     for bad in (float("nan"), float("inf"), -float("inf")):
-        t = paddle.ones([5])
-        t[3] = bad
-        assert not all_finite(good + [t], fused=fused)
+        for where in (0, 3, 999):
+            t = paddle.ones([1000])
+            t[where] = bad
+            assert not all_finite(good + [t], how)
+    t = paddle.ones([1000])
+    t[1], t[2] = float("inf"), -float("inf")
+    assert not all_finite([t], how)
     assert good[1].numpy()[0] == np.float32(1e30)  # the check leaves the values as they are
