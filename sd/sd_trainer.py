@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import paddle
@@ -120,6 +120,7 @@ class StableDiffusionTrainer(Trainer):
         self._images_logged_at = 0  # the step of the last image log
         self._reader_logged = (0.0, 0)  # reader seconds and batches at the previous log
         self._all_ranks_state: Dict[str, dict] = {}  # all processes' slots, gathered for a multi-process save
+        self._timed: Callable[[str, Callable], Callable] = lambda name, fn: fn  # see instrument
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0  # skipped updates (divergence guard)
         self._nonfinite_loss = False  # a micro-batch since the last optimizer step had a non-finite loss
         self.args.ignore_data_skip = True  # the dataset fast-forwards itself (see get_train_dataloader)
@@ -196,13 +197,20 @@ class StableDiffusionTrainer(Trainer):
            follows the step count), clears the gradients and counts the step.
         """
         step = self.state.global_step + 1
-        if not self._update_is_finite():
+        if not self._timed("finite_check", self._update_is_finite)():
             self._skip_update(step)
             return
-        self.optimizer.inner.step()
+        self._timed("adamw", self.optimizer.inner.step)()
         if self.sd_model.ema is not None:
-            self.sd_model.ema.update(self.sd_model.unet)
+            self._timed("ema_update", self.sd_model.ema.update)(self.sd_model.unet)
         self.nonfinite_in_a_row = 0
+
+    def instrument(self, wrap: Callable[[str, Callable], Callable]) -> None:
+        """Call the parts of an update and the checkpoint save through ``wrap(name, fn)``, which returns a function
+        doing what ``fn`` does (a timer, say): ``finite_check``, ``adamw`` (the optimizer's step), ``ema_update``
+        and ``save`` (one whole checkpoint). The model's own parts: :meth:`StableDiffusionModel.instrument`."""
+        self._timed = wrap
+        self._save_checkpoint = wrap("save", self._save_checkpoint)
 
     def _update_is_finite(self) -> bool:
         """False when a micro-batch loss of this step, on any rank, or a gradient was not finite."""

@@ -206,10 +206,11 @@ def _sync():
 
 
 class _Clock:
-    """Accumulates seconds per name for the current step (reset at each step start)."""
+    """Accumulates seconds per name for the current step (reset at each step start), and keeps every call's."""
 
     def __init__(self):
         self.now: Dict[str, float] = {}
+        self.calls: Dict[str, List[float]] = {}
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
@@ -217,7 +218,9 @@ class _Clock:
             start = time.perf_counter()
             out = fn(*args, **kwargs)
             _sync()
-            self.now[name] = self.now.get(name, 0.0) + time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.now[name] = self.now.get(name, 0.0) + seconds
+            self.calls.setdefault(name, []).append(seconds)
             return out
 
         return timed
@@ -302,7 +305,7 @@ def peak_memory_mb(exclude=()) -> Dict[str, float]:
 def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num_workers: int = 1,
         steps: int = 30, warmup: int = 5, latents: bool = False, model_max_length: int = 77, seed: int = 0,
         logging_steps: int = 10, extra_args: Optional[dict] = None, peak_tflops: Optional[float] = None,
-        flops: bool = True) -> dict:
+        flops: bool = True, save_steps: int = 0) -> dict:
     """Train ``warmup + steps`` steps through ``StableDiffusionTrainer``; returns the figures (see module doc).
 
     Args:
@@ -310,6 +313,7 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
             is initialised randomly as in pretraining.
         file_list: the ``*.filelist.list`` (images, or latent records with ``latents=True``).
         extra_args: more ``ModelArguments``/``DataArguments``/``SDTrainingArguments`` fields by name.
+        save_steps: write a checkpoint every this many steps (0: none) and time it.
     """
     import paddle
 
@@ -331,7 +335,8 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
                               **({"precomputed_latents": True} if latents else {}), **pick(DataArguments))
     training_args = SDTrainingArguments(output_dir=out_dir, do_train=True, max_steps=warmup + steps,
                                         per_device_train_batch_size=batch_size, dataloader_num_workers=num_workers,
-                                        logging_steps=logging_steps, save_strategy="no", report_to=["none"],
+                                        logging_steps=logging_steps, report_to=["none"],
+                                        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                                         disable_tqdm=True, seed=seed, learning_rate=1e-4, **pick(SDTrainingArguments))
     if extra:
         raise ValueError(f"unknown arguments {sorted(extra)}")
@@ -341,6 +346,7 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     model, trainer = built.model, built.trainer
     clock = _Clock()
     model.instrument(clock.wrap)
+    trainer.instrument(clock.wrap)
     trainer.compute_loss = clock.wrap("compute_loss", trainer.compute_loss)
     timer = _make_step_timer(trainer, clock)
     trainer.add_callback(timer)
@@ -368,7 +374,9 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
               "optimizer_s": med("optimizer"), "vae_encode_s": med("vae_encode"), "text_encode_s": med("text_encode"),
               "latent_sample_s": med("latent_sample"), "unet_forward_s": med("unet_forward"),
               "backward_s": med("backward"),
-              "unet_fwd_bwd_s": med("unet_fwd_bwd"), "wall_s": wall, **memory}
+              "unet_fwd_bwd_s": med("unet_fwd_bwd"), "finite_check_s": med("finite_check"), "adamw_s": med("adamw"),
+              "ema_update_s": med("ema_update"), "saves": len(clock.calls.get("save", [])),
+              "save_s": statistics.median(clock.calls.get("save", [0.0])), "wall_s": wall, **memory}
     for k in ("data", "forward_backward", "optimizer", "vae_encode", "text_encode", "unet_fwd_bwd"):
         result[f"{k}_share"] = result[f"{k}_s"] / interval
     if flops:
@@ -470,7 +478,9 @@ def describe(r: dict) -> str:
              f"rank(s), {r['num_workers']} loader worker(s), {'precomputed latents' if r['latents'] else 'images'}",
              f"step: main-process CPU {1000 * r['cpu_s']:.1f} ms | data wait {1000 * r['data_s']:.1f} ms | "
              f"forward+backward {1000 * r['forward_backward_s']:.1f} ms | "
-             f"optimizer {1000 * r['optimizer_s']:.1f} ms",
+             f"optimizer {1000 * r['optimizer_s']:.1f} ms (finite check {1000 * r['finite_check_s']:.1f} ms, "
+             f"AdamW {1000 * r['adamw_s']:.1f} ms, EMA {1000 * r['ema_update_s']:.1f} ms)"
+             + (f" | save {r['save_s']:.1f} s (median of {r['saves']})" if r["saves"] else ""),
              f"components: VAE encode {100 * r['vae_encode_share']:.1f} % | "
              f"text encode {100 * r['text_encode_share']:.1f} % | "
              f"UNet forward+backward {100 * r['unet_fwd_bwd_share']:.1f} % "
@@ -525,6 +535,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--model_max_length", type=int, default=77)
     p.add_argument("--logging_steps", type=int, default=10, help="PaddleMIX's value")
+    p.add_argument("--save_steps", type=int, default=0, help="write (and time) a checkpoint every N steps (0: none)")
     p.add_argument("--table", action="store_true", help="batch 4 and 16 × loader workers 0, 1, 2, as a markdown table")
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for the MFU (GPU)")
     p.add_argument("--cache_dir", default=DEFAULT_CACHE, help="where the reference kit and demo data are built once")
@@ -569,7 +580,7 @@ def main(argv=None) -> None:
     for b, w in configs:
         r = run(kit, a.latents or file_list, a.resolution, b, w, a.steps, a.warmup, latents=a.latents is not None,
                 model_max_length=a.model_max_length, logging_steps=a.logging_steps, extra_args=extra,
-                peak_tflops=a.peak_tflops)
+                peak_tflops=a.peak_tflops, save_steps=a.save_steps)
         results.append(r)
         print(describe(r), flush=True)
     if int(os.environ.get("PADDLE_TRAINER_ID", "0")) == 0:

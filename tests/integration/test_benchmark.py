@@ -17,8 +17,12 @@ from tests.helpers.common import ROOT
 
 def test_run_reports_a_consistent_step_breakdown(tiny_kit, demo_file_list):
     r = run(tiny_kit, demo_file_list, resolution=32, batch_size=2, num_workers=0, steps=4, warmup=1,
-            model_max_length=16)
+            model_max_length=16, extra_args={"use_ema": True}, save_steps=2)
     assert r["steps"] == 4 and r["batch_size"] == 2
+    assert r["saves"] == 2 and r["save_s"] > 0  # steps 2 and 4
+    # the update's parts happen inside the optimizer's time
+    assert min(r["finite_check_s"], r["adamw_s"], r["ema_update_s"]) > 0
+    assert r["finite_check_s"] + r["adamw_s"] + r["ema_update_s"] <= r["optimizer_s"] * 1.05
     assert r["samples_per_s"] == pytest.approx(2 / r["step_s"])
     for k in ("data_s", "forward_backward_s", "optimizer_s", "vae_encode_s", "text_encode_s", "unet_forward_s"):
         assert r[k] >= 0, k
