@@ -4,6 +4,7 @@ saves, is killed while saving, resumes exactly and saves again, EMA on and off; 
 checkpoint. Most of a 24 GB host's memory: `long` tests, which CI runs one at a time."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -55,29 +56,43 @@ def _tree(pid):
     return found
 
 
-def _pss(pid) -> int:
+def _pss(pid) -> dict:
+    """Proportional set size of a process in bytes: in all, and its anonymous + shared-memory part (what cannot be
+    dropped: file pages, e.g. a memory-mapped checkpoint being read, are page cache the kernel can reclaim)."""
+    found = {"Pss": 0, "Pss_Anon": 0, "Pss_Shmem": 0}
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
-            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+            for line in f:
+                key = line.split(":")[0]
+                if key in found:
+                    found[key] = int(line.split()[1]) * 1024
     except OSError:
-        return 0
+        pass
+    return found
 
 
 def run_measured(cmd, env):
-    """Run ``cmd``; (return code, its output, the peak over time of its process tree's proportional set size)."""
-    peak = [0]
+    """Run ``cmd``; (return code, its output, the peaks over time of its process tree's proportional set size:
+    ``{"pss": all of it, "anon": its anonymous + shared-memory part}``)."""
+    peak = {"pss": 0, "anon": 0}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], sum(_pss(p) for p in _tree(proc.pid)))
+            sizes = [_pss(p) for p in _tree(proc.pid)]
+            peak["pss"] = max(peak["pss"], sum(s["Pss"] for s in sizes))
+            peak["anon"] = max(peak["anon"], sum(s["Pss_Anon"] + s["Pss_Shmem"] for s in sizes))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out, _ = proc.communicate(timeout=3000)
     sampler.join()
-    return proc.returncode, out, peak[0]
+    return proc.returncode, out, peak
+
+
+def gib(peak: dict) -> dict:
+    return {k: round(v / 2 ** 30, 2) for k, v in peak.items()}
 
 
 def losses(log: str) -> dict:
@@ -137,19 +152,21 @@ def test_trains_saves_is_killed_resumes_exactly_and_saves_again(sd_v1, tmp_path,
     assert "optimizer.pdopt" in expected
     assert digests(str(out / f"checkpoint-{STEPS}")) == expected  # the weights, their EMA, AdamW's moments alike
     peaks = {"uninterrupted": peak_straight, "killed while saving": peak_killed, "resumed": peak_resumed}
-    print(json.dumps({"ema": ema, "peak_pss_gib": {k: round(v / 2 ** 30, 2) for k, v in peaks.items()}}))
+    print(json.dumps({"ema": ema, "peak_gib": {k: gib(v) for k, v in peaks.items()}}))
 
 
-def test_samples_and_exports_from_a_real_size_checkpoint(sd_v1, tmp_path):
-    """eval.py at 256 px (2 DDIM steps) from a real-size checkpoint's EMA weights, and the diffusers export of it
-    (loaded by diffusers where the interop extra is installed)."""
+def test_samples_exports_and_warm_starts_512px_from_a_real_size_checkpoint(sd_v1, tmp_path):
+    """From a real-size 256 px checkpoint: eval.py (2 DDIM steps, the EMA weights); the diffusers export (loaded by
+    diffusers where the interop extra is installed: its UNet's prediction equals Paddle's); SD v1's second stage,
+    one 512 px step warm-started from the checkpoint's UNet and EMA."""
     kit, file_list = sd_v1
     out = tmp_path / "run"
     recipe = list(RECIPE)
     recipe[recipe.index("--max_steps") + 1] = recipe[recipe.index("--save_steps") + 1] = "1"
     code, log, _ = run_measured([*command(kit, file_list, out, True)[:-len(RECIPE)], *recipe], env_with_root())
     assert code == 0, log[-4000:]
-    r = subprocess.run([sys.executable, "eval.py", "--unet_model_name_or_path", str(out / "checkpoint-1"),
+    checkpoint = out / "checkpoint-1"
+    r = subprocess.run([sys.executable, "eval.py", "--unet_model_name_or_path", str(checkpoint),
                         "--prompt", "a red circle on a white background", "--num_inference_steps", "2",
                         "--guidance_scale", "7.5", "--output_dir", str(tmp_path / "eval")],
                        cwd=ROOT, capture_output=True, text=True, timeout=1800)
@@ -159,11 +176,56 @@ def test_samples_and_exports_from_a_real_size_checkpoint(sd_v1, tmp_path):
 
     image = Image.open(tmp_path / "eval" / manifest["images"][0]["file"])
     assert image.size == (256, 256) and manifest["variant"] == "ema"
-    r = subprocess.run([sys.executable, "-m", "sd.tools.export", "--checkpoint", str(out / "checkpoint-1"),
-                        "--output_dir", str(tmp_path / "diffusers")], cwd=ROOT, capture_output=True, text=True,
-                       timeout=1800)
+
+    exported = tmp_path / "diffusers"
+    r = subprocess.run([sys.executable, "-m", "sd.tools.export", "--checkpoint", str(checkpoint),
+                        "--output_dir", str(exported)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    index = json.load(open(tmp_path / "diffusers" / "model_index.json"))
+    index = json.load(open(exported / "model_index.json"))
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
-    unet = tmp_path / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors"
-    assert sum(int(np.prod(a.shape)) for _, a in tensor_files.iter_tensors(str(unet))) == 859_520_964
+    unet_file = exported / "unet" / "diffusion_pytorch_model.safetensors"
+    assert sum(int(np.prod(a.shape)) for _, a in tensor_files.iter_tensors(str(unet_file))) == 859_520_964
+
+    stage2 = [*command(kit, file_list, tmp_path / "stage2", True)[:-len(RECIPE)], *recipe]
+    stage2[stage2.index("--unet_name_or_path") + 1] = str(checkpoint / "unet")
+    stage2[stage2.index("--resolution") + 1] = "512"
+    stage2 += ["--ema_init_from", str(checkpoint), "--allow_upscale", "True"]  # the demo images are 256 px
+    code, log, peak = run_measured(stage2, env_with_root())
+    assert code == 0, log[-4000:]
+    (loss,) = losses(log).values()
+    assert np.isfinite(float(loss))
+    state = RunState.read(str(tmp_path / "stage2" / "checkpoint-1"))
+    assert (state.steps, state.resolution, state.ema_updates) == (1, 512, 2)  # the 256 px run's update, then this one
+    print(json.dumps({"stage 2, 512 px, batch 1, recompute, EMA": {"peak_gib": gib(peak)}}))
+
+    # last: the Paddle side of this check keeps a UNet's memory in this process
+    if all(importlib.util.find_spec(m) for m in ("torch", "diffusers")):
+        _diffusers_predicts_as_paddle(checkpoint, exported, tmp_path)
+    else:
+        print("torch/diffusers not installed (pip install -r requirements-interop.txt): the export was not loaded")
+
+
+def _diffusers_predicts_as_paddle(checkpoint, exported, tmp_path):
+    """The exported UNet loaded by diffusers (PyTorch, in its own process) predicts what the checkpoint's EMA UNet
+    predicts in Paddle, on one fixed 256 px input."""
+    import paddle
+    from ppdiffusers import UNet2DConditionModel
+
+    rng = np.random.default_rng(0)
+    inputs = {"latents": rng.standard_normal((1, 4, 32, 32), dtype=np.float32),
+              "timesteps": np.array([500], dtype=np.int64),
+              "embeddings": rng.standard_normal((1, 77, 768), dtype=np.float32)}
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    env = env_with_root({k: v for k, v in os.environ.items() if k != "USE_TORCH"})
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "helpers", "diffusers_unet_predict.py"),
+                        str(exported / "unet"), str(tmp_path / "inputs.npz"), str(tmp_path / "torch.npy")],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    unet = UNet2DConditionModel.from_pretrained(str(checkpoint / "unet"), variant="ema")
+    with paddle.no_grad():
+        ours = unet(paddle.to_tensor(inputs["latents"]), paddle.to_tensor(inputs["timesteps"]),
+                    encoder_hidden_states=paddle.to_tensor(inputs["embeddings"])).sample.numpy()
+    theirs = np.load(tmp_path / "torch.npy")
+    assert np.abs(ours).max() > 1e-3
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(ours).max(), np.abs(ours - theirs).max()
+
