@@ -32,7 +32,7 @@ images' size (img2dataset writes ``--image_size`` 256 by default).
 ``--per_core R1 R2 ...`` measures instead what one loader worker delivers, and from it the loader workers a GPU
 needs: ``TextImagePairDataset`` (one slot, default filter, ``allow_upscale``) + ``collate_fn`` per batch, in one
 process, over LAION-like JPEGs (``--content detailed``, sizes spread evenly from half of ``--size`` to ``--size``,
-quality 90) in one part file, read locally and over HTTP from a loopback server in another process
+quality 90) in one part file (``--gzip``: ``.gz``), read locally and over HTTP from a loopback server in another process
 (``benchmarks/range_server.py``, range requests as ``sd/data/remote.py`` makes them), each resolution and source in
 turn, interleaved rounds. Reported: wall samples/s and samples per CPU-second of this process (``time.process_time``:
 all its threads, fsspec's included; robust to other processes' load, wall is not); workers per GPU =
@@ -304,6 +304,7 @@ def workers_per_gpu(needed: float, per_cpu_second: float, headroom: float) -> in
 
 def per_core_main(a) -> None:
     """One loader worker's samples per second and per CPU-second, local and over loopback HTTP, interleaved."""
+    import gzip
     import subprocess
     import sys
 
@@ -320,8 +321,9 @@ def per_core_main(a) -> None:
     data_dir = a.data_dir or tempfile.mkdtemp(prefix="bench-per-core-")
     os.makedirs(data_dir, exist_ok=True)
     jpegs = laion_like_jpegs(a.num_images, tuple(a.size), a.content)
-    part = os.path.join(data_dir, "part-000000")
-    with open(part, "w", encoding="utf-8") as f:
+    part = os.path.join(data_dir, "part-000000" + (".gz" if a.gzip else ""))
+    with (gzip.open(part, "wt", compresslevel=9, encoding="utf-8") if a.gzip
+          else open(part, "w", encoding="utf-8")) as f:
         for i, data in enumerate(jpegs):
             f.write(encode_part_line(f"a photo number {i % 7}", data))
     server = subprocess.Popen([sys.executable, "-m", "benchmarks.range_server", data_dir], stdout=subprocess.PIPE,
@@ -329,12 +331,13 @@ def per_core_main(a) -> None:
     try:
         port = int(server.stdout.readline().split()[1])
         lists = {"local": write_filelists(data_dir, "local", [part])[1],
-                 "HTTP (loopback)": write_filelists(data_dir, "http", [f"http://127.0.0.1:{port}/part-000000"])[1]}
+                 "HTTP (loopback)": write_filelists(data_dir, "http",
+                                                    [f"http://127.0.0.1:{port}/{os.path.basename(part)}"])[1]}
         sizes = sorted({Image.open(io.BytesIO(j)).size for j in jpegs})
         print(f"machine: {machine_name()}; {time.strftime('%Y-%m-%d %H:%M')}; "
               f"load average (1 min) {os.getloadavg()[0]:.1f}")
         print(f"{len(jpegs)} {a.content} JPEGs, quality 90, sizes {', '.join(f'{w}×{h}' for w, h in sizes)}, "
-              f"mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB, one plain part file "
+              f"mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB, one {'gzip' if a.gzip else 'plain'} part file "
               f"({os.path.getsize(part) / 2 ** 20:.1f} MiB); batch {a.batch_size}, {a.rounds} rounds; "
               f"headroom {a.headroom}; data in {data_dir}")
         tokenizer = load_tokenizer(None)
@@ -390,7 +393,7 @@ def main(argv=None) -> None:
     p.add_argument("--data_dir", default=None, help="where to write the part file (default: a temp folder)")
     p.add_argument("--shards", action="store_true", help="part file vs img2dataset tar shard of the same images")
     p.add_argument("--gzip", action="store_true",
-                   help="--shards, --slots: gzip the part files (PaddleMIX's --save_gzip_file)")
+                   help="--shards, --slots, --per_core: gzip the part files (PaddleMIX's --save_gzip_file)")
     p.add_argument("--size", type=int, nargs=2, default=[1024, 768], metavar=("W", "H"), help="image size")
     p.add_argument("--slots", type=int, nargs="+", default=None,
                    help="compare the loader at these slot counts with straightforward, one file and many")
