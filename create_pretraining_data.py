@@ -79,8 +79,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        super().error(remote.redact(message))  # a URL's password or token never reaches the terminal
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input_path", required=True,
                    help="jsonl file (one JSON object per line), or an img2dataset output folder")
     p.add_argument("--input_format", choices=INPUT_FORMATS, default="auto",
@@ -300,11 +305,11 @@ def pack_samples(chunk: Tuple[int, List[i2d.Sample]], opts: Options) -> ChunkRes
             caption, image = i2d.decode_sample(sample, options=opts.shard_options)
             image = verify_image(image, opts)
         except BadRecord as err:
-            out.skipped.append((f"{os.path.basename(sample.shard)}:{sample.key}", err.reason))
+            out.skipped.append((f"{os.path.basename(remote.redact(sample.shard))}:{sample.key}", err.reason))
             continue
         except Skip as err:
             reason = "bad_image" if str(err) == "image does not decode" else "image_too_large"
-            out.skipped.append((f"{os.path.basename(sample.shard)}:{sample.key}", reason))
+            out.skipped.append((f"{os.path.basename(remote.redact(sample.shard))}:{sample.key}", reason))
             continue
         out.records.append(pack_line(encode_part_line(caption, image).encode("utf-8"), opts.gzip))
     return out
@@ -570,9 +575,9 @@ def sample_chunks(shards: List[str], file_skips: List[Tuple[str, str]], counts: 
                     yield index, chunk
                     chunk = []
         except remote.RemoteUnreachable as err:
-            file_skips.append((str(err), "unreachable_file"))
+            file_skips.append((remote.redact(err), "unreachable_file"))
         except (EOFError, OSError) as err:
-            file_skips.append((str(err), "truncated_file"))
+            file_skips.append((remote.redact(err), "truncated_file"))
         if chunk:
             yield index, chunk
 
@@ -580,7 +585,8 @@ def sample_chunks(shards: List[str], file_skips: List[Tuple[str, str]], counts: 
 def print_stats(args, shards: List[str]) -> i2d.Stats:
     stats = i2d.read_stats(shards)
     split = f"; this run: shard_index {args.shard_index} of {args.num_shards}" if args.num_shards > 1 else ""
-    print(f"img2dataset folder: {args.input_path} ({args.format}, {len(shards)} of {len(args.shards)} shards{split})")
+    print(f"img2dataset folder: {remote.redact(args.input_path)} ({args.format}, {len(shards)} of "
+          f"{len(args.shards)} shards{split})")
     failed = ", ".join(f"{r}: {n}" for r, n in sorted(stats.failures.items(), key=lambda x: -x[1])) or "none"
     print(f"img2dataset stats:  {stats.count} URLs, {stats.successes} downloaded, "
           f"{stats.count - stats.successes} failed ({failed})"
@@ -671,7 +677,8 @@ def convert_img2dataset(args) -> int:
         print(f"warning: read {counts['samples']} samples, img2dataset's stats say {expected} "
               f"({'URLs' if args.format == 'parquet' else 'successes'}); see the skips above", file=sys.stderr)
     if written == 0:
-        print(f"error: nothing was written: all {counts['samples']} samples of {args.input_path} were skipped "
+        print(f"error: nothing was written: all {counts['samples']} samples of {remote.redact(args.input_path)} "
+              "were skipped "
               "(reasons above)", file=sys.stderr)
         return 1
     _, filelist_list = write_filelists(args.output_path, list_name(args), part_paths, args.num_repeat)

@@ -29,7 +29,17 @@ webdataset ``.tar``: ``KEY.jpg`` + ``KEY.txt`` + ``KEY.json``, listed in the ``.
 interleaved rounds; the ratio is taken within each round (median over rounds). ``--size`` sets the
 images' size (img2dataset writes ``--image_size`` 256 by default).
 
+``--per_core R1 R2 ...`` measures instead what one loader worker delivers, and from it the loader workers a GPU
+needs: ``TextImagePairDataset`` (one slot, default filter, ``allow_upscale``) + ``collate_fn`` per batch, in one
+process, over LAION-like JPEGs (``--content detailed``, sizes spread evenly from half of ``--size`` to ``--size``,
+quality 90) in one part file (``--gzip``: ``.gz``), read locally and over HTTP from a loopback server in another process
+(``benchmarks/range_server.py``, range requests as ``sd/data/remote.py`` makes them), each resolution and source in
+turn, interleaved rounds. Reported: wall samples/s and samples per CPU-second of this process (``time.process_time``:
+all its threads, fsspec's included; robust to other processes' load, wall is not); workers per GPU =
+ceil(needed rate × headroom / samples per CPU-second), the needed rates per GPU from ``--needed``.
+
     python -m benchmarks.bench_dataset --resolution 256 --num_images 48 --rounds 7 [--content detailed]  # from the root
+    python -m benchmarks.bench_dataset --per_core 256 512 --content detailed --num_images 64 --rounds 2
     python -m benchmarks.bench_dataset --shards [--gzip] --size 1024 768 --resolution 256 --rounds 9
     python -m benchmarks.bench_dataset --slots 1 2 8 16 --num_images 24 --resolution 256 --rounds 7
 """
@@ -40,6 +50,7 @@ import argparse
 import io
 import itertools
 import json
+import math
 import os
 import statistics
 import tarfile
@@ -261,6 +272,112 @@ def slots_main(a) -> None:
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
+# Images per second one GPU consumes (docs/performance.md, "SD v1 at full size": the estimate for a faithful step;
+# at 256 px MosaicML's published 8×A100 rate with precomputed latents, ≈ 1 100 / 8 = 138, lies below it).
+NEEDED_PER_GPU = {256: 150.0, 512: 35.0}
+
+
+def laion_like_jpegs(n: int, largest=(1024, 768), content: str = "detailed") -> list:
+    """n JPEGs (quality 90) whose sizes step evenly from half of ``largest`` to ``largest`` (5 sizes, cycled)."""
+    sizes = [(int(largest[0] * f) // 8 * 8, int(largest[1] * f) // 8 * 8) for f in (0.5, 0.625, 0.75, 0.875, 1.0)]
+    counts = [len(range(k, n, len(sizes))) for k in range(len(sizes))]
+    make = detailed_jpegs if content == "detailed" else photo_like_jpegs
+    groups = [make(c, size, seed=k) for k, (c, size) in enumerate(zip(counts, sizes))]
+    return [groups[i % len(sizes)][i // len(sizes)] for i in range(n)]
+
+
+def machine_name() -> str:
+    """The CPU's model name from /proc/cpuinfo and the usable cores."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {len(os.sched_getaffinity(0))} usable cores"
+
+
+def workers_per_gpu(needed: float, per_cpu_second: float, headroom: float) -> int:
+    """Loader worker processes (one core each) that deliver ``needed`` samples/s with ``headroom`` to spare."""
+    return math.ceil(needed * headroom / per_cpu_second)
+
+
+def per_core_main(a) -> None:
+    """One loader worker's samples per second and per CPU-second, local and over loopback HTTP, interleaved."""
+    import gzip
+    import subprocess
+    import sys
+
+    import paddle
+
+    paddle.set_device("cpu")
+    needed = dict(NEEDED_PER_GPU)
+    for item in a.needed or []:
+        r, _, rate = item.partition("=")
+        try:
+            needed[int(r)] = float(rate)
+        except ValueError:
+            raise ValueError(f"--needed {item!r}: give RESOLUTION=IMAGES_PER_S, e.g. 256=150") from None
+    data_dir = a.data_dir or tempfile.mkdtemp(prefix="bench-per-core-")
+    os.makedirs(data_dir, exist_ok=True)
+    jpegs = laion_like_jpegs(a.num_images, tuple(a.size), a.content)
+    part = os.path.join(data_dir, "part-000000" + (".gz" if a.gzip else ""))
+    with (gzip.open(part, "wt", compresslevel=9, encoding="utf-8") if a.gzip
+          else open(part, "w", encoding="utf-8")) as f:
+        for i, data in enumerate(jpegs):
+            f.write(encode_part_line(f"a photo number {i % 7}", data))
+    server = subprocess.Popen([sys.executable, "-m", "benchmarks.range_server", data_dir], stdout=subprocess.PIPE,
+                              text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        port = int(server.stdout.readline().split()[1])
+        lists = {"local": write_filelists(data_dir, "local", [part])[1],
+                 "HTTP (loopback)": write_filelists(data_dir, "http",
+                                                    [f"http://127.0.0.1:{port}/{os.path.basename(part)}"])[1]}
+        sizes = sorted({Image.open(io.BytesIO(j)).size for j in jpegs})
+        print(f"machine: {machine_name()}; {time.strftime('%Y-%m-%d %H:%M')}; "
+              f"load average (1 min) {os.getloadavg()[0]:.1f}")
+        print(f"{len(jpegs)} {a.content} JPEGs, quality 90, sizes {', '.join(f'{w}×{h}' for w, h in sizes)}, "
+              f"mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB, one {'gzip' if a.gzip else 'plain'} part file "
+              f"({os.path.getsize(part) / 2 ** 20:.1f} MiB); batch {a.batch_size}, {a.rounds} rounds; "
+              f"headroom {a.headroom}; data in {data_dir}")
+        tokenizer = load_tokenizer(None)
+        configs = [(r, source) for r in a.per_core for source in lists]
+        streams = {(r, source): itertools.chain.from_iterable(  # the samples of one slot: one worker's
+            TextImagePairDataset(lists[source], tokenizer, r, shuffle_buffer=16, allow_upscale=True))
+            for r, source in configs}
+
+        def run(config):
+            it, n = streams[config], 0
+            while n < len(jpegs):
+                collate_fn([next(it) for _ in range(min(a.batch_size, len(jpegs) - n))])
+                n += a.batch_size
+            return len(jpegs)
+
+        for config in configs:  # warm-up: caches, connections, the shuffle buffer
+            run(config)
+        wall, cpu = ({config: [] for config in configs} for _ in range(2))
+        for _ in range(a.rounds):  # A B A B: each configuration once per round
+            for config in configs:
+                t, c = time.perf_counter(), time.process_time()
+                n = run(config)
+                wall[config].append(n / (time.perf_counter() - t))
+                cpu[config].append(n / (time.process_time() - c))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(f"| resolution | source | samples/s, wall (median of {a.rounds} rounds) | samples per CPU-s (median) | "
+          "needed per GPU | workers per GPU |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for r, source in configs:
+        per_cpu = statistics.median(cpu[r, source])
+        need = needed.get(r)
+        workers = workers_per_gpu(need, per_cpu, a.headroom) if need else None
+        print(f"| {r} | {source} | {statistics.median(wall[r, source]):.1f} | {per_cpu:.1f} | "
+              f"{f'{need:g}' if need else '—'} | {workers if workers else '—'} |")
+    print(f"workers per GPU = ceil(needed × {a.headroom} / samples per CPU-s); "
+          f"load average after (1 min) {os.getloadavg()[0]:.1f}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, default=256)
@@ -276,12 +393,22 @@ def main(argv=None) -> None:
     p.add_argument("--data_dir", default=None, help="where to write the part file (default: a temp folder)")
     p.add_argument("--shards", action="store_true", help="part file vs img2dataset tar shard of the same images")
     p.add_argument("--gzip", action="store_true",
-                   help="--shards, --slots: gzip the part files (PaddleMIX's --save_gzip_file)")
+                   help="--shards, --slots, --per_core: gzip the part files (PaddleMIX's --save_gzip_file)")
     p.add_argument("--size", type=int, nargs=2, default=[1024, 768], metavar=("W", "H"), help="image size")
     p.add_argument("--slots", type=int, nargs="+", default=None,
                    help="compare the loader at these slot counts with straightforward, one file and many")
     p.add_argument("--shuffle_buffer", type=int, default=16, help="--slots: each slot's shuffle buffer (training: 64)")
+    p.add_argument("--per_core", type=int, nargs="+", default=None, metavar="R",
+                   help="one loader worker's samples/s and samples per CPU-second at these resolutions, local and "
+                        "over loopback HTTP, and the workers per GPU they imply")
+    p.add_argument("--needed", nargs="+", default=None, metavar="R=RATE",
+                   help="--per_core: images/s one GPU consumes at resolution R (default: "
+                        + ", ".join(f"{r}={v:g}" for r, v in NEEDED_PER_GPU.items()) + ")")
+    p.add_argument("--headroom", type=float, default=1.25,
+                   help="--per_core: the loader's rate over the GPU's, for spikes (large images, other processes)")
     a = p.parse_args(argv)
+    if a.per_core:
+        return per_core_main(a)
     if a.shards:
         return shards_main(a)
     if a.slots:

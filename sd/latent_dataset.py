@@ -22,6 +22,7 @@ import paddle
 from paddle.io import get_worker_info
 
 from sd.data.formats import BadRecord, parse_latent_line
+from sd.data.remote import redact
 from sd.text_image_pair_dataset import TextImagePairDataset, add_stream_fields
 
 INFO_SUFFIX = ".latents.json"
@@ -36,8 +37,9 @@ def info_path(filelist: str) -> str:
 def read_info(filelist: str) -> dict:
     path = info_path(filelist)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file; {filelist} is not a latent dataset written by "
-                                "sd.tools.precompute_latents (train on images, or precompute the latents first)")
+        raise FileNotFoundError(redact(f"{path}: no such file; {filelist} is not a latent dataset written by "
+                                       "sd.tools.precompute_latents (train on images, or precompute the latents "
+                                       "first)"))
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -72,12 +74,12 @@ class LatentDataset(TextImagePairDataset):
         keys = ("resolution", "latent_shape", "hidden_shape", "dtype", "model_max_length")
         for info in infos[1:]:
             if any(info[k] != first[k] for k in keys):
-                raise ValueError(f"{file_list}: its lists were precomputed with different settings: "
-                                 f"{[{k: i[k] for k in keys} for i in infos]}")
+                raise ValueError(redact(f"{file_list}: its lists were precomputed with different settings: "
+                                        f"{[{k: i[k] for k in keys} for i in infos]}"))
         for k, v in (expect or {}).items():
             if list(first[k]) != list(v) if isinstance(v, (list, tuple)) else first[k] != v:
-                raise ValueError(f"{file_list}: latents were precomputed with {k}={first[k]}, the model needs {v}; "
-                                 f"precompute them again with this model and --resolution")
+                raise ValueError(redact(f"{file_list}: latents were precomputed with {k}={first[k]}, the model "
+                                        f"needs {v}; precompute them again with this model and --resolution"))
         super().__init__(file_list, tokenizer, resolution=first["resolution"], drop_caption_prob=drop_caption_prob,
                          max_bad_fraction=max_bad_fraction, seed=seed, slots=slots, num_slots=num_slots,
                          model_max_length=first["model_max_length"], report_every=report_every,

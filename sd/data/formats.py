@@ -213,7 +213,7 @@ def _open_listing(listing: str):
         try:
             return io.StringIO(remote.read_text(listing))
         except (FileNotFoundError, PermissionError, remote.RemoteUnreachable) as err:
-            raise FileNotFoundError(f"{listing}: cannot be read ({err})") from None
+            raise FileNotFoundError(remote.redact(f"{listing}: cannot be read ({err})")) from None
     if not os.path.isfile(listing):
         raise FileNotFoundError(f"{listing}: no such file")
     return open(listing, "r", encoding="utf-8")
@@ -232,24 +232,25 @@ def _read_listing(listing: str, with_weight: bool) -> List[ListEntry]:
                 try:
                     weight = float(parts[1])
                 except ValueError:
-                    raise ValueError(
+                    raise ValueError(remote.redact(
                         f"{listing}:{line_no}: weight {parts[1]!r} is not a number "
                         "(expected 'path/to/x.filelist [weight]')"
-                    ) from None
+                    )) from None
                 if weight < 0:
-                    raise ValueError(f"{listing}:{line_no}: weight {weight} is negative")
+                    raise ValueError(remote.redact(f"{listing}:{line_no}: weight {weight} is negative"))
             elif len(parts) > 1:
-                raise ValueError(f"{listing}:{line_no}: expected one path per line, got {line.strip()!r}")
+                raise ValueError(remote.redact(f"{listing}:{line_no}: expected one path per line, "
+                                               f"got {line.strip()!r}"))
             resolved = resolve_path(parts[0], listing)
             if not remote.is_remote(resolved) and not os.path.exists(resolved):
-                raise FileNotFoundError(
+                raise FileNotFoundError(remote.redact(
                     f"{listing}:{line_no}: {parts[0]} not found (tried relative to the current "
                     f"directory {os.getcwd()} and to {os.path.dirname(os.path.abspath(listing))} and "
                     "its parents); fix the path or run from the folder the data was prepared in"
-                )
+                ))
             entries.append(ListEntry(resolved, weight, listing, line_no))
     if not entries:
-        raise ValueError(f"{listing}: lists no files")
+        raise ValueError(remote.redact(f"{listing}: lists no files"))
     return entries
 
 
@@ -258,9 +259,9 @@ def read_filelist_list(path: str) -> List[ListEntry]:
     entries = _read_listing(path, with_weight=True)
     weights = [e.weight for e in entries]
     if any(w is not None for w in weights) and any(w is None for w in weights):
-        raise ValueError(f"{path}: give a weight on every line or on none")
+        raise ValueError(remote.redact(f"{path}: give a weight on every line or on none"))
     if all(w is not None for w in weights) and sum(weights) <= 0:
-        raise ValueError(f"{path}: the weights add up to 0")
+        raise ValueError(remote.redact(f"{path}: the weights add up to 0"))
     return entries
 
 

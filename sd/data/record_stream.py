@@ -351,7 +351,8 @@ class _ListReader:
         self.skipped[reason] += 1
         if (path, reason) not in self._warned:
             self._warned.add((path, reason))
-            logger.warning(f"file {path} (listed in {self.name}) {what}; counted as {reason} in every pass it recurs")
+            logger.warning(remote.redact(f"file {path} (listed in {self.name}) {what}; counted as {reason} in "
+                                         "every pass it recurs"))
 
     def next_record(self) -> tuple:
         """The next ``(source, record)``, starting a new pass when this one is done.
@@ -370,10 +371,10 @@ class _ListReader:
             self._records_this_pass = 0
             self._records = self._pass_records(self.pass_no)
         file_skips = {r: self.skipped[r] for r in FILE_REASONS if self.skipped[r]}
-        raise _NoRecords(
+        raise _NoRecords(remote.redact(
             f"{self.name} gives slot {self.slot} of {self.num_slots} (samples per global batch) no record at all "
             f"(file skips so far: {file_skips}): every listed file is missing, unreadable or empty, or a file has "
-            "fewer records than slots read it; add data or use a smaller global batch")
+            "fewer records than slots read it; add data or use a smaller global batch"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,10 +449,11 @@ class RecordStream:
         if slot == 0:
             for r in readers:
                 if not r.by_file:
-                    logger.info(f"{r.name} has {len(r.files)} part-file entries for {self.num_slots} slots (samples "
-                                "per global batch): sharding it by record instead of by file (each slot takes one "
-                                "file per pass and keeps its share of the records; a process reads each file once "
-                                "for all its slots)")
+                    logger.info(remote.redact(
+                        f"{r.name} has {len(r.files)} part-file entries for {self.num_slots} slots (samples "
+                        "per global batch): sharding it by record instead of by file (each slot takes one "
+                        "file per pass and keeps its share of the records; a process reads each file once "
+                        "for all its slots)"))
         where = f"slot {slot}"
         try:
             for k, epoch, source, record, rng in self._draws(state, readers, where):
@@ -498,7 +500,7 @@ class RecordStream:
                 if not state.alive.any():
                     raise UnusableData(f"{where}: no file list has any record left ({err}); "
                                        f"skipped: {dict(state.skipped)}") from None
-                logger.warning(f"{where}: {err}; drawing from the other lists only")
+                logger.warning(remote.redact(f"{where}: {err}; drawing from the other lists only"))
                 weights = np.where(state.alive, self.weights if self.weights is not None else 1.0, 0.0)
                 weights /= weights.sum()
                 continue
@@ -524,9 +526,10 @@ class RecordStream:
             return collections.Counter(state.skipped)
         since = state.skipped - summarised
         if since or reader.slot == 0:
-            logger.info(f"{where}: pass {reader.pass_no - 1} of {reader.name} done ({reader.pass_length} records "
-                        f"for this slot); skipped since the last summary: {dict(since) or 'none'}, "
-                        f"in all {state.bad} of {state.examined} records examined")
+            logger.info(remote.redact(
+                f"{where}: pass {reader.pass_no - 1} of {reader.name} done ({reader.pass_length} records "
+                f"for this slot); skipped since the last summary: {dict(since) or 'none'}, "
+                f"in all {state.bad} of {state.examined} records examined"))
         return collections.Counter(state.skipped)
 
     def _count_bad(self, state: StreamState, readers: List[_ListReader], k: int, reason: str, where: str) -> None:
@@ -547,6 +550,6 @@ class RecordStream:
         if all(not ok or (r.pass_length is not None and n >= 2 * r.pass_length + self.shuffle_buffer
                           and r.covered >= set(r.files))
                for r, n, ok in zip(readers, state.bad_since_good, state.alive)):
-            raise UnusableData(
+            raise UnusableData(remote.redact(
                 f"no usable sample in a full pass over {', '.join(r.name for r in readers)} ({where}; "
-                f"skipped: {dict(state.skipped)}){'; ' + self.hint if self.hint else ''}")
+                f"skipped: {dict(state.skipped)}){'; ' + self.hint if self.hint else ''}"))

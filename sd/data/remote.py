@@ -28,6 +28,7 @@ import io
 import os
 import posixpath
 import random
+import re
 import time
 from collections.abc import Iterator
 
@@ -45,6 +46,45 @@ _jitter = random.Random()  # private: the global `random` state of training stay
 
 class RemoteUnreachable(OSError):
     """A remote file that kept failing with transient errors after every retry."""
+
+
+# A URL inside any text: up to whitespace, a quote or <> (a bracket or comma may belong to a secret)
+_URL = re.compile(r"(?:https?|s3)://[^\s'\"<>]+", re.IGNORECASE)
+HIDDEN = "***"
+
+
+def _redact_url(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    userinfo, at, host = netloc.rpartition("@")
+    if at:  # user:password@ or token@: both hidden
+        netloc = (f"{HIDDEN}:{HIDDEN}" if ":" in userinfo else HIDDEN) + "@" + host
+    path, question, query = tail.partition("?")
+    if question:
+        query, hash_, fragment = query.partition("#")
+        query = "&".join(k + ("=" + HIDDEN if eq else "") for k, eq, _ in (q.partition("=") for q in query.split("&")))
+        tail = path + "?" + query + hash_ + fragment
+    return f"{scheme}://{netloc}{tail}"
+
+
+def redact(text) -> str:
+    """``text`` (a path, a URL, or a message naming URLs) with the credentials of every URL in it hidden.
+
+    The user and password of a URL's userinfo become ``***``, and so does the value of every query parameter
+    (presigned URLs carry their signature, credential and session token there, as other services carry ``token``,
+    ``sig`` or ``key``: no list of names is complete). Scheme, host, port, path and the query's keys stay, so a
+    message still tells which file it is about. Idempotent; a local path comes back unchanged.
+
+    Example: ``https://user:secret@host/x.tar?X-Amz-Signature=abc`` → ``https://***:***@host/x.tar?X-Amz-Signature=***``.
+    """
+    def one(match):
+        url, after = match.group(0), ""
+        while url.endswith(")") and url.count(")") > url.count("("):  # "(see https://h/x)": the ")" is the text's
+            url, after = url[:-1], ")" + after
+        return _redact_url(url) + after
+
+    return _URL.sub(one, str(text))
 
 
 def is_remote(path) -> bool:
@@ -186,7 +226,7 @@ def _with_retries(what: str, url: str, call):
             root = list(_causes(err))[-1]  # e.g. the refused connection behind fsspec's FileNotFoundError
             said = f"{type(root).__name__}: {root}"
             if attempt >= retries:
-                raise RemoteUnreachable(f"{url}: {what} failed {attempt + 1} times, last with {said}") from err
+                raise RemoteUnreachable(redact(f"{url}: {what} failed {attempt + 1} times, last with {said}")) from err
             counter = _retry_counter.get()
             if counter is not None:
                 counter[reason] += 1
@@ -194,8 +234,8 @@ def _with_retries(what: str, url: str, call):
             # imported here: sd.log imports paddlenlp, which the data tools need not load
             from sd.log import logger
 
-            logger.warning(f"{url}: {what} failed ({said}); retry {attempt + 1} of {retries} "
-                           f"in {pause:.1f} s, counted as {reason}")
+            logger.warning(redact(f"{url}: {what} failed ({said}); retry {attempt + 1} of {retries} "
+                                  f"in {pause:.1f} s, counted as {reason}"))
             time.sleep(pause)
             attempt += 1
 
@@ -214,8 +254,8 @@ class _RetryingReader(io.RawIOBase):
         self._pos = 0
         if self.size is None:
             self._file.close()
-            raise OSError(f"{url}: the server gives no Content-Length; remote files are read by range requests, "
-                          "which need it")
+            raise OSError(redact(f"{url}: the server gives no Content-Length; remote files are read by range "
+                                 "requests, which need it"))
 
     def readable(self) -> bool:
         return True
@@ -243,7 +283,7 @@ class _RetryingReader(io.RawIOBase):
         try:
             data = _with_retries(f"reading at byte {self._pos}", self.url, read)
         except ValueError as err:  # fsspec: the server ignores Range headers
-            raise OSError(f"{self.url}: {err}") from None
+            raise OSError(redact(f"{self.url}: {err}")) from None
         view[:len(data)] = data
         self._pos += len(data)
         return len(data)

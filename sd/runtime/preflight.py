@@ -171,9 +171,10 @@ def check_disk(output_dir: str, checkpoint_bytes: int, free_bytes: Callable[[str
 
 def log_finding(level: str, message: str) -> None:
     """A finding through the one logger: a warning, or info."""
+    from sd.data.remote import redact
     from sd.log import logger
 
-    (logger.warning if level == "warn" else logger.info)(message)
+    (logger.warning if level == "warn" else logger.info)(redact(message))
 
 
 def report(findings: List[Finding], log: Callable[[str, str], None] = log_finding) -> None:
@@ -183,7 +184,9 @@ def report(findings: List[Finding], log: Callable[[str, str], None] = log_findin
             log(level, f"pre-flight: {message}")
     stops = [m for level, m in findings if level == "stop"]
     if stops:
-        raise UserError(stops[0])
+        from sd.data.remote import redact
+
+        raise UserError(redact(stops[0]))
 
 
 def _mem_available() -> int:

@@ -315,6 +315,28 @@ def test_unreachable_and_missing_shards_are_skipped_and_counted(shards, http_url
     assert err.count(f"file {paths[3]} (listed in") == 1
 
 
+def test_skip_warnings_for_urls_with_credentials_hide_the_secrets_and_name_the_file(http_url, plan, tokenizer,
+                                                                                    tmp_path, capfd):
+    """A listed URL's password and query tokens never reach the log: not in the retry warnings of a refused
+    connection, not in the skip warnings of it and of a 404; the host and path still do."""
+    base, _ = http_url
+    port = base.rsplit(":", 1)[1]
+    with socket.socket() as s:  # a loopback port that was free a moment ago: connection refused
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://reader:hunter2@127.0.0.1:{s.getsockname()[1]}/private/00009.tar?X-Amz-Signature=f00d5ig"
+    missing = f"http://reader:hunter2@127.0.0.1:{port}/nowhere/00008.tar?token=t0ken5ecret"
+    listing = file_list(str(tmp_path), "secret", [f"{base}/laion_shards/00000.tar", closed, missing])
+    samples = take(dataset(listing, tokenizer, shuffle_buffer=1), 30)
+    assert samples[-1]["skipped"]["unreachable_file"] >= 1 and samples[-1]["skipped"]["missing_file"] >= 1
+    err = capfd.readouterr().err
+    assert "retry 1 of 2" in err and "cannot be reached" in err and "is missing" in err  # the warnings were logged
+    for secret in ("hunter2", "f00d5ig", "t0ken5ecret"):
+        assert secret not in err
+    closed_port = closed.split("@127.0.0.1:")[1].split("/")[0]
+    assert f"file http://***:***@127.0.0.1:{closed_port}/private/00009.tar?X-Amz-Signature=*** (listed in" in err
+    assert f"file http://***:***@127.0.0.1:{port}/nowhere/00008.tar?token=*** (listed in" in err
+
+
 def test_http_folder_link_only_lists_the_shard_urls(http_url, tmp_path):
     """An HTTP folder (its index page, listed by fsspec) gives the same --link_only lists as an S3 prefix."""
     base, _ = http_url
