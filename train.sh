@@ -55,7 +55,7 @@ NODE_NAME=${NODE_NAME:-$(hostname)}                      # with ELASTIC: this no
 # IMAGE_LOGGING_STEPS  sample grid every N steps (multiple of LOGGING_STEPS)  1000 | 1000
 # FIRST_IMAGE_LOGGING_STEP  one more sample grid at this step (0 = none)      0 | 300
 # LOGGING_STEPS      log loss, LR, speed every N steps                        10 | 50
-# NUM_WORKERS        data loader worker processes (per GPU or process)        1 | 1
+# NUM_WORKERS        data loader worker processes (per GPU or process)        2 | 1
 # SNR_GAMMA          Min-SNR-γ loss weighting ("" = off)                      off | 5.0
 # NOISE_OFFSET       offset-noise scale (0 = off)                             0 | 0.1
 # NUM_INFERENCE_STEPS  DDIM steps of the logged samples                       50 | 25
@@ -106,9 +106,9 @@ if [ "$RECIPE" = sd-v1 ]; then
   RESOLUTION=${RESOLUTION:-256}; BATCH_SIZE=${BATCH_SIZE:-32}; MAX_STEPS=${MAX_STEPS:-200000}
   LR=${LR:-1e-4}; SAVE_STEPS=${SAVE_STEPS:-10000}; IMAGE_LOGGING_STEPS=${IMAGE_LOGGING_STEPS:-1000}
   FIRST_IMAGE_LOGGING_STEP=${FIRST_IMAGE_LOGGING_STEP:-0}; FROZEN_INFERENCE=${FROZEN_INFERENCE:-False}
-  # PaddleMIX uses 4 loader workers; one feeds a GPU: ≥ 219 samples per CPU-second at 256 px, 150 × 1.25 needed
-  # (docs/performance.md, "Loader workers per GPU")
-  LOGGING_STEPS=${LOGGING_STEPS:-10}; NUM_WORKERS=${NUM_WORKERS:-1}
+  # PaddleMIX uses 4 loader workers; 2 feed a GPU with 2× headroom: ≥ 219 samples per CPU-second each at 256 px,
+  # 150 needed (docs/performance.md, "Loader workers per GPU")
+  LOGGING_STEPS=${LOGGING_STEPS:-10}; NUM_WORKERS=${NUM_WORKERS:-2}
   SNR_GAMMA=${SNR_GAMMA:-}; NOISE_OFFSET=${NOISE_OFFSET:-0}; NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-50}
   DISABLE_TQDM=${DISABLE_TQDM:-True}; EMA_DECAY=${EMA_DECAY:-0.9999}
   export FLAG_USE_EMA=${FLAG_USE_EMA:-0} FLAG_RECOMPUTE=${FLAG_RECOMPUTE:-1} FLAG_XFORMERS=${FLAG_XFORMERS:-1}

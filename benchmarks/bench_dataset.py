@@ -404,8 +404,9 @@ def main(argv=None) -> None:
     p.add_argument("--needed", nargs="+", default=None, metavar="R=RATE",
                    help="--per_core: images/s one GPU consumes at resolution R (default: "
                         + ", ".join(f"{r}={v:g}" for r, v in NEEDED_PER_GPU.items()) + ")")
-    p.add_argument("--headroom", type=float, default=1.25,
-                   help="--per_core: the loader's rate over the GPU's, for spikes (large images, other processes)")
+    p.add_argument("--headroom", type=float, default=2.0,
+                   help="--per_core: the loader's rate over the GPU's: a GPU host's cores also run the trainer, "
+                        "LAION's images are larger than these, and loopback has no network latency")
     a = p.parse_args(argv)
     if a.per_core:
         return per_core_main(a)

@@ -96,7 +96,7 @@ def test_sd_v1_is_paddlemixs_recipe(file_list):
     assert f["--unet_name_or_path"] == "./unet_config.json" and f["--file_list"] == file_list
     assert (f["--resolution"], f["--per_device_train_batch_size"], f["--max_steps"]) == ("256", "32", "200000")
     assert (f["--learning_rate"], f["--lr_scheduler_type"], f["--ema_decay"]) == ("1e-4", "constant", "0.9999")
-    assert (f["--dataloader_num_workers"], f["--frozen_inference"], f["--bf16"]) == ("1", "False", "False")
+    assert (f["--dataloader_num_workers"], f["--frozen_inference"], f["--bf16"]) == ("2", "False", "False")
     assert "--snr_gamma" not in f and f["--noise_offset"] == "0"
     assert environment == PADDLEMIX_SWITCHES
     _, environment, command, _ = dry_run(RECIPE="sd-v1", FILE_LIST=file_list, GPU_COUNT="8", BATCH_SIZE="8",
