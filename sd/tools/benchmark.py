@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -352,7 +353,10 @@ def run(kit: str, file_list: str, resolution: int = 64, batch_size: int = 4, num
     trainer.add_callback(timer)
     before = set(_children())
     start = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # its checkpoints (--save_steps): 13 GB each at SD v1's size
     wall = time.perf_counter() - start
     memory = peak_memory_mb(exclude=before)
 
