@@ -196,7 +196,13 @@ def test_samples_exports_and_warm_starts_512px_from_a_real_size_checkpoint(sd_v1
     assert np.isfinite(float(loss))
     state = RunState.read(str(tmp_path / "stage2" / "checkpoint-1"))
     assert (state.steps, state.resolution, state.ema_updates) == (1, 512, 2)  # the 256 px run's update, then this one
-    print(json.dumps({"stage 2, 512 px, batch 1, recompute, EMA": {"peak_gib": gib(peak)}}))
+    from sd.runtime.memory import Architecture, MemoryConfig, estimate
+
+    arch = Architecture.from_paths(os.path.join(ROOT, "unet_config.json"), os.path.join(kit, "vae"),
+                                   os.path.join(kit, "text_encoder"))
+    plan = estimate(arch, MemoryConfig(batch=1, resolution=512, recompute=True, ema=True, num_workers=1)).host_peak
+    print(json.dumps({"stage 2, 512 px, batch 1, recompute, EMA": {"peak_gib": gib(peak), "plan_gib": plan / 2 ** 30}}))
+    assert peak["anon"] <= plan  # the pre-flight's plan holds (the 512 px attention term is analytic)
 
     # last: the Paddle side of this check keeps a UNet's memory in this process
     if all(importlib.util.find_spec(m) for m in ("torch", "diffusers")):
