@@ -7,12 +7,15 @@
     python -m sd.tools.benchmark --kit reference --latents ./latents/filelist/train.filelist.list   # precomputed mode
     python -m sd.tools.benchmark --flops_only --unet_config ./unet_config.json --resolution 256      # SD v1 arithmetic
     python -m sd.tools.benchmark --versus ../shared/reference/paddlemix_stable_diffusion         # side by side, A B A B
+    python -m sd.tools.benchmark --kit ./sd-v1-random --unet_config unet_config.json --image_size 256 --resolution 256 \
+        --batch_size 1 --num_workers 0 --steps 5 --warmup 1 --save_steps 4 --use_ema true --recompute true  # SD v1
 
 Method: the model, datasets and ``StableDiffusionTrainer`` are built by ``sd.build.build_run``, which
 ``train_txt2img_laion400m_trainer.py`` builds its run with, and the trainer runs ``warmup + steps``
 optimizer steps. A callback stamps each step's phases (data wait, forward+backward, optimizer);
-the frozen encoders and the UNet are timed around their calls. The first ``warmup`` steps are
-dropped and each figure is the **median** over the remaining steps (robust to the other processes
+the frozen encoders and the UNet, the update's finite check, AdamW and EMA, and each checkpoint save are timed
+around their calls (``StableDiffusionModel.instrument``, ``StableDiffusionTrainer.instrument``). The first
+``warmup`` steps are dropped and each figure is the **median** over the remaining steps (robust to the other processes
 sharing this machine); samples/s = batch × world size / median step interval. Figures of two separate
 runs are not comparable on a shared machine: ``--versus`` (``sd/tools/benchmark_versus.py``) measures this
 trainer against PaddleMIX's example interleaved in one run. On a GPU every stamp
