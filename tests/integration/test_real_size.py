@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,6 +27,14 @@ RECIPE = ("--resolution", "256", "--per_device_train_batch_size", "1", "--learni
           "--max_steps", str(STEPS), "--save_steps", str(SAVE), "--save_total_limit", "1", "--recompute", "True",
           "--dataloader_num_workers", "1", "--logging_steps", "1", "--image_logging_steps", "0", "--seed", "7",
           "--report_to", "none", "--max_grad_norm", "-1")
+
+
+@pytest.fixture(autouse=True)
+def free_disk(tmp_path):
+    """A test's checkpoints (≈ 13 GB each at this size) are removed when it ends, passed or failed: the next one
+    needs the disk."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +144,6 @@ def test_trains_saves_is_killed_resumes_exactly_and_saves_again(sd_v1, tmp_path,
     assert ("unet/diffusion_paddle_model.ema.safetensors" in expected) == ema
     state = RunState.read(str(tmp_path / "straight" / f"checkpoint-{STEPS}"))
     assert (state.steps, state.resolution, state.ema_updates) == (STEPS, 256, STEPS if ema else 0)
-    import shutil
-
     shutil.rmtree(tmp_path / "straight")  # one real-size run's checkpoints on disk at a time (≈ 14 GB each)
 
     out = tmp_path / "killed"
@@ -177,15 +184,6 @@ def test_samples_exports_and_warm_starts_512px_from_a_real_size_checkpoint(sd_v1
     image = Image.open(tmp_path / "eval" / manifest["images"][0]["file"])
     assert image.size == (256, 256) and manifest["variant"] == "ema"
 
-    exported = tmp_path / "diffusers"
-    r = subprocess.run([sys.executable, "-m", "sd.tools.export", "--checkpoint", str(checkpoint),
-                        "--output_dir", str(exported)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    index = json.load(open(exported / "model_index.json"))
-    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
-    unet_file = exported / "unet" / "diffusion_pytorch_model.safetensors"
-    assert sum(int(np.prod(a.shape)) for _, a in tensor_files.iter_tensors(str(unet_file))) == 859_520_964
-
     stage2 = [*command(kit, file_list, tmp_path / "stage2", True)[:-len(RECIPE)], *recipe]
     stage2[stage2.index("--unet_name_or_path") + 1] = str(checkpoint / "unet")
     stage2[stage2.index("--resolution") + 1] = "512"
@@ -203,6 +201,16 @@ def test_samples_exports_and_warm_starts_512px_from_a_real_size_checkpoint(sd_v1
     plan = estimate(arch, MemoryConfig(batch=1, resolution=512, recompute=True, ema=True, num_workers=1)).host_peak
     print(json.dumps({"stage 2, 512 px, batch 1, recompute, EMA": {"peak_gib": gib(peak), "plan_gib": plan / 2 ** 30}}))
     assert peak["anon"] <= plan  # the pre-flight's plan holds (the 512 px attention term is analytic)
+    shutil.rmtree(tmp_path / "stage2")  # its checkpoint, before the export's files
+
+    exported = tmp_path / "diffusers"
+    r = subprocess.run([sys.executable, "-m", "sd.tools.export", "--checkpoint", str(checkpoint),
+                        "--output_dir", str(exported)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    index = json.load(open(exported / "model_index.json"))
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    unet_file = exported / "unet" / "diffusion_pytorch_model.safetensors"
+    assert sum(int(np.prod(a.shape)) for _, a in tensor_files.iter_tensors(str(unet_file))) == 859_520_964
 
     # last: the Paddle side of this check keeps a UNet's memory in this process
     if all(importlib.util.find_spec(m) for m in ("torch", "diffusers")):
