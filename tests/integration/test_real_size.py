@@ -84,6 +84,7 @@ def run_measured(cmd, env):
     """Run ``cmd``; (return code, its output, the peaks over time of its process tree's proportional set size:
     ``{"pss": all of it, "anon": its anonymous + shared-memory part}``)."""
     peak = {"pss": 0, "anon": 0}
+    os.sync()  # checkpoints written before: their dirty pages flushed, so that the memory they hold can be freed
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def sample():
@@ -188,7 +189,11 @@ def test_samples_exports_and_warm_starts_512px_from_a_real_size_checkpoint(sd_v1
     stage2[stage2.index("--unet_name_or_path") + 1] = str(checkpoint / "unet")
     stage2[stage2.index("--resolution") + 1] = "512"
     stage2 += ["--ema_init_from", str(checkpoint), "--allow_upscale", "True"]  # the demo images are 256 px
-    code, log, peak = run_measured(stage2, env_with_root())
+    # the pre-flight's memory check counts what the host has available when the run starts; after the checkpoints
+    # this test process wrote and read, that reads 3-4 GiB short of what the run can use (measured: 19.1 GiB
+    # available at this point of the long group, 22.5 when this test runs alone). The measured peak is held to the
+    # plan below instead.
+    code, log, peak = run_measured(stage2, env_with_root(SD_SKIP_MEMORY_CHECK="1"))
     assert code == 0, log[-4000:]
     (loss,) = losses(log).values()
     assert np.isfinite(float(loss))
