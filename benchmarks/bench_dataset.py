@@ -76,6 +76,33 @@ COCO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "coco_data", "val2014", "COCO_val2014_000000522418.jpg")
 
 
+def interleaved_rates(runs: dict, rounds: int) -> tuple[dict, dict]:
+    """Each run once to warm up (caches, connections, shuffle buffers), then ``rounds`` rounds of every run back to
+    back (A B A B), so that other processes' load falls on all alike. A run returns how many samples it made.
+    Returns samples per wall second and per CPU-second of this process, by key, one entry per round."""
+    for run in runs.values():
+        run()
+    wall, cpu = {key: [] for key in runs}, {key: [] for key in runs}
+    for _ in range(rounds):
+        for key, run in runs.items():
+            t, c = time.perf_counter(), time.process_time()
+            n = run()
+            wall[key].append(n / (time.perf_counter() - t))
+            cpu[key].append(n / max(time.process_time() - c, 1e-9))
+    return wall, cpu
+
+
+def drain(samples, n: int, batch_size: int):
+    """A run that takes ``n`` samples from the iterator ``samples`` through ``collate_fn`` in batches."""
+    def run():
+        done = 0
+        while done < n:
+            collate_fn([next(samples) for _ in range(min(batch_size, n - done))])
+            done += batch_size
+        return n
+    return run
+
+
 def photo_like_jpegs(n: int, size=(1024, 768), seed: int = 0) -> list:
     """n JPEGs (quality 90) of photo-like content: jittered crops of a COCO photo when available."""
     rng = np.random.default_rng(seed)
@@ -164,21 +191,8 @@ def shards_main(a) -> None:
     streams = {name: itertools.chain.from_iterable(  # the samples of one slot
         TextImagePairDataset(fl, tokenizer, a.resolution, shuffle_buffer=16, allow_upscale=True))
                for name, fl in lists.items()}
-
-    def run(name):
-        it, n = streams[name], 0
-        while n < len(jpegs):
-            collate_fn([next(it) for _ in range(min(a.batch_size, len(jpegs) - n))])
-            n += a.batch_size
-        return len(jpegs)
-
-    for name in streams:  # warm-up: caches, the shuffle buffer
-        run(name)
-    rates = {name: [] for name in streams}
-    for _ in range(a.rounds):
-        for name in streams:
-            t = time.perf_counter()
-            rates[name].append(run(name) / (time.perf_counter() - t))
+    rates, _ = interleaved_rates({name: drain(it, len(jpegs), a.batch_size) for name, it in streams.items()},
+                                 a.rounds)
     print("| source | samples/s (median of rounds) |")
     print("|---|---:|")
     for name, rs in rates.items():
@@ -253,14 +267,7 @@ def slots_main(a) -> None:
             pipelines[layout, f"ours, {g} slots"] = ours(file_list, g, True)
             if len(parts) < g and g > 1:
                 pipelines[layout, f"per-slot reads, {g} slots"] = ours(file_list, g, False)
-    for run in pipelines.values():  # warm-up: caches, the shuffle buffers
-        run()
-    rates = {key: [] for key in pipelines}
-    for _ in range(a.rounds):
-        for key, run in pipelines.items():
-            t = time.perf_counter()
-            n = run()
-            rates[key].append(n / (time.perf_counter() - t))
+    rates, _ = interleaved_rates(pipelines, a.rounds)
     print(f"| data | pipeline | samples/s (median of {a.rounds} rounds) | × straightforward (per-round median, "
           "min–max) |")
     print("|---|---|---:|---:|")
@@ -345,23 +352,8 @@ def per_core_main(a) -> None:
         streams = {(r, source): itertools.chain.from_iterable(  # the samples of one slot: one worker's
             TextImagePairDataset(lists[source], tokenizer, r, shuffle_buffer=16, allow_upscale=True))
             for r, source in configs}
-
-        def run(config):
-            it, n = streams[config], 0
-            while n < len(jpegs):
-                collate_fn([next(it) for _ in range(min(a.batch_size, len(jpegs) - n))])
-                n += a.batch_size
-            return len(jpegs)
-
-        for config in configs:  # warm-up: caches, connections, the shuffle buffer
-            run(config)
-        wall, cpu = ({config: [] for config in configs} for _ in range(2))
-        for _ in range(a.rounds):  # A B A B: each configuration once per round
-            for config in configs:
-                t, c = time.perf_counter(), time.process_time()
-                n = run(config)
-                wall[config].append(n / (time.perf_counter() - t))
-                cpu[config].append(n / (time.process_time() - c))
+        wall, cpu = interleaved_rates({config: drain(streams[config], len(jpegs), a.batch_size)
+                                       for config in configs}, a.rounds)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -451,15 +443,6 @@ def main(argv=None) -> None:
         ds = TextImagePairDataset(file_list, tokenizer, r, interpolation=interp, shuffle_buffer=16)
         streams[interp] = itertools.chain.from_iterable(ds)  # the samples of one slot
 
-    def ours(interp):
-        def run():
-            it, n = streams[interp], 0
-            while n < len(jpegs):
-                collate_fn([next(it) for _ in range(min(a.batch_size, len(jpegs) - n))])
-                n += a.batch_size
-            return len(jpegs)
-        return run
-
     short = r / 0.9
 
     def decode_only(decoder):
@@ -478,16 +461,10 @@ def main(argv=None) -> None:
             return len(jpegs)
         return run
 
-    pipelines = {"straightforward": straightforward, **{f"ours ({i})": ours(i) for i in a.interpolation},
+    pipelines = {"straightforward": straightforward,
+                 **{f"ours ({i})": drain(streams[i], len(jpegs), a.batch_size) for i in a.interpolation},
                  "decode_only (OpenCV)": decode_only("opencv"), "decode_only (Pillow draft)": decode_only("pillow")}
-    for run in pipelines.values():  # warm-up: caches, lazy imports, the shuffle buffer
-        run()
-    rates = {name: [] for name in pipelines}
-    for _ in range(a.rounds):
-        for name, run in pipelines.items():
-            t = time.perf_counter()
-            n = run()
-            rates[name].append(n / (time.perf_counter() - t))
+    rates, _ = interleaved_rates(pipelines, a.rounds)
     # decode_only: the faster of the two reduced-size decoders (by median rate), the stricter bar.
     rates["decode_only"] = max(rates["decode_only (OpenCV)"], rates["decode_only (Pillow draft)"],
                                key=statistics.median)

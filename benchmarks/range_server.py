@@ -15,7 +15,8 @@ import re
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Files of the served folder, whole (200) or one ``Range: bytes=a-b`` at a time (206); quiet."""
+    """Files of the served folder, whole (200) or one ``Range: bytes=a-b`` at a time (206), and folder listings;
+    quiet."""
 
     def log_message(self, *args):
         pass
@@ -28,6 +29,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
 
     def _serve(self, body: bool) -> None:
         path = self.translate_path(self.path)
+        if os.path.isdir(path):  # the folder's listing (fsspec lists a folder URL through it)
+            return super().do_GET() if body else super().do_HEAD()
         if not os.path.isfile(path):
             self.send_error(404)
             return
@@ -46,7 +49,11 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         if body:
             with open(path, "rb") as f:
                 f.seek(start)
-                self.wfile.write(f.read(end - start + 1))
+                self.wfile.write(self.payload(start, f.read(end - start + 1)))
+
+    def payload(self, start: int, data: bytes) -> bytes:
+        """The bytes sent for a response starting at offset ``start`` of the file (a subclass may cut them)."""
+        return data
 
 
 def main(argv=None) -> None:

@@ -14,7 +14,6 @@ import io
 import itertools
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -26,6 +25,7 @@ import threading
 import numpy as np
 import pytest
 
+from benchmarks.range_server import RangeHandler
 from sd.data import img2dataset as i2d
 from sd.data import remote
 from sd.data.formats import iter_part_file, read_filelist, read_filelist_list
@@ -76,59 +76,31 @@ def shards(demo_file_list, tmp_path_factory):
     return www
 
 
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Files with Range support (206), plus the faults the server's ``plan`` asks for:
+class _RangeHandler(RangeHandler):
+    """The benchmark's range server, plus the faults the server's ``plan`` asks for:
     ``cut``: {name: byte offset} the next response covering it stops there (the connection closes);
     ``fail``: {name: [status, times]} the next ``times`` requests for it get that status."""
 
-    def log_message(self, *args):
-        pass
-
-    def do_HEAD(self):
-        self._serve(body=False)
-
-    def do_GET(self):
-        self._serve(body=True)
-
     def _serve(self, body):
-        name, plan = self.path.lstrip("/"), self.server.plan
-        path = self.translate_path(self.path)
+        plan = self.server.plan
         with plan["lock"]:
-            fail = plan["fail"].get(name)
+            fail = plan["fail"].get(self.path.lstrip("/"))
             if fail and fail[1] > 0:
                 fail[1] -= 1
                 self.send_error(fail[0])
                 return
-        if os.path.isdir(path):
-            return super().do_GET() if body else super().do_HEAD()
-        if not os.path.isfile(path):
-            self.send_error(404)
-            return
-        size = os.path.getsize(path)
-        start, end, status = 0, size - 1, 200
-        m = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
-        if m:
-            start, end, status = int(m.group(1)), min(int(m.group(2) or size - 1), size - 1), 206
-        self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(end - start + 1))
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.end_headers()
-        if not body:
-            return
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start + 1)
+        super()._serve(body)
+
+    def payload(self, start, data):
+        name, plan = self.path.lstrip("/"), self.server.plan
         with plan["lock"]:
             cut = plan["cut"].get(name)
-            if cut is not None and start <= cut <= end:
+            if cut is not None and start <= cut < start + len(data):
                 del plan["cut"][name]
                 data = data[:cut - start]
             plan["served"].append((name, start, len(data)))
-        self.wfile.write(data)
         self.close_connection = True  # a cut response ends here, short of its Content-Length
+        return data
 
 
 @pytest.fixture(scope="module")
