@@ -42,7 +42,8 @@ def has_gpu() -> bool:
 
 def train_sh(*args, cwd=None, **settings):
     """Run train.sh with only ``settings`` among its variables; returns the finished process."""
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("FLAG_")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in SETTINGS and not k.startswith("FLAG_") and k != "OMP_NUM_THREADS"}
     env.update(settings)
     return subprocess.run(["sh", os.path.join(ROOT, "train.sh"), *args], check=False, capture_output=True, text=True,
                           env=env, cwd=cwd or ROOT, timeout=300)
@@ -121,6 +122,12 @@ def test_sd_v1_without_a_gpu_says_once_what_it_switches_off(file_list):
     assert "FLAG_XFORMERS" in said and "BF16" in said
     assert environment["FLAG_XFORMERS"] == "0" and flags(command)["--bf16"] == "False"
     assert command[:2] == ["python", "-u"]  # one process
+    cores = len(os.sched_getaffinity(0))
+    assert environment["OMP_NUM_THREADS"] == str(cores)  # Paddle's CPU kernels: every core, not one
+    _, environment, command, _ = dry_run(RECIPE="sd-v1", FILE_LIST=file_list, GPU_COUNT="0", NPROC="2")
+    assert "--nproc_per_node" in command and environment["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    _, environment, _, _ = dry_run(RECIPE="sd-v1", FILE_LIST=file_list, GPU_COUNT="0", OMP_NUM_THREADS="3")
+    assert environment["OMP_NUM_THREADS"] == "3"  # the user's choice stands
 
 
 @pytest.mark.skipif(has_gpu(), reason="the sd-v1 recipe on a CPU")

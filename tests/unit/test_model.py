@@ -127,14 +127,20 @@ def capture_unet_inputs(m, monkeypatch):
     return seen
 
 
-def test_noise_offset_adds_a_per_channel_constant(tiny_kit, monkeypatch):
+def unet_inputs_per_setting(tiny_kit, monkeypatch, option: str, values) -> list:
+    """What the UNet and the loss saw for one batch (same seeds) with ``option`` set to each of ``values``."""
     runs = []
-    for offset in (0.0, 0.5):
-        m = make(tiny_kit, noise_offset=offset)
+    for value in values:
+        m = make(tiny_kit, **{option: value})
         seen = capture_unet_inputs(m, monkeypatch)
         ids, px = batch(m)
         m(ids, px, seeds=[3, 13])
         runs.append(seen)
+    return runs
+
+
+def test_noise_offset_adds_a_per_channel_constant(tiny_kit, monkeypatch):
+    runs = unet_inputs_per_setting(tiny_kit, monkeypatch, "noise_offset", (0.0, 0.5))
     assert np.array_equal(runs[0]["t"], runs[1]["t"])
     diff = runs[1]["noisy"] - runs[0]["noisy"]
     assert np.abs(diff).max() > 1e-3
@@ -142,13 +148,7 @@ def test_noise_offset_adds_a_per_channel_constant(tiny_kit, monkeypatch):
 
 
 def test_input_perturbation_changes_input_not_target(tiny_kit, monkeypatch):
-    runs = []
-    for p in (0.0, 0.3):
-        m = make(tiny_kit, input_perturbation=p)
-        seen = capture_unet_inputs(m, monkeypatch)
-        ids, px = batch(m)
-        m(ids, px, seeds=[3, 13])
-        runs.append(seen)
+    runs = unet_inputs_per_setting(tiny_kit, monkeypatch, "input_perturbation", (0.0, 0.3))
     assert not np.allclose(runs[0]["noisy"], runs[1]["noisy"])
     assert np.array_equal(runs[0]["target"], runs[1]["target"])
 
