@@ -65,8 +65,9 @@ NODE_NAME=${NODE_NAME:-$(hostname)}                      # with ELASTIC: this no
 # FLAG_USE_EMA, FLAG_RECOMPUTE, FLAG_XFORMERS, FLAG_FUSED_LINEAR: PaddleMIX's switches (0/1). sd-v1 exports
 #   PaddleMIX's values (0, 1, 1, 0) unless set (without a GPU, FLAG_XFORMERS, FLAG_FUSED_LINEAR and BF16 are
 #   forced off, said in one line), demo FLAG_USE_EMA=1 (the EMA UNet, unet/*.ema.safetensors, samples
-#   better after 1000 steps); a --flag on the command line beats them. sd-v1 without a GPU also exports
-#   OMP_NUM_THREADS (the cores per process) unless set.
+#   better after 1000 steps); a --flag on the command line beats them.
+# CPU_THREADS        threads of Paddle's CPU kernels per process (--cpu_threads)  sd-v1 without a GPU: cores per
+#                    process | Paddle's (one)
 # Also: GRAD_ACCUM (1), WEIGHT_DECAY (0.01), ADAM_BETA2 (0.999: AdamW's second-moment decay), SAVE_TOTAL_LIMIT (20),
 #   SEED (23), MODEL_MAX_LENGTH (77), MAX_GRAD_NORM (-1 = no clipping), DISABLE_TQDM (True | False).
 
@@ -114,8 +115,9 @@ if [ "$RECIPE" = sd-v1 ]; then
   DISABLE_TQDM=${DISABLE_TQDM:-True}; EMA_DECAY=${EMA_DECAY:-0.9999}
   export FLAG_USE_EMA=${FLAG_USE_EMA:-0} FLAG_RECOMPUTE=${FLAG_RECOMPUTE:-1} FLAG_XFORMERS=${FLAG_XFORMERS:-1}
   export FLAG_FUSED_LINEAR=${FLAG_FUSED_LINEAR:-0}
-  export FLAGS_conv_workspace_size_limit=${FLAGS_conv_workspace_size_limit:-4096}  # cuDNN workspace, MB
-  if [ "$GPU_COUNT" -eq 0 ]; then
+  if [ "$GPU_COUNT" -gt 0 ]; then
+    export FLAGS_conv_workspace_size_limit=${FLAGS_conv_workspace_size_limit:-4096}  # cuDNN workspace, MB
+  else
     # The trainer would switch these off too (sd_args.finalize), one warning each: one line here instead.
     off=""
     case "${FLAG_XFORMERS,,}" in
@@ -124,10 +126,10 @@ if [ "$RECIPE" = sd-v1 ]; then
     case "${FLAG_FUSED_LINEAR,,}" in 1|true|yes|on) off+=", FLAG_FUSED_LINEAR"; FLAG_FUSED_LINEAR=0 ;; esac
     case "${BF16:-False}" in [Tt]rue|1) off+=", BF16 (training in fp32)"; BF16=False ;; esac
     if [ -n "$off" ]; then echo "== RECIPE=sd-v1 without a GPU: GPU-only settings forced off: ${off#, }" >&2; fi
-    # Paddle's CPU kernels run one thread per process unless OMP_NUM_THREADS says more: the processes share the
-    # cores (one process, 2 threads: a real-size step 1.3-1.5× faster, docs/performance.md)
+    # Paddle's CPU kernels run one thread per process unless told: the processes share the cores (one process,
+    # 2 threads: a real-size step 1.3-1.5× faster, docs/performance.md)
     cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / ${NPROC:-1} > 1 ? cores / ${NPROC:-1} : 1 ))}
+    CPU_THREADS=${CPU_THREADS:-$(( cores / ${NPROC:-1} > 1 ? cores / ${NPROC:-1} : 1 ))}
   fi
 else
   # demo, the embedded CPU default: the offline kit and the demo shapes, ≈ 10 minutes of training on 2 idle cores.
@@ -213,10 +215,11 @@ COMMAND=($LAUNCH train_txt2img_laion400m_trainer.py
   ${SNR_GAMMA:+--snr_gamma "$SNR_GAMMA"}
   --num_inference_steps "$NUM_INFERENCE_STEPS"
   --ema_decay "$EMA_DECAY"
+  ${CPU_THREADS:+--cpu_threads "$CPU_THREADS"}
   "$@")
 
 if [ "$DRY_RUN" = 1 ]; then
-  switches="FLAG_USE_EMA FLAG_RECOMPUTE FLAG_XFORMERS FLAG_FUSED_LINEAR FLAGS_conv_workspace_size_limit OMP_NUM_THREADS"
+  switches="FLAG_USE_EMA FLAG_RECOMPUTE FLAG_XFORMERS FLAG_FUSED_LINEAR FLAGS_conv_workspace_size_limit"
   echo "environment:$(for v in $switches; do if [ -n "${!v+x}" ]; then printf ' %s=%q' "$v" "${!v}"; fi; done)"
   echo "command:$(printf ' %q' "${COMMAND[@]}")"
   exit 0

@@ -48,6 +48,8 @@ def build_model(model_args, data_args, training_args) -> StableDiffusionModel:
         paddle.nn.Linear = paddle.incubate.nn.FusedLinear
     if cpu.CHOICE:  # set at `import sd` (sd/cpu.py)
         logger.info(cpu.CHOICE)
+    if training_args.cpu_threads:
+        logger.info(cpu.set_threads(training_args.cpu_threads))
     set_seed(training_args.seed)
     model = StableDiffusionModel(model_args, recompute=training_args.recompute)
     if data_args.resolution % model.latent_factor:  # (build_run checks it before the data; callers of this alone)

@@ -65,3 +65,16 @@ def use_avx2_mkl_on_amd(environ: MutableMapping[str, str] = os.environ,
     environ[MKL_VARIABLE] = "5"
     return (f"{MKL_VARIABLE}=5: Paddle's MKL runs its AVX2 kernels on this AMD CPU (it would take a generic "
             f"path, ~3× slower matrix products); export {MKL_VARIABLE}= (empty) to keep MKL's own choice")
+
+
+def set_threads(n: int) -> str:
+    """Let Paddle's CPU kernels (MKL's matrix products, oneDNN's convolutions) use ``n`` threads in this process;
+    Paddle starts them with one. Returns the line to log. Results differ in the last bits between thread counts and
+    repeat exactly at a given count. Through Paddle's own setter, not ``OMP_NUM_THREADS`` (at import Paddle warns
+    about any value above 1)."""
+    import paddle
+
+    if paddle.version.with_mkl != "ON":
+        return f"--cpu_threads {n}: this Paddle build does not use MKL; its CPU kernels keep their threads"
+    paddle.base.core.set_num_threads(n)
+    return f"--cpu_threads {n}: Paddle's CPU kernels use {n} threads in this process"

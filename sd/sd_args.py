@@ -206,6 +206,14 @@ class SDTrainingArguments(ScoreArguments, TrainingArguments):  # ScoreArguments:
     max_nonfinite_steps: int = field(
         default=5, metadata={"help": "stop after this many consecutive updates with a non-finite loss or gradient "
                                      "(each one is skipped, not applied)"})
+    cpu_threads: int = field(
+        default=0, metadata={"help": "threads of Paddle's CPU kernels in each training process (0: Paddle's own "
+                                     "choice, one); train.sh's RECIPE=sd-v1 without a GPU gives the cores per process"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cpu_threads < 0:
+            raise ValueError(f"--cpu_threads must be ≥ 0, got {self.cpu_threads}")
 
 
 def resolve_switches(args_objects, argv, environ=os.environ) -> Dict[str, Tuple[bool, str]]:

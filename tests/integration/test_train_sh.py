@@ -17,7 +17,7 @@ SETTINGS = ("RECIPE", "GPU_COUNT", "DRY_RUN", "KIT_DIR", "KIT_BUILD", "PRESET", 
             "SAVE_STEPS", "IMAGE_LOGGING_STEPS", "FIRST_IMAGE_LOGGING_STEP", "LOGGING_STEPS", "NUM_WORKERS",
             "SNR_GAMMA", "NOISE_OFFSET", "NUM_INFERENCE_STEPS", "EMA_DECAY", "BF16", "FROZEN_INFERENCE", "GRAD_ACCUM",
             "WEIGHT_DECAY", "ADAM_BETA2", "SAVE_TOTAL_LIMIT", "SEED", "MODEL_MAX_LENGTH", "MAX_GRAD_NORM",
-            "DISABLE_TQDM")
+            "DISABLE_TQDM", "CPU_THREADS")
 
 # The demo's training arguments, exactly as train.sh has always launched them (after the launcher's own words)
 DEMO_ARGUMENTS = [
@@ -42,8 +42,7 @@ def has_gpu() -> bool:
 
 def train_sh(*args, cwd=None, **settings):
     """Run train.sh with only ``settings`` among its variables; returns the finished process."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in SETTINGS and not k.startswith("FLAG_") and k != "OMP_NUM_THREADS"}
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("FLAG_")}
     env.update(settings)
     return subprocess.run(["sh", os.path.join(ROOT, "train.sh"), *args], check=False, capture_output=True, text=True,
                           env=env, cwd=cwd or ROOT, timeout=300)
@@ -123,11 +122,11 @@ def test_sd_v1_without_a_gpu_says_once_what_it_switches_off(file_list):
     assert environment["FLAG_XFORMERS"] == "0" and flags(command)["--bf16"] == "False"
     assert command[:2] == ["python", "-u"]  # one process
     cores = len(os.sched_getaffinity(0))
-    assert environment["OMP_NUM_THREADS"] == str(cores)  # Paddle's CPU kernels: every core, not one
-    _, environment, command, _ = dry_run(RECIPE="sd-v1", FILE_LIST=file_list, GPU_COUNT="0", NPROC="2")
-    assert "--nproc_per_node" in command and environment["OMP_NUM_THREADS"] == str(max(1, cores // 2))
-    _, environment, _, _ = dry_run(RECIPE="sd-v1", FILE_LIST=file_list, GPU_COUNT="0", OMP_NUM_THREADS="3")
-    assert environment["OMP_NUM_THREADS"] == "3"  # the user's choice stands
+    assert flags(command)["--cpu_threads"] == str(cores)  # Paddle's CPU kernels: every core, not one
+    _, _, command, _ = dry_run(RECIPE="sd-v1", FILE_LIST=file_list, GPU_COUNT="0", NPROC="2")
+    assert "--nproc_per_node" in command and flags(command)["--cpu_threads"] == str(max(1, cores // 2))
+    _, _, command, _ = dry_run(RECIPE="sd-v1", FILE_LIST=file_list, GPU_COUNT="0", CPU_THREADS="3")
+    assert flags(command)["--cpu_threads"] == "3"  # the user's choice stands
 
 
 @pytest.mark.skipif(has_gpu(), reason="the sd-v1 recipe on a CPU")
@@ -145,6 +144,8 @@ def test_sd_v1_trains_on_a_cpu(tiny_kit, demo_file_list, tmp_path):
         config = json.load(f)["model"]
     assert config["enable_xformers_memory_efficient_attention"] is False and config["use_ema"] is False
     assert "switch recompute = True (env FLAG_RECOMPUTE)" in log
+    assert f"Paddle's CPU kernels use {len(os.sched_getaffinity(0))} threads" in log
+    assert "FLAGS_conv_workspace_size_limit" not in log  # cuDNN's: set on a GPU only
 
 
 def test_sd_v1_without_its_file_list_stops_with_one_line(tmp_path):

@@ -42,3 +42,18 @@ def test_import_sd_sets_it_for_this_machine():
     expected = {}
     cpu.use_avx2_mkl_on_amd(expected)
     assert out.stdout.strip() == str(expected.get("MKL_DEBUG_CPU_TYPE"))
+
+
+def test_set_threads_sets_mkls_thread_count():
+    """--cpu_threads reaches the kernels: MKL's own count (in a fresh process: the count is process-wide)."""
+    probe = ("import ctypes, os, paddle\n"
+             "from sd import cpu\n"
+             "mkl = ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libmklml_intel.so'))\n"
+             "before = mkl.MKL_Get_Max_Threads()\n"
+             "line = cpu.set_threads(2)\n"
+             "print(before, mkl.MKL_Get_Max_Threads(), line)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=120, check=True).stdout.split(maxsplit=2)
+    assert out[:2] == ["1", "2"], out
+    assert "use 2 threads" in out[2]
