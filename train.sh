@@ -95,6 +95,7 @@ make_demo_data() {  # the demo shapes in PaddleMIX's demo layout: ./data/filelis
   echo "data/filelist/laion400m_en.filelist" > ./data/filelist/train.filelist.list
 }
 
+cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")  # not nproc: it obeys OMP_NUM_THREADS
 if [ "$RECIPE" = sd-v1 ]; then
   # PaddleMIX's single-GPU recipe (section 4.2): 256 px, batch 32 per GPU, 200 000 steps.
   if [ ! -f "$FILE_LIST" ]; then
@@ -128,7 +129,6 @@ if [ "$RECIPE" = sd-v1 ]; then
     if [ -n "$off" ]; then echo "== RECIPE=sd-v1 without a GPU: GPU-only settings forced off: ${off#, }" >&2; fi
     # Paddle's CPU kernels run one thread per process unless told: the processes share the cores (one process,
     # 2 threads: a real-size step 1.3-1.5× faster, docs/performance.md)
-    cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
     CPU_THREADS=${CPU_THREADS:-$(( cores / ${NPROC:-1} > 1 ? cores / ${NPROC:-1} : 1 ))}
   fi
 else
@@ -137,7 +137,6 @@ else
   # processes, one per core: twice the images in the same time (docs/ablation.md). NPROC=1 for one
   # process. A high LR and small batches (more updates per image) are what learn shape within the 10 minutes
   # (docs/ablation.md: the LR series; docs/results.md: batch 16).
-  cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")  # not nproc: it obeys OMP_NUM_THREADS
   NPROC=${NPROC:-$(( cores >= 2 ? 2 : 1 ))}
   PRETRAINED=${PRETRAINED:-$KIT_DIR}
   UNET_CONFIG=${UNET_CONFIG:-$PRETRAINED/unet/config.json}
